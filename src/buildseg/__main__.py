@@ -1,0 +1,5 @@
+import sys
+
+from buildseg.cli import main
+
+sys.exit(main())

@@ -1,0 +1,218 @@
+"""Command line: parse arguments, call the library, print results. Nothing else.
+
+``buildseg train|predict|evaluate|tune|synth|demo``; ``python -m buildseg`` is the same.
+Training flags are generated from the config dataclasses, so every YAML key has a flag
+(``model.deep_supervision`` -> ``--deep-supervision``) and the two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from dataclasses import fields
+from pathlib import Path
+from typing import Any, Sequence
+
+from buildseg.errors import BuildsegError
+
+log = logging.getLogger("buildseg")
+
+# Flags whose names differ from their config key (the public contract of the CLI).
+FLAG_NAMES = {"data.train": "--data", "data.val": "--val-data", "train.out": "--out"}
+
+
+def _parse_value(kind: str):
+    base = kind.replace(" | None", "")
+
+    def parse(text: str):
+        if " | None" in kind and text.lower() in ("none", "null"):
+            return None
+        if base == "int":
+            return int(text)
+        if base == "float":
+            return float(text)
+        return text
+
+    return parse, base
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    from buildseg.config import SECTIONS
+
+    for section, cls in SECTIONS.items():
+        group = parser.add_argument_group(f"{section} (YAML section '{section}:')")
+        for f in fields(cls):
+            dotted = f"{section}.{f.name}"
+            flag = FLAG_NAMES.get(dotted, "--" + f.name.replace("_", "-"))
+            kind = str(f.type)
+            common = dict(dest=dotted, default=argparse.SUPPRESS, help=f"{dotted} (default: {f.default if f.default is not None else 'none'})")
+            if kind == "bool":
+                group.add_argument(flag, action=argparse.BooleanOptionalAction, **common)
+            elif kind.startswith("list["):
+                item = float if "float" in kind else int
+                group.add_argument(flag, nargs="+", type=item, **common)
+            else:
+                parse, _ = _parse_value(kind)
+                group.add_argument(flag, type=parse, **common)
+    parser.add_argument("--loss", dest="loss", default=argparse.SUPPRESS,
+                        help="loss sum, e.g. bce+dice, 'bce:0.5,dice:1,lovasz:0.5' (default: bce+dice)")
+
+
+def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: v for k, v in vars(args).items() if "." in k or k == "loss"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from buildseg import __version__
+
+    parser = argparse.ArgumentParser(prog="buildseg", description="Building footprint segmentation in overhead imagery.")
+    parser.add_argument("--version", action="version", version=f"buildseg {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a model on a competition CSV or images/masks folder")
+    p.add_argument("--config", help="YAML config (sections data, model, train, loss); flags override it")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last.pt")
+    p.add_argument("--nproc", type=int, default=1, help="launch N processes with torchrun (DDP)")
+    add_config_flags(p)
+
+    p = sub.add_parser("predict", help="predict a test CSV/folder into a submission CSV")
+    p.add_argument("--checkpoint", action="append", required=True, help="checkpoint .pt or run folder; repeat to ensemble")
+    p.add_argument("--data", required=True, help="test CSV (img_id,img_path) or folder with images/")
+    p.add_argument("--out", required=True, help="submission CSV to write")
+    p.add_argument("--threshold", type=float, help="probability threshold (default: the checkpoint's, else 0.5)")
+    p.add_argument("--min-area", type=int, help="remove components smaller than this many pixels")
+    p.add_argument("--tta", default="none", choices=["none", "flip", "d4"])
+    p.add_argument("--ds-ensemble", action=argparse.BooleanOptionalAction, default=None,
+                   help="average all deep-supervision heads (default: the checkpoint's setting)")
+    p.add_argument("--empty-vote", type=int, default=0, help="tile is empty if at least K ensemble members see nothing")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--window", type=int, default=1024, help="sliding-window size for larger images")
+    p.add_argument("--overlap", type=float, default=0.25)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--num-workers", type=int, default=-1)
+    p.add_argument("--masks-dir", help="also write PNG masks here")
+    p.add_argument("--overlays-dir", help="also write overlay PNGs here")
+    p.add_argument("--skip-bad", action="store_true", help="write -1 for unreadable images instead of stopping")
+    p.add_argument("--no-progress", action="store_true")
+
+    p = sub.add_parser("evaluate", help="score a submission CSV with the competition Dice")
+    p.add_argument("--pred", required=True, help="submission CSV img_id,mask_rle")
+    p.add_argument("--truth", required=True, help="truth CSV: img_id,mask_rle (224x224) or a dataset CSV with img_path")
+    p.add_argument("--shape", type=int, nargs=2, metavar=("H", "W"), help="mask size for a bare truth CSV")
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+
+    p = sub.add_parser("synth", help="write a synthetic demo dataset in the competition format")
+    p.add_argument("--out", required=True)
+    p.add_argument("--n-train", type=int, default=16)
+    p.add_argument("--train-size", type=int, default=1024)
+    p.add_argument("--n-test", type=int, default=200)
+    p.add_argument("--test-size", type=int, default=224)
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("demo", help="synth data -> train a few minutes -> predict -> evaluate")
+    p.add_argument("--out", default="demo_out")
+    p.add_argument("--minutes", type=float, default=4.0, help="training time budget")
+    p.add_argument("--encoder", default="resnet18")
+    return parser
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from buildseg.config import apply_overrides, load_config
+
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        import subprocess
+
+        argv = [a for a in sys.argv[1:]]
+        i = argv.index("--nproc")
+        del argv[i : i + 2]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}", "-m", "buildseg", *argv]
+        return subprocess.call(cmd)
+    from buildseg.training.loop import train
+
+    config = apply_overrides(load_config(args.config), overrides_from(args))
+    result = train(config, resume=args.resume)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"best val Dice {result.best_dice:.4f} after {result.epochs_done} epochs (stopped by {result.stopped_by})")
+        print(f"checkpoints: {result.run_dir / 'best.pt'}  {result.run_dir / 'last.pt'}")
+        print(f"curves: {result.run_dir / 'curves.png'}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from buildseg.formats.tables import load_records
+    from buildseg.inference.predict import distributed_context, predict_records
+    from buildseg.inference.segmenter import Segmenter
+
+    rank, world = distributed_context()
+    segmenter = Segmenter.from_checkpoint(
+        args.checkpoint, device=args.device, precision=args.precision, tta=args.tta, threshold=args.threshold,
+        min_area=args.min_area, ds_ensemble=args.ds_ensemble, window=args.window, overlap=args.overlap,
+        empty_vote=args.empty_vote,
+    )
+    records = load_records(args.data)
+    _, stats = predict_records(
+        segmenter, records, args.out, batch_size=args.batch_size, num_workers=args.num_workers,
+        masks_dir=args.masks_dir, overlays_dir=args.overlays_dir, skip_bad=args.skip_bad,
+        progress=not args.no_progress and rank == 0, rank=rank, world_size=world,
+    )
+    if rank == 0:
+        print(f"wrote {args.out}: {stats.n} images, {stats.n_empty} empty, {stats.img_per_s:.1f} img/s")
+        if stats.skipped:
+            print(f"skipped {len(stats.skipped)} unreadable images (written as -1): {', '.join(stats.skipped[:10])}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from buildseg.evaluation import evaluate_csv
+
+    summary = evaluate_csv(args.pred, args.truth, tuple(args.shape) if args.shape else None)
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(f"competition Dice {summary['dice']:.4f} over {summary['n_scored']} of {summary['n']} images "
+              f"(both-empty dropped); IoU {summary['iou']:.4f}, precision {summary['precision']:.4f}, "
+              f"recall {summary['recall']:.4f}, empty-tile FP rate {summary['empty_fp_rate']:.3f}")
+    return 0
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from buildseg.data.synth import write_dataset
+
+    paths = write_dataset(args.out, args.n_train, args.train_size, args.n_test, args.test_size, seed=args.seed)
+    print(f"wrote {paths.train_csv}, {paths.test_csv}, {paths.test_truth_csv}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from buildseg.demo import run_demo
+
+    run_demo(Path(args.out), minutes=args.minutes, encoder=args.encoder)
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "predict": cmd_predict, "evaluate": cmd_evaluate, "synth": cmd_synth, "demo": cmd_demo}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    for noisy in ("timm", "PIL", "matplotlib"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    try:
+        return COMMANDS[args.command](args)
+    except BuildsegError as exc:
+        print(f"buildseg {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

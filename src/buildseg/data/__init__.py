@@ -1,0 +1,1 @@
+"""Data: datasets over competition records, augmentation, synthetic demo scenes."""

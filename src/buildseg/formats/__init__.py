@@ -1,0 +1,1 @@
+"""File formats: competition RLE, competition CSV tables, images."""

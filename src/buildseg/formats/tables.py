@@ -1,0 +1,176 @@
+"""The competition's CSV tables and the images/masks folder layout.
+
+Training/validation: ``img_id,img_path,mask_rle`` (img_path relative to the CSV's folder).
+Test: ``img_id,img_path``. Submission: ``img_id,mask_rle`` in the test CSV's row order.
+A folder dataset has ``images/`` and ``masks/`` whose files share stems.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from buildseg.errors import BuildsegError
+from buildseg.formats import rle as rle_codec
+from buildseg.formats.images import read_mask
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+
+
+@dataclass(frozen=True)
+class Record:
+    """One image of a dataset and where its mask comes from (RLE text or a mask file)."""
+
+    img_id: str
+    image_path: Path
+    rle: str | None = None
+    mask_path: Path | None = None
+    source: str = ""  # the CSV or folder it came from, for error messages
+
+    @property
+    def has_mask(self) -> bool:
+        return self.rle is not None or self.mask_path is not None
+
+    def load_mask(self, shape: tuple[int, int]) -> np.ndarray:
+        """The HxW 0/1 mask, checked against the image's shape."""
+        if self.mask_path is not None:
+            mask = read_mask(self.mask_path)
+            if mask.shape != tuple(shape):
+                raise BuildsegError(
+                    f"mask {self.mask_path} is {mask.shape[0]}x{mask.shape[1]} but its image "
+                    f"{self.image_path} is {shape[0]}x{shape[1]}; masks must match their images"
+                )
+            return mask
+        if self.rle is None:
+            raise BuildsegError(f"{self.img_id} in {self.source} has no mask (a test CSV was given where training data is needed)")
+        return rle_codec.decode(self.rle, shape, img_id=self.img_id)
+
+
+def load_records(source: str | os.PathLike, require_masks: bool = False) -> list[Record]:
+    """Records from a competition CSV or an images/[masks/] folder."""
+    path = Path(source)
+    if not path.exists():
+        raise BuildsegError(f"data not found: {path} (give a competition CSV or a folder with images/ and masks/)")
+    records = _read_folder(path) if path.is_dir() else _read_csv(path)
+    if require_masks:
+        missing = [r.img_id for r in records if not r.has_mask]
+        if missing:
+            raise BuildsegError(
+                f"{path}: {len(missing)} images have no mask (e.g. {missing[0]}); training and evaluation need "
+                "a mask_rle column or a masks/ folder"
+            )
+    return records
+
+
+def _read_csv(path: Path) -> list[Record]:
+    with open(path, newline="", encoding="utf-8-sig") as handle:
+        reader = csv.DictReader(handle)
+        columns = reader.fieldnames or []
+        if not columns:
+            raise BuildsegError(f"{path} is empty: expected a header img_id,img_path[,mask_rle] and one row per image")
+        for needed in ("img_id", "img_path"):
+            if needed not in columns:
+                raise BuildsegError(
+                    f"{path} has no '{needed}' column (columns: {', '.join(columns)}); "
+                    "expected img_id,img_path[,mask_rle]"
+                )
+        has_rle = "mask_rle" in columns
+        root = path.parent
+        records = []
+        for line, row in enumerate(reader, start=2):
+            img_id = (row.get("img_id") or "").strip()
+            img_path = (row.get("img_path") or "").strip()
+            if not img_id or not img_path:
+                raise BuildsegError(f"{path} line {line}: img_id and img_path must not be empty")
+            rle = None
+            if has_rle:
+                value = row.get("mask_rle")
+                rle = rle_codec.EMPTY if rle_codec.is_empty_rle(value) else value.strip()
+            records.append(Record(img_id, root / img_path, rle=rle, source=str(path)))
+    if not records:
+        raise BuildsegError(f"{path} has a header but no rows")
+    _check_unique(records, path)
+    return records
+
+
+def _read_folder(path: Path) -> list[Record]:
+    images_dir = path / "images"
+    if not images_dir.is_dir():
+        raise BuildsegError(f"{path} is a folder without images/: a folder dataset needs images/ and (for training) masks/")
+    masks_dir = path / "masks"
+    masks = {}
+    if masks_dir.is_dir():
+        masks = {p.stem: p for p in masks_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
+    images = sorted(p for p in images_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not images:
+        raise BuildsegError(f"{images_dir} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    if masks_dir.is_dir():
+        lonely = [p.name for p in images if p.stem not in masks]
+        if lonely:
+            raise BuildsegError(f"{len(lonely)} images in {images_dir} have no mask in {masks_dir} (e.g. {lonely[0]})")
+    records = [Record(p.stem, p, mask_path=masks.get(p.stem), source=str(path)) for p in images]
+    _check_unique(records, path)
+    return records
+
+
+def _check_unique(records: Sequence[Record], path: Path) -> None:
+    seen: set[str] = set()
+    for record in records:
+        if record.img_id in seen:
+            raise BuildsegError(f"{path}: img_id {record.img_id!r} appears more than once")
+        seen.add(record.img_id)
+
+
+def write_atomic_csv(path: str | os.PathLike, header: Sequence[str], rows: Iterable[Sequence[object]]) -> Path:
+    """Write a CSV to a temporary file beside ``path`` and rename it into place.
+
+    An interrupted run therefore never leaves a half-written submission.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(header)
+            writer.writerows(rows)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_submission(path: str | os.PathLike, img_ids: Sequence[str], rles: Sequence[str]) -> Path:
+    """The competition submission: ``img_id,mask_rle``, ``-1`` for empty masks."""
+    return write_atomic_csv(path, ("img_id", "mask_rle"), zip(img_ids, rles))
+
+
+def read_rle_table(path: str | os.PathLike) -> dict[str, str]:
+    """img_id -> mask_rle from a submission or truth CSV (empty spellings become ``-1``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise BuildsegError(f"CSV not found: {path}")
+    with open(path, newline="", encoding="utf-8-sig") as handle:
+        reader = csv.DictReader(handle)
+        columns = reader.fieldnames or []
+        if not columns:
+            raise BuildsegError(f"{path} is empty: expected a header img_id,mask_rle")
+        for needed in ("img_id", "mask_rle"):
+            if needed not in columns:
+                raise BuildsegError(f"{path} has no '{needed}' column (columns: {', '.join(columns)})")
+        table = {}
+        for row in reader:
+            value = row.get("mask_rle")
+            table[row["img_id"].strip()] = rle_codec.EMPTY if rle_codec.is_empty_rle(value) else value.strip()
+    if not table:
+        raise BuildsegError(f"{path} has a header but no rows")
+    return table

@@ -1,0 +1,1 @@
+"""Inference: the Segmenter API, TTA, post-processing, the prediction job."""

@@ -1,0 +1,169 @@
+"""The public prediction API, used by the CLI itself.
+
+>>> from buildseg import Segmenter
+>>> seg = Segmenter.from_checkpoint("runs/demo/best.pt")
+>>> mask = seg.predict(image)          # HxWx3 uint8 -> HxW uint8 0/1
+
+A Segmenter holds one or more models (an ensemble averages probabilities), the precision,
+the TTA mode and the post-processing settings stored with the checkpoint (``buildseg
+tune`` writes them), each overridable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from buildseg.errors import BuildsegError
+from buildseg.inference import postprocess as pp_mod
+from buildseg.inference.postprocess import PostProcess
+from buildseg.inference.tiling import sliding_window_proba
+from buildseg.inference.tta import predict_tta, transforms
+from buildseg.models.factory import ModelCard, SegmentationModel, build_model
+from buildseg.training.checkpoint import load_checkpoint
+from buildseg.training.hardware import autocast, resolve_device, resolve_precision
+
+
+def checkpoint_paths(spec: str | Path | Sequence[str | Path]) -> list[Path]:
+    """Checkpoint files from one path, several, or a folder of *.pt / run folders."""
+    items = [spec] if isinstance(spec, (str, Path)) else list(spec)
+    paths: list[Path] = []
+    for item in items:
+        path = Path(item)
+        if path.is_dir() and not (path / "best.pt").is_file() and not (path / "last.pt").is_file():
+            found = sorted(path.glob("*.pt")) or sorted(p / "best.pt" for p in path.iterdir() if (p / "best.pt").is_file())
+            if not found:
+                raise BuildsegError(f"no checkpoints (*.pt or */best.pt) in {path}")
+            paths.extend(found)
+        else:
+            paths.append(path)
+    return paths
+
+
+def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[SegmentationModel, dict]:
+    """Rebuild a model from its checkpoint alone (the model card), with its weights."""
+    payload = load_checkpoint(path)
+    card = ModelCard.from_dict(payload["model_card"])
+    model = build_model(card, weights="none")
+    try:
+        model.load_state_dict(payload["model"])
+    except RuntimeError as exc:
+        raise BuildsegError(f"checkpoint {path} does not match its own model card ({card.arch}/{card.encoder}): {str(exc)[:300]}") from None
+    return model.to(device).eval(), payload
+
+
+class Segmenter:
+    def __init__(
+        self,
+        models: Sequence[SegmentationModel],
+        device: str | torch.device = "auto",
+        precision: str = "auto",
+        tta: str = "none",
+        postprocess: PostProcess | None = None,
+        channels_last: bool = True,
+        window: int = 1024,
+        overlap: float = 0.25,
+        empty_vote: int = 0,
+    ) -> None:
+        if not models:
+            raise BuildsegError("a Segmenter needs at least one model")
+        self.device = resolve_device(str(device)) if not isinstance(device, torch.device) else device
+        self.precision = resolve_precision(precision, self.device)
+        transforms(tta)  # validates the mode
+        self.tta = tta
+        self.channels_last = channels_last
+        self.models = []
+        for model in models:
+            model = model.to(self.device).eval()
+            self.models.append(model.to(memory_format=torch.channels_last) if channels_last else model)
+        in_chans = {m.card.in_chans for m in self.models}
+        if len(in_chans) > 1:
+            raise BuildsegError(f"ensemble members expect different channel counts {sorted(in_chans)}")
+        self.in_chans = in_chans.pop()
+        self.postprocess = postprocess or PostProcess()
+        self.window = window
+        self.overlap = overlap
+        self.empty_vote = empty_vote  # >0: tile is empty if at least this many models predict it empty
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str | Path | Sequence[str | Path],
+        device: str = "auto",
+        precision: str = "auto",
+        tta: str = "none",
+        threshold: float | None = None,
+        min_area: int | None = None,
+        ds_ensemble: bool | None = None,
+        **kwargs,
+    ) -> "Segmenter":
+        models, stored = [], None
+        for p in checkpoint_paths(path):
+            model, payload = load_model(p)
+            if ds_ensemble is not None:
+                model.ds_ensemble = bool(ds_ensemble) and model.card.deep_supervision
+            models.append(model)
+            stored = stored or payload.get("postprocess")
+        post = PostProcess.from_dict(stored)
+        if threshold is not None:
+            post = replace(post, threshold=float(threshold))
+        if min_area is not None:
+            post = replace(post, min_area=int(min_area))
+        return cls(models, device=device, precision=precision, tta=tta, postprocess=post, **kwargs)
+
+    # -- probabilities -----------------------------------------------------------------
+    @torch.no_grad()
+    def _model_prob(self, model: SegmentationModel, images: torch.Tensor) -> torch.Tensor:
+        images = images.to(self.device, non_blocking=True)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast(self.device, self.precision):
+            logits = model(images)
+        return torch.sigmoid(logits.float())[:, 0]
+
+    @torch.no_grad()
+    def member_probs(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Per-model (B, H, W) probabilities of a uint8 (B, C, H, W) batch, TTA applied, on CPU."""
+        return [predict_tta(lambda x, m=model: self._model_prob(m, x), images, self.tta).cpu() for model in self.models]
+
+    def predict_proba_batch(self, images: torch.Tensor) -> torch.Tensor:
+        """Mean probability over the ensemble, (B, H, W) float32 on CPU."""
+        return torch.stack(self.member_probs(images)).mean(0)
+
+    def _as_tensor(self, image: np.ndarray) -> torch.Tensor:
+        if image.ndim == 2:
+            image = image[:, :, None]
+        if image.ndim != 3:
+            raise BuildsegError(f"expected an HxWxC image array, got shape {image.shape}")
+        if image.shape[2] != self.in_chans:
+            raise BuildsegError(
+                f"the image has {image.shape[2]} channels but the model expects {self.in_chans}; "
+                "convert it (e.g. drop alpha/NIR bands) or use a model trained with that in_chans"
+            )
+        return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+
+    def predict_proba(self, image: np.ndarray, batch_size: int = 4) -> np.ndarray:
+        """HxW probabilities; images larger than ``window`` go through the sliding window."""
+        tensor = self._as_tensor(image)
+        if max(tensor.shape[-2:]) <= self.window:
+            return self.predict_proba_batch(tensor[None])[0].numpy()
+        return sliding_window_proba(self.predict_proba_batch, tensor, self.window, self.overlap, batch_size).numpy()
+
+    # -- masks -------------------------------------------------------------------------
+    def finish(self, prob: np.ndarray, member_probs: Sequence[np.ndarray] | None = None) -> np.ndarray:
+        """Post-process one probability map (and apply the k-of-n empty vote)."""
+        if self.empty_vote and member_probs is not None:
+            empty = sum(
+                int(pp_mod.apply(p, self.postprocess).sum() == 0) for p in member_probs
+            )
+            if empty >= self.empty_vote:
+                return np.zeros(prob.shape, dtype=np.uint8)
+        return pp_mod.apply(prob, self.postprocess)
+
+    def predict(self, image: np.ndarray) -> np.ndarray:
+        """HxW uint8 0/1 building mask of an HxWxC uint8 image."""
+        return self.finish(self.predict_proba(image))

@@ -1,0 +1,146 @@
+"""One model wrapper for every architecture: normalisation, padding, deep-supervision output.
+
+:class:`SegmentationModel` takes raw pixel values (uint8 or float in 0..255, NCHW), so
+normalisation travels with the weights (checkpoint, ONNX) and no caller can get it wrong.
+It pads any HxW to a multiple of the encoder's total stride and crops the logits back, so
+the output always has the input's size. Padding is ``reflect`` (the image continues
+naturally into the margin) where the margin is smaller than the image, else zeros.
+
+Training with deep supervision returns ``[final, aux...]``; everything else returns one
+logit tensor (B,1,H,W). With ``ds_ensemble`` the inference output is the logit of the
+mean sigmoid over all heads (upsampled), the notes' "deep supervision ensemble".
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from buildseg.errors import BuildsegError
+
+MIN_SIZE = 16
+ARCHS = ("unet", "seed_unet")
+
+
+@dataclass
+class ModelCard:
+    """Everything needed to rebuild a model from a checkpoint alone."""
+
+    arch: str = "unet"
+    encoder: str = "resnet34"
+    in_chans: int = 3
+    decoder_channels: list[int] | None = None
+    norm: str = "batch"
+    dropout: float = 0.0
+    attention: str | None = None
+    upsample: str = "nearest"
+    deep_supervision: bool = False
+    ds_ensemble: bool = False
+    mean: list[float] = field(default_factory=list)
+    std: list[float] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelCard":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+class SegmentationModel(nn.Module):
+    def __init__(self, net: nn.Module, card: ModelCard) -> None:
+        super().__init__()
+        self.net = net
+        self.card = card
+        self.stride = int(net.stride)
+        self.ds_ensemble = card.ds_ensemble
+        mean = torch.tensor(card.mean, dtype=torch.float32).view(1, -1, 1, 1) * 255.0
+        std = torch.tensor(card.std, dtype=torch.float32).view(1, -1, 1, 1) * 255.0
+        self.register_buffer("mean", mean, persistent=False)
+        self.register_buffer("std", std, persistent=False)
+
+    def check_input(self, x: torch.Tensor) -> None:
+        if x.ndim != 4:
+            raise BuildsegError(f"model input must be a batch (B, C, H, W), got shape {tuple(x.shape)}")
+        if x.shape[1] != self.card.in_chans:
+            raise BuildsegError(
+                f"the image has {x.shape[1]} channels but the model ({self.card.encoder}) expects "
+                f"{self.card.in_chans} (in_chans); give {self.card.in_chans}-channel images or retrain with in_chans={x.shape[1]}"
+            )
+        if min(x.shape[-2:]) < MIN_SIZE:
+            raise BuildsegError(
+                f"image of {x.shape[-2]}x{x.shape[-1]} px is too small: below {MIN_SIZE} px padding to the encoder's "
+                f"stride {self.stride} would dominate; use tiles of at least {MIN_SIZE} px (ideally >= {self.stride})"
+            )
+
+    def _pad(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        ph, pw = (-h) % self.stride, (-w) % self.stride
+        if ph == 0 and pw == 0:
+            return x
+        mode = "reflect" if ph < h and pw < w else "constant"
+        return F.pad(x, (0, pw, 0, ph), mode=mode)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        self.check_input(x)
+        h, w = x.shape[-2:]
+        x = (x.float() - self.mean) / self.std
+        x = self._pad(x)
+        hp, wp = x.shape[-2:]
+        outs = self.net(x)
+        # Crop every head to the part that covers the unpadded image.
+        outs = [o[..., : -(-h * o.shape[-2] // hp), : -(-w * o.shape[-1] // wp)] for o in outs]
+        if self.training and len(outs) > 1:
+            return outs
+        if self.ds_ensemble and len(outs) > 1:
+            probs = torch.stack(
+                [torch.sigmoid(F.interpolate(o.float(), size=(h, w), mode="bilinear", align_corners=False)) for o in outs]
+            ).mean(0)
+            return torch.logit(probs, eps=1e-6)
+        return outs[0]
+
+
+def _normalisation(encoder: nn.Module, in_chans: int) -> tuple[list[float], list[float]]:
+    cfg = getattr(encoder, "pretrained_cfg", None) or {}
+    mean = list(cfg.get("mean", (0.485, 0.456, 0.406)))
+    std = list(cfg.get("std", (0.229, 0.224, 0.225)))
+    if len(mean) != in_chans:  # extra bands (NIR...) or gray: use the average statistics
+        mean = [sum(mean) / len(mean)] * in_chans
+        std = [sum(std) / len(std)] * in_chans
+    return mean, std
+
+
+def build_net(card: ModelCard, weights: str = "none") -> nn.Module:
+    from buildseg.models.encoders import create_encoder
+
+    if card.arch == "unet":
+        from buildseg.models.unet import UNet
+
+        encoder = create_encoder(card.encoder, card.in_chans, weights)
+        return UNet(encoder, card.decoder_channels, card.norm, card.dropout, card.attention, card.upsample, card.deep_supervision)
+    if card.arch == "seed_unet":
+        from buildseg.models.seed_unet import SeedUNet
+
+        if card.deep_supervision:
+            raise BuildsegError("seed_unet has a single head: deep supervision needs arch unet")
+        encoder = create_encoder(card.encoder, card.in_chans, weights, last_only=True)
+        return SeedUNet(encoder, batch_norm=card.norm == "batch", dropout=card.dropout)
+    if card.arch.startswith("smp."):
+        from buildseg.models.smp_adapter import build_smp
+
+        return build_smp(card, weights)
+    raise BuildsegError(f"unknown arch {card.arch!r}; choose one of {', '.join(ARCHS)} or smp.<Name> (needs segmentation-models-pytorch)")
+
+
+def build_model(card: ModelCard, weights: str = "none") -> SegmentationModel:
+    """Build the network for ``card``, fill in its normalisation, wrap it."""
+    net = build_net(card, weights)
+    if not card.mean:
+        encoder = getattr(net, "encoder", None)
+        card.mean, card.std = _normalisation(encoder, card.in_chans)
+    return SegmentationModel(net, card)

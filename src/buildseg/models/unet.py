@@ -1,0 +1,101 @@
+"""UNet decoder over any timm feature pyramid, with deep-supervision heads.
+
+The decoder walks the encoder's features from the deepest up. Each block upsamples to the
+*actual* size of its skip feature (not a fixed factor of 2), so odd sizes line up by
+construction. Encoders whose shallowest feature is at stride 2 or 4 (ResNet, ConvNeXt)
+get extra skip-less blocks until the output is at full resolution.
+
+The net returns a list of logits: the final full-resolution head first, then one 1x1 head
+per earlier decoder block (coarse resolutions) when deep supervision is on.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from buildseg.errors import BuildsegError
+from buildseg.models.blocks import attention_layer, conv_norm_act
+
+DEFAULT_DECODER_CHANNELS = (256, 128, 64, 32, 16, 16, 16)
+
+
+class DecoderBlock(nn.Module):
+    """Upsample to the skip's size (or x2), concatenate the skip, two conv-norm-act."""
+
+    def __init__(self, in_ch: int, skip_ch: int, out_ch: int, norm: str, dropout: float, attention: str | None, upsample: str):
+        super().__init__()
+        self.upsample = upsample
+        self.convs = nn.Sequential(conv_norm_act(in_ch + skip_ch, out_ch, norm), conv_norm_act(out_ch, out_ch, norm))
+        self.attention = attention_layer(attention, out_ch)
+        self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor | None) -> torch.Tensor:
+        size = skip.shape[-2:] if skip is not None else (x.shape[-2] * 2, x.shape[-1] * 2)
+        align = dict(align_corners=False) if self.upsample == "bilinear" else {}
+        x = F.interpolate(x, size=size, mode=self.upsample, **align)
+        if skip is not None:
+            x = torch.cat([x, skip], dim=1)
+        return self.dropout(self.attention(self.convs(x)))
+
+
+def decoder_plan(reductions: Sequence[int]) -> int:
+    """How many decoder blocks reach full resolution from these feature strides."""
+    lowest = reductions[0]
+    if lowest < 1 or lowest & (lowest - 1):
+        raise BuildsegError(f"encoder's first feature stride {lowest} is not a power of two")
+    return (len(reductions) - 1) + int(math.log2(lowest))
+
+
+class UNet(nn.Module):
+    def __init__(
+        self,
+        encoder: nn.Module,
+        decoder_channels: Sequence[int] | None = None,
+        norm: str = "batch",
+        dropout: float = 0.0,
+        attention: str | None = None,
+        upsample: str = "nearest",
+        deep_supervision: bool = False,
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= dropout <= 0.5:
+            raise BuildsegError(f"dropout must be in [0, 0.5], got {dropout}")
+        if upsample not in ("nearest", "bilinear"):
+            raise BuildsegError(f"upsample must be nearest or bilinear, got {upsample!r}")
+        self.encoder = encoder
+        channels = list(encoder.feature_info.channels())
+        reductions = list(encoder.feature_info.reduction())
+        self.stride = int(reductions[-1])
+        n_blocks = decoder_plan(reductions)
+        if decoder_channels is None:
+            decoder_channels = DEFAULT_DECODER_CHANNELS[:n_blocks]
+        decoder_channels = [int(c) for c in decoder_channels]
+        if len(decoder_channels) != n_blocks:
+            raise BuildsegError(
+                f"decoder_channels has {len(decoder_channels)} entries but this encoder needs {n_blocks} decoder "
+                f"blocks (feature strides {reductions}); e.g. {list(DEFAULT_DECODER_CHANNELS[:n_blocks])}"
+            )
+        skips = channels[:-1][::-1] + [0] * (n_blocks - (len(channels) - 1))
+        ins = [channels[-1]] + decoder_channels[:-1]
+        self.blocks = nn.ModuleList(
+            DecoderBlock(i, s, o, norm, dropout, attention, upsample) for i, s, o in zip(ins, skips, decoder_channels)
+        )
+        self.head = nn.Conv2d(decoder_channels[-1], 1, 1)
+        self.aux_heads = nn.ModuleList(nn.Conv2d(c, 1, 1) for c in decoder_channels[:-1]) if deep_supervision else None
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        features = self.encoder(x)
+        skips = features[:-1][::-1]
+        y = features[-1]
+        aux = []
+        for k, block in enumerate(self.blocks):
+            y = block(y, skips[k] if k < len(skips) else None)
+            if self.aux_heads is not None and k < len(self.aux_heads):
+                aux.append(self.aux_heads[k](y))
+        # final first, then auxiliary heads from the finest to the coarsest
+        return [self.head(y)] + aux[::-1]
