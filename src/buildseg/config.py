@@ -24,7 +24,7 @@ class DataConfig:
     val: str | None = None  # same; default: hold out val_fraction of the training images
     val_fraction: float = 0.1
     crop_size: int = 224
-    crops_per_image: int = 1  # random crops drawn from each training image per epoch
+    crops_per_image: int = 0  # random crops per training image per epoch; 0: image area / crop area
     val_tile: int = 224
     augment: bool = True
     num_workers: int = -1  # -1: min(4, CPU count - 1)

@@ -60,10 +60,19 @@ class TrainCropDataset(Dataset):
     ) -> None:
         self.records = list(records)
         self.crop_size = crop_size
-        self.crops_per_image = max(1, int(crops_per_image))
+        self.crops_per_image = int(crops_per_image) if crops_per_image > 0 else self.auto_crops(self.records, crop_size)
         self.seed = seed
         self.transform = train_transform(crop_size, augment)
         self.masks = MaskCache()
+
+    @staticmethod
+    def auto_crops(records: Sequence[Record], crop_size: int) -> int:
+        """Crops per image so that an epoch covers about the training area once."""
+        from buildseg.formats.images import image_size
+
+        sample = records[: min(len(records), 8)]
+        area = sum(h * w for h, w in (image_size(r.image_path) for r in sample)) / max(1, len(sample))
+        return max(1, round(area / crop_size**2))
 
     def __len__(self) -> int:
         return len(self.records) * self.crops_per_image

@@ -45,6 +45,11 @@ class DecoderBlock(nn.Module):
 
 def decoder_plan(reductions: Sequence[int]) -> int:
     """How many decoder blocks reach full resolution from these feature strides."""
+    if any(b <= a for a, b in zip(reductions, reductions[1:])):
+        raise BuildsegError(
+            f"encoder features are not a pyramid (strides {list(reductions)}), e.g. a plain ViT; a UNet needs "
+            "strides that grow stage by stage: pick a CNN/ConvNeXt/RegNet/EfficientNet/Swin-type encoder"
+        )
     lowest = reductions[0]
     if lowest < 1 or lowest & (lowest - 1):
         raise BuildsegError(f"encoder's first feature stride {lowest} is not a power of two")

@@ -1,0 +1,52 @@
+"""Shared fixtures: a small synthetic competition-format dataset made on the fly."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from buildseg.config import Config
+from buildseg.data.synth import write_dataset
+
+
+@pytest.fixture(scope="session")
+def synth_data(tmp_path_factory) -> Path:
+    """6 training scenes of 256 px and 12 test tiles of 64 px, with truth."""
+    root = tmp_path_factory.mktemp("synth")
+    write_dataset(root, n_train=6, train_size=256, n_test=12, test_size=64, seed=1, progress=False)
+    return root
+
+
+def tiny_config(data: Path, out: Path, **train) -> Config:
+    """A fast configuration: resnet18, narrow decoder, 64 px crops, fp32, no workers."""
+    config = Config()
+    config.data.train = str(data / "train.csv")
+    config.data.crop_size = 64
+    config.data.val_tile = 64
+    config.data.crops_per_image = 2
+    config.data.num_workers = 0
+    config.model.encoder = "resnet18"
+    config.model.weights = "none"
+    config.model.decoder_channels = [32, 16, 16, 16, 8]
+    config.train.out = str(out)
+    config.train.epochs = 1
+    config.train.batch_size = 4
+    config.train.precision = "fp32"
+    config.train.progress = False
+    config.train.warmup_steps = 1
+    for key, value in train.items():
+        setattr(config.train, key, value)
+    return config
+
+
+@pytest.fixture(autouse=True)
+def _quiet_timm():
+    logging.getLogger("timm").setLevel(logging.ERROR)
+
+
+def random_mask(rng: np.random.Generator, shape, density: float | None = None) -> np.ndarray:
+    density = rng.choice([0.0, 0.01, 0.3, 0.7, 1.0]) if density is None else density
+    return (rng.random(shape) < density).astype(np.uint8)

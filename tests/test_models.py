@@ -1,0 +1,116 @@
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from buildseg.errors import BuildsegError
+from buildseg.inference.segmenter import load_model
+from buildseg.models import ModelCard, build_model
+from buildseg.models.encoders import create_encoder
+from buildseg.training.checkpoint import FORMAT, save_atomic
+
+SIZES = [(32, 32), (33, 47), (100, 300), (224, 224)]
+
+
+@pytest.mark.parametrize("encoder", ["resnet18", "resnet50", "efficientnet_b3", "efficientnet_lite0", "convnext_atto"])
+@pytest.mark.parametrize("in_chans", [1, 3, 4])
+def test_any_encoder_any_size_any_channels(encoder, in_chans):
+    model = build_model(ModelCard(encoder=encoder, in_chans=in_chans)).eval()
+    with torch.no_grad():
+        for h, w in SIZES:
+            out = model(torch.randint(0, 256, (1, in_chans, h, w), dtype=torch.uint8))
+            assert out.shape == (1, 1, h, w)
+
+
+def test_deep_supervision_heads_gradients_and_shapes():
+    model = build_model(ModelCard(encoder="resnet18", deep_supervision=True)).train()
+    outs = model(torch.randint(0, 256, (2, 3, 64, 96)))
+    assert isinstance(outs, list) and len(outs) == 5  # final + one per earlier decoder block
+    assert outs[0].shape == (2, 1, 64, 96)
+    assert [o.shape[-2:] for o in outs[1:]] == [(32, 48), (16, 24), (8, 12), (4, 6)]
+    from buildseg.losses import DeepSupervisionLoss, parse_loss
+
+    loss = DeepSupervisionLoss(parse_loss("bce+dice"))(outs, torch.zeros(2, 64, 96))
+    loss.backward()
+    heads = [model.net.head] + list(model.net.aux_heads)
+    assert all(h.weight.grad is not None and h.weight.grad.abs().sum() > 0 for h in heads)
+
+
+def test_ds_ensemble_is_the_mean_of_head_probabilities():
+    torch.manual_seed(0)
+    model = build_model(ModelCard(encoder="resnet18", deep_supervision=True))
+    x = torch.randint(0, 256, (2, 3, 64, 64))
+    model.train()
+    with torch.no_grad():
+        model.eval()
+        final = model(x)
+        model.ds_ensemble = True
+        ensemble = model(x)
+        model.train()  # heads as in training, but without dropout/BN updates: eval BN needed
+        model.eval()
+        model.training = True  # forward returns every head; BN stays in eval for identical numbers
+        for m in model.modules():
+            if m is not model:
+                m.training = False
+        heads = model(x)
+    manual = torch.stack([torch.sigmoid(torch.nn.functional.interpolate(h, size=(64, 64), mode="bilinear")) for h in heads]).mean(0)
+    torch.testing.assert_close(torch.sigmoid(ensemble), manual, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(final, heads[0])
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("size", [224, 256])
+def test_seed_unet_runs_at_any_batch_and_size(batch, size):
+    model = build_model(ModelCard(arch="seed_unet", encoder="resnet50", dropout=0.2)).eval()
+    with torch.no_grad():
+        assert model(torch.randint(0, 256, (batch, 3, size, size))).shape == (batch, 1, size, size)
+
+
+def test_checkpoint_round_trip_gives_identical_outputs(tmp_path):
+    card = ModelCard(encoder="resnet18", norm="group", dropout=0.2, attention="scse", deep_supervision=True)
+    model = build_model(card).eval()
+    save_atomic({"format": FORMAT, "model_card": card.to_dict(), "model": model.state_dict()}, tmp_path / "m.pt")
+    loaded, _ = load_model(tmp_path / "m.pt")
+    x = torch.randint(0, 256, (2, 3, 64, 64))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), loaded(x), rtol=0, atol=0)
+    torch.load(tmp_path / "m.pt", weights_only=True)
+
+
+def test_local_weights_file_is_loaded_into_the_encoder(tmp_path):
+    import timm
+
+    source = timm.create_model("resnet18")
+    path = tmp_path / "resnet18.safetensors"
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
+    encoder = create_encoder("resnet18", 3, str(path))
+    assert encoder.weight_report["missing"] == []
+    assert set(encoder.weight_report["unused"]) == {"fc.weight", "fc.bias"}
+    torch.testing.assert_close(encoder.state_dict()["layer1.0.conv1.weight"], source.state_dict()["layer1.0.conv1.weight"])
+    four = create_encoder("resnet18", 4, str(path))  # first conv adapted to 4 bands
+    assert four.state_dict()["conv1.weight"].shape[1] == 4
+
+
+def test_shared_efficientnet_lite0_weights_if_present():
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "shared/weights/efficientnet_lite0_imagenet_timm.safetensors"
+    if not path.is_file():
+        pytest.skip("../shared weights not present (optional real-weights check)")
+    encoder = create_encoder("efficientnet_lite0", 3, str(path))
+    assert encoder.weight_report["missing"] == []
+
+
+def test_clear_errors():
+    with pytest.raises(BuildsegError, match="resnet34"):
+        create_encoder("resnet343")
+    model = build_model(ModelCard(encoder="resnet18")).eval()
+    with pytest.raises(BuildsegError, match="too small"):
+        model(torch.zeros(1, 3, 8, 64))
+    with pytest.raises(BuildsegError, match="expects 3"):
+        model(torch.zeros(1, 4, 64, 64))
+    with pytest.raises(BuildsegError, match="pyramid"):
+        build_model(ModelCard(encoder="vit_tiny_patch16_224"))
+    with pytest.raises(BuildsegError, match="decoder_channels"):
+        build_model(ModelCard(encoder="resnet18", decoder_channels=[16, 16]))
+    with pytest.raises(BuildsegError, match="not found"):
+        create_encoder("resnet18", 3, "/nonexistent/weights.safetensors")
