@@ -132,9 +132,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         del argv[i : i + 2]
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}", "-m", "buildseg", *argv]
         return subprocess.call(cmd)
-    from buildseg.training.loop import train
+    from buildseg.training.loop import resume_config, train
 
-    config = apply_overrides(load_config(args.config), overrides_from(args))
+    base = resume_config(args.resume) if args.resume else load_config(args.config)
+    config = apply_overrides(base, overrides_from(args))
     result = train(config, resume=args.resume)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"best val Dice {result.best_dice:.4f} after {result.epochs_done} epochs (stopped by {result.stopped_by})")

@@ -166,12 +166,8 @@ class Trainer:
         self.resume_payload = None
         if resume is not None:
             run_dir = Path(resume)
-            saved = run_dir / "config.yaml"
             if not (run_dir / "last.pt").is_file():
                 raise BuildsegError(f"cannot resume: {run_dir / 'last.pt'} does not exist")
-            import yaml
-
-            config = config_from_dict(yaml.safe_load(saved.read_text()), source=str(saved)) if saved.is_file() else config
             config.train.out = str(run_dir)
             self.resume_payload = load_checkpoint(run_dir / "last.pt")
         self.config = config
@@ -201,6 +197,7 @@ class Trainer:
         self.loader = DataLoader(
             self.train_set, batch_size=t.batch_size, sampler=self.sampler, num_workers=workers,
             persistent_workers=workers > 0, pin_memory=self.device.type == "cuda", drop_last=len(self.sampler) >= t.batch_size,
+            generator=torch.Generator().manual_seed(t.seed),  # keeps the global RNG (dropout) independent of loader restarts
         )
         if len(self.loader) == 0:
             raise BuildsegError(f"the training set yields no batch ({len(self.train_set)} samples, batch size {t.batch_size})")
@@ -242,6 +239,7 @@ class Trainer:
         self.nonfinite_total = 0
         self.bad_epochs = 0
         self.val_seconds: float | None = None
+        self.stop = StopFlag()
         if self.resume_payload:
             self._restore(self.resume_payload)
 
@@ -251,7 +249,7 @@ class Trainer:
             "format": FORMAT,
             "model_card": self.card.to_dict(),
             "model": self.model.state_dict(),
-            "ema": self.ema.module.state_dict() if self.ema else None,
+            "ema": self.ema.state_dict() if self.ema else None,  # includes n_averaged
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if hasattr(self.scheduler, "state_dict") else None,
             "scaler": self.scaler.state_dict(),
@@ -271,7 +269,7 @@ class Trainer:
     def _restore(self, payload: dict[str, Any]) -> None:
         self.model.load_state_dict(payload["model"])
         if self.ema and payload.get("ema"):
-            self.ema.module.load_state_dict(payload["ema"])
+            self.ema.load_state_dict(payload["ema"])
         self.optimizer.load_state_dict(payload["optimizer"])
         if payload.get("scheduler") and hasattr(self.scheduler, "load_state_dict"):
             self.scheduler.load_state_dict(payload["scheduler"])
@@ -292,8 +290,8 @@ class Trainer:
         payload = self._payload()
         save_atomic(payload, self.run_dir / "last.pt")
         if best:
-            if self.ema:
-                payload = {**payload, "model": payload["ema"]}
+            if self.ema:  # best.pt predicts with the EMA weights
+                payload = {**payload, "model": self.ema.module.state_dict()}
             save_atomic(payload, self.run_dir / "best.pt")
 
     # -- the loop ----------------------------------------------------------------------
@@ -346,7 +344,7 @@ class Trainer:
         )
         stopped_by = "epochs"
         nonfinite_run = 0
-        with StopFlag() as stop:
+        with self.stop as stop:
             while self.epoch < t.epochs:
                 self.sampler.set_epoch(self.epoch, skip=self.batch_in_epoch * t.batch_size)
                 self.train_model.train()
@@ -407,6 +405,11 @@ class Trainer:
                     stopped_by = "early_stopping"
                     log.info("no Dice improvement for %d epochs: early stop", self.bad_epochs)
                     break
+        if self.dist.enabled:  # all ranks must hold the same weights; record the check
+            checksum = torch.tensor([sum(float(p.double().sum()) for p in self.model.parameters())], dtype=torch.float64)
+            gathered = [torch.zeros_like(checksum) for _ in range(self.dist.world_size)]
+            torch.distributed.all_gather(gathered, checksum)
+            self.log.event({"kind": "ddp_check", "weight_checksums": [float(g) for g in gathered]})
         ddp.barrier(self.dist)
         return TrainResult(self.run_dir, self.best_dice, self.epoch, self.history, stopped_by, self.nonfinite_total)
 
@@ -443,6 +446,16 @@ class Trainer:
                      record["epoch"], " (partial)" if partial else "", record["train_loss"], summary["dice"],
                      summary["n_scored"], summary["n"], record["train_img_s"])
         return record
+
+
+def resume_config(run_dir: str | Path) -> Config:
+    """The config a run was started with (its ``config.yaml``), for ``--resume``."""
+    import yaml
+
+    saved = Path(run_dir) / "config.yaml"
+    if not saved.is_file():
+        raise BuildsegError(f"cannot resume: {saved} does not exist (is {run_dir} a buildseg run folder?)")
+    return config_from_dict(yaml.safe_load(saved.read_text()), source=str(saved))
 
 
 def train(config: Config, resume: str | Path | None = None) -> TrainResult:

@@ -34,7 +34,8 @@ def tile_counts(
     model.eval()
     counts = torch.zeros((len(dataset), 3), dtype=torch.float64)
     indices = list(range(dist_info.rank, len(dataset), dist_info.world_size))
-    loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        generator=torch.Generator())  # does not draw from the global RNG
     logit_threshold = float(np.log(threshold / (1 - threshold)))
     position = 0
     for images, masks, valid in loader:
