@@ -1,0 +1,197 @@
+import csv
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from buildseg.cli import main
+from buildseg.errors import BuildsegError
+from buildseg.formats import rle
+from buildseg.inference.postprocess import PostProcess, apply, remove_small_components
+from buildseg.inference.segmenter import Segmenter
+from buildseg.inference.tta import forward_transform, inverse_transform, transforms
+from buildseg.models import ModelCard, build_model
+from buildseg.training.checkpoint import FORMAT, save_atomic
+from buildseg.training.loop import train
+from conftest import tiny_config
+
+
+@pytest.fixture(scope="module")
+def trained(synth_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    config = tiny_config(synth_data, out, epochs=2, lr=3e-3)
+    train(config)
+    return out / "best.pt"
+
+
+def small_segmenter(**kwargs) -> Segmenter:
+    torch.manual_seed(0)
+    model = build_model(ModelCard(encoder="resnet18", decoder_channels=[32, 16, 16, 16, 8]))
+    return Segmenter([model], device="cpu", precision="fp32", **kwargs)
+
+
+def test_tta_equals_the_manual_average():
+    seg = small_segmenter(tta="d4")
+    plain = small_segmenter(tta="none")
+    images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    manual = []
+    for turns, flip in transforms("d4"):
+        prob = plain.predict_proba_batch(forward_transform(images, turns, flip))
+        manual.append(inverse_transform(prob, turns, flip))
+    torch.testing.assert_close(seg.predict_proba_batch(images), torch.stack(manual).mean(0), atol=1e-5, rtol=1e-5)
+    assert len(transforms("flip")) == 2 and len(transforms("d4")) == 8
+
+
+def test_sliding_window_matches_full_image_away_from_borders():
+    seg = small_segmenter(window=256, overlap=0.5)
+    rng = np.random.default_rng(0)
+    image = np.kron(rng.integers(0, 256, (125, 125, 3)), np.ones((8, 8, 1))).astype(np.uint8)  # 1000x1000
+    tiled = seg.predict_proba(image)
+    seg.window = 2000
+    full = seg.predict_proba(image)
+    assert tiled.shape == full.shape == (1000, 1000)
+    inner = (slice(64, -64), slice(64, -64))
+    assert np.abs(tiled[inner] - full[inner]).mean() < 0.02
+
+
+def test_sliding_window_has_no_seams_on_a_constant_image():
+    seg = small_segmenter(window=128, overlap=0.25)
+    prob = seg.predict_proba(np.full((400, 400, 3), 120, dtype=np.uint8))
+    inner = prob[40:-40, 40:-40]
+    # a seam would show as a jump between neighbouring pixels
+    assert np.abs(np.diff(inner, axis=0)).max() < 1e-3 and np.abs(np.diff(inner, axis=1)).max() < 1e-3
+
+
+def test_min_area_removes_exactly_the_small_components():
+    rng = np.random.default_rng(0)
+    from scipy import ndimage
+
+    for _ in range(10):
+        mask = (rng.random((60, 60)) < 0.2).astype(np.uint8)
+        labels, n = ndimage.label(mask, structure=np.ones((3, 3)))
+        sizes = ndimage.sum(mask, labels, range(1, n + 1))
+        expected = np.isin(labels, 1 + np.flatnonzero(sizes >= 4)).astype(np.uint8)
+        np.testing.assert_array_equal(remove_small_components(mask, 4), expected)
+
+
+def test_empty_rules():
+    prob = np.zeros((10, 10), np.float32)
+    prob[0, 0] = 0.6
+    assert apply(prob, PostProcess(threshold=0.5)).sum() == 1
+    assert apply(prob, PostProcess(threshold=0.5, empty_max_prob=0.7)).sum() == 0
+    assert apply(prob, PostProcess(threshold=0.5, empty_min_area=2)).sum() == 0
+
+
+def test_predict_evaluate_round_trip_through_the_cli(trained, synth_data, tmp_path, capsys):
+    sub = tmp_path / "sub.csv"
+    assert main(["predict", "--checkpoint", str(trained), "--data", str(synth_data / "test.csv"), "--out", str(sub),
+                 "--min-area", "5", "--no-progress", "--num-workers", "0", "--masks-dir", str(tmp_path / "m")]) == 0
+    rows = list(csv.DictReader(open(sub)))
+    truth = list(csv.DictReader(open(synth_data / "test_truth.csv")))
+    assert [r["img_id"] for r in rows] == [r["img_id"] for r in truth]
+    assert len(list((tmp_path / "m").glob("*.png"))) == len(rows)
+    capsys.readouterr()
+    assert main(["evaluate", "--pred", str(sub), "--truth", str(synth_data / "test_truth.csv"), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert {"dice", "n_scored", "n"} <= summary.keys() and summary["n"] == len(rows)
+    # a bare img_id,mask_rle truth with --shape gives the same score
+    bare = tmp_path / "bare.csv"
+    with open(bare, "w", newline="") as handle:
+        w = csv.writer(handle)
+        w.writerow(["img_id", "mask_rle"])
+        w.writerows((r["img_id"], r["mask_rle"]) for r in truth)
+    assert main(["evaluate", "--pred", str(sub), "--truth", str(bare), "--shape", "64", "64", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["dice"] == pytest.approx(summary["dice"])
+
+
+def test_perfect_prediction_scores_one(synth_data, capsys):
+    assert main(["evaluate", "--pred", str(synth_data / "test_truth.csv"), "--truth", str(synth_data / "test_truth.csv"), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["dice"] == 1.0
+
+
+def test_corrupt_tile_in_the_middle(trained, synth_data, tmp_path, capsys):
+    rows = list(csv.DictReader(open(synth_data / "test.csv")))
+    (tmp_path / "broken.png").write_bytes(b"not a png at all")
+    rows[3] = {"img_id": "BROKEN", "img_path": str(tmp_path / "broken.png")}
+    for r in rows:
+        if r["img_id"] != "BROKEN":
+            r["img_path"] = str(synth_data / r["img_path"])
+    test_csv = tmp_path / "test.csv"
+    with open(test_csv, "w", newline="") as handle:
+        w = csv.DictWriter(handle, fieldnames=["img_id", "img_path"])
+        w.writeheader()
+        w.writerows(rows)
+    sub = tmp_path / "sub.csv"
+    args = ["predict", "--checkpoint", str(trained), "--data", str(test_csv), "--out", str(sub), "--no-progress", "--num-workers", "0"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "BROKEN" in err and "broken.png" in err and not sub.exists()  # no partial output
+    assert main(args + ["--skip-bad"]) == 0
+    table = {r["img_id"]: r["mask_rle"] for r in csv.DictReader(open(sub))}
+    assert table["BROKEN"] == "-1" and len(table) == len(rows)
+
+
+def test_checkpoint_load_errors(trained, tmp_path):
+    with pytest.raises(BuildsegError, match="not a buildseg checkpoint"):
+        torch.save({"weights": 1}, tmp_path / "x.pt")
+        Segmenter.from_checkpoint(tmp_path / "x.pt")
+    payload = torch.load(trained, weights_only=True)
+    payload["model_card"]["encoder"] = "resnet34"  # another architecture's weights
+    save_atomic(payload, tmp_path / "wrong.pt")
+    with pytest.raises(BuildsegError, match="does not match"):
+        Segmenter.from_checkpoint(tmp_path / "wrong.pt")
+    seg = Segmenter.from_checkpoint(trained, device="cpu")
+    with pytest.raises(BuildsegError, match="channels"):
+        seg.predict(np.zeros((64, 64, 4), np.uint8))
+
+
+def test_segmenter_api_and_ensemble(trained):
+    from buildseg import Segmenter as Exported
+
+    seg = Exported.from_checkpoint([trained, trained], device="cpu", threshold=0.5)
+    one = Exported.from_checkpoint(trained, device="cpu", threshold=0.5)
+    image = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    np.testing.assert_allclose(seg.predict_proba(image), one.predict_proba(image), atol=1e-6)
+    assert seg.predict(image).shape == (64, 64)
+
+
+def test_distributed_predict_matches_single_process(trained, synth_data, tmp_path):
+    one, two = tmp_path / "one.csv", tmp_path / "two.csv"
+    base = ["-m", "buildseg", "predict", "--checkpoint", str(trained), "--data", str(synth_data / "test.csv"),
+            "--no-progress", "--num-workers", "0", "--device", "cpu"]
+    assert subprocess.run([sys.executable, *base, "--out", str(one)], capture_output=True).returncode == 0
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *base[0:], "--out", str(two)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert one.read_text() == two.read_text()
+
+
+def test_cli_config_errors(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model:\n  encodr: resnet18\n")
+    assert main(["train", "--config", str(cfg), "--data", "x.csv", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "model.encodr" in err and "encoder" in err
+    cfg.write_text("modle:\n  encoder: resnet18\n")
+    assert main(["train", "--config", str(cfg), "--data", "x.csv", "--out", str(tmp_path / "r")]) == 2
+    assert "unknown section" in capsys.readouterr().err
+
+
+def test_cli_flags_reach_the_config(synth_data, tmp_path):
+    out = tmp_path / "r"
+    code = main(["train", "--data", str(synth_data / "train.csv"), "--out", str(out), "--encoder", "resnet18", "--weights", "none",
+                 "--epochs", "1", "--batch-size", "2", "--crop-size", "64", "--val-tile", "64", "--crops-per-image", "1",
+                 "--decoder-channels", "16", "16", "16", "16", "8", "--deep-supervision", "--dropout", "0.2",
+                 "--norm", "group", "--loss", "bce:0.5,lovasz_symmetric", "--precision", "fp32", "--num-workers", "0", "--no-progress"])
+    assert code == 0
+    import yaml
+
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["model"]["deep_supervision"] is True and saved["model"]["norm"] == "group"
+    assert saved["loss"] == "bce:0.5,lovasz_symmetric" and saved["data"]["crop_size"] == 64
+    # the saved config reproduces the run
+    assert main(["train", "--config", str(out / "config.yaml"), "--out", str(tmp_path / "again"), "--no-progress"]) == 0
