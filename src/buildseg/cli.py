@@ -1,6 +1,6 @@
 """Command line: parse arguments, call the library, print results. Nothing else.
 
-``buildseg train|predict|evaluate|tune|synth|demo``; ``python -m buildseg`` is the same.
+``buildseg train|predict|evaluate|synth|demo``; ``python -m buildseg`` is the same.
 Training flags are generated from the config dataclasses, so every YAML key has a flag
 (``model.deep_supervision`` -> ``--deep-supervision``) and the two cannot drift apart.
 """

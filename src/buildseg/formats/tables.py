@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import csv
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 
+from buildseg.atomic import atomic_open
 from buildseg.errors import BuildsegError
 from buildseg.formats import rle as rle_codec
 from buildseg.formats.images import read_mask
@@ -68,18 +68,19 @@ def load_records(source: str | os.PathLike, require_masks: bool = False) -> list
     return records
 
 
+def _check_columns(path: Path, columns: Sequence[str], needed: Sequence[str], expected: str) -> None:
+    if not columns:
+        raise BuildsegError(f"{path} is empty: expected a header {expected} and one row per image")
+    for name in needed:
+        if name not in columns:
+            raise BuildsegError(f"{path} has no '{name}' column (columns: {', '.join(columns)}); expected {expected}")
+
+
 def _read_csv(path: Path) -> list[Record]:
     with open(path, newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
         columns = reader.fieldnames or []
-        if not columns:
-            raise BuildsegError(f"{path} is empty: expected a header img_id,img_path[,mask_rle] and one row per image")
-        for needed in ("img_id", "img_path"):
-            if needed not in columns:
-                raise BuildsegError(
-                    f"{path} has no '{needed}' column (columns: {', '.join(columns)}); "
-                    "expected img_id,img_path[,mask_rle]"
-                )
+        _check_columns(path, columns, ("img_id", "img_path"), "img_id,img_path[,mask_rle]")
         has_rle = "mask_rle" in columns
         root = path.parent
         records = []
@@ -128,25 +129,12 @@ def _check_unique(records: Sequence[Record], path: Path) -> None:
 
 
 def write_atomic_csv(path: str | os.PathLike, header: Sequence[str], rows: Iterable[Sequence[object]]) -> Path:
-    """Write a CSV to a temporary file beside ``path`` and rename it into place.
-
-    An interrupted run therefore never leaves a half-written submission.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(header)
-            writer.writerows(rows)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Write a CSV atomically: an interrupted run never leaves a half-written submission."""
+    with atomic_open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return Path(path)
 
 
 def write_submission(path: str | os.PathLike, img_ids: Sequence[str], rles: Sequence[str]) -> Path:
@@ -161,12 +149,7 @@ def read_rle_table(path: str | os.PathLike) -> dict[str, str]:
         raise BuildsegError(f"CSV not found: {path}")
     with open(path, newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
-        columns = reader.fieldnames or []
-        if not columns:
-            raise BuildsegError(f"{path} is empty: expected a header img_id,mask_rle")
-        for needed in ("img_id", "mask_rle"):
-            if needed not in columns:
-                raise BuildsegError(f"{path} has no '{needed}' column (columns: {', '.join(columns)})")
+        _check_columns(path, reader.fieldnames or [], ("img_id", "mask_rle"), "img_id,mask_rle")
         table = {}
         for row in reader:
             value = row.get("mask_rle")

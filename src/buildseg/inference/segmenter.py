@@ -5,8 +5,8 @@
 >>> mask = seg.predict(image)          # HxWx3 uint8 -> HxW uint8 0/1
 
 A Segmenter holds one or more models (an ensemble averages probabilities), the precision,
-the TTA mode and the post-processing settings stored with the checkpoint (``buildseg
-tune`` writes them), each overridable.
+the TTA mode and the post-processing settings stored with the checkpoint (threshold,
+min_area, empty rules), each overridable.
 """
 
 from __future__ import annotations

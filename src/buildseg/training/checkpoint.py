@@ -8,39 +8,23 @@ or the new checkpoint, never a torn file. Everything in it loads with
 
 from __future__ import annotations
 
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from buildseg.atomic import atomic_open
 from buildseg.errors import BuildsegError
 
 FORMAT = "buildseg-checkpoint-v1"
 
 
 def save_atomic(payload: dict[str, Any], path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(payload, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-    return path
+    with atomic_open(path, "wb") as handle:
+        torch.save(payload, handle)
+    return Path(path)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
