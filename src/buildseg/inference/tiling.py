@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Callable
 
-import numpy as np
 import torch
 
 
@@ -57,5 +56,3 @@ def sliding_window_proba(
 def window_count(height: int, width: int, window: int, overlap: float) -> int:
     return len(window_starts(height, min(window, height), overlap)) * len(window_starts(width, min(window, width), overlap))
 
-
-__all__ = ["sliding_window_proba", "gaussian_weights", "window_starts", "window_count", "np"]
