@@ -25,18 +25,16 @@ FLAG_NAMES = {"data.train": "--data", "data.val": "--val-data", "train.out": "--
 
 
 def _parse_value(kind: str):
+    """A parser for a flag whose config field has type annotation ``kind``."""
     base = kind.replace(" | None", "")
+    convert = {"int": int, "float": float}.get(base, str)
 
     def parse(text: str):
         if " | None" in kind and text.lower() in ("none", "null"):
             return None
-        if base == "int":
-            return int(text)
-        if base == "float":
-            return float(text)
-        return text
+        return convert(text)
 
-    return parse, base
+    return parse
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -55,8 +53,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
                 item = float if "float" in kind else int
                 group.add_argument(flag, nargs="+", type=item, **common)
             else:
-                parse, _ = _parse_value(kind)
-                group.add_argument(flag, type=parse, **common)
+                group.add_argument(flag, type=_parse_value(kind), **common)
     parser.add_argument("--loss", dest="loss", default=argparse.SUPPRESS,
                         help="loss sum, e.g. bce+dice, 'bce:0.5,dice:1,lovasz:0.5' (default: bce+dice)")
 

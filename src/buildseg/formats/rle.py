@@ -74,7 +74,9 @@ def decode(rle: Any, shape: tuple[int, int], img_id: str | None = None) -> np.nd
     try:
         values = np.fromiter(map(int, tokens), dtype=np.int64, count=len(tokens))
     except (ValueError, OverflowError):
-        bad = next(t for t in tokens if not t.lstrip("-").isdigit())
+        bad = next((t for t in tokens if not t.lstrip("-").isdigit()), None)
+        if bad is None:
+            raise RleError(f"{where}: a token is too large for a pixel index") from None
         raise RleError(f"{where}: token {bad!r} is not an integer") from None
     starts = values[0::2] - 1
     lengths = values[1::2]

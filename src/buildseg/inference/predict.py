@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from buildseg.data.datasets import to_tensors
 from buildseg.errors import BuildsegError
 from buildseg.formats import rle
 from buildseg.formats.images import overlay, read_rgb, write_png
@@ -49,7 +50,7 @@ class ImageDataset(Dataset):
             if not self.skip_bad:
                 raise BuildsegError(f"{self.records[index].img_id}: {exc}") from None
             return index, None, str(exc)
-        return index, torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))), None
+        return index, to_tensors(image, None)[0], None
 
 
 def _collate(items):

@@ -18,6 +18,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from buildseg.data.datasets import to_tensors
 from buildseg.errors import BuildsegError
 from buildseg.inference import postprocess as pp_mod
 from buildseg.inference.postprocess import PostProcess
@@ -144,7 +145,7 @@ class Segmenter:
                 f"the image has {image.shape[2]} channels but the model expects {self.in_chans}; "
                 "convert it (e.g. drop alpha/NIR bands) or use a model trained with that in_chans"
             )
-        return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+        return to_tensors(image, None)[0]
 
     def predict_proba(self, image: np.ndarray, batch_size: int = 4) -> np.ndarray:
         """HxW probabilities; images larger than ``window`` go through the sliding window."""

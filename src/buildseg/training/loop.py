@@ -16,7 +16,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -78,13 +78,8 @@ class StopFlag:
 
 
 def card_from_config(config: Config) -> ModelCard:
-    m = config.model
-    return ModelCard(
-        arch=m.arch, encoder=m.encoder, in_chans=int(m.in_chans),
-        decoder_channels=list(m.decoder_channels) if m.decoder_channels else None,
-        norm=m.norm, dropout=float(m.dropout), attention=m.attention, upsample=m.upsample,
-        deep_supervision=bool(m.deep_supervision), ds_ensemble=bool(m.ds_ensemble),
-    )
+    """The model card of the configured model (config-only keys such as ``weights`` dropped)."""
+    return ModelCard.from_dict(asdict(config.model))
 
 
 def make_optimizer(config: Config, model: nn.Module) -> torch.optim.Optimizer:
