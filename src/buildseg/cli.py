@@ -1,6 +1,6 @@
 """Command line: parse arguments, call the library, print results. Nothing else.
 
-``buildseg train|predict|evaluate|synth|demo``; ``python -m buildseg`` is the same.
+``buildseg train|predict|evaluate|tune|synth|demo``; ``python -m buildseg`` is the same.
 Training flags are generated from the config dataclasses, so every YAML key has a flag
 (``model.deep_supervision`` -> ``--deep-supervision``) and the two cannot drift apart.
 """
@@ -103,6 +103,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shape", type=int, nargs=2, metavar=("H", "W"), help="mask size for a bare truth CSV")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
 
+    p = sub.add_parser("tune", help="search threshold x min-area x empty rule for the competition Dice; store it in the checkpoint")
+    p.add_argument("--checkpoint", action="append", required=True, help="checkpoint .pt; repeat to tune an ensemble")
+    p.add_argument("--data", required=True, help="validation CSV/folder with masks (cut into a grid of --tile tiles)")
+    p.add_argument("--tile", type=int, default=224)
+    p.add_argument("--tta", default="none", choices=["none", "flip", "d4"])
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--no-save", action="store_true", help="print only; do not write the setting into the checkpoint")
+    p.add_argument("--json", help="also write all results to this JSON file")
+
     p = sub.add_parser("synth", help="write a synthetic demo dataset in the competition format")
     p.add_argument("--out", required=True)
     p.add_argument("--n-train", type=int, default=16)
@@ -178,6 +189,28 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from buildseg.data.datasets import GridTileDataset
+    from buildseg.formats.tables import load_records
+    from buildseg.inference.segmenter import Segmenter, checkpoint_paths
+    from buildseg.inference.tune import default_row, format_table, predict_tiles, search, store_in_checkpoint
+
+    segmenter = Segmenter.from_checkpoint(args.checkpoint, device=args.device, precision=args.precision, tta=args.tta)
+    dataset = GridTileDataset(load_records(args.data, require_masks=True), args.tile)
+    probs, truths = predict_tiles(segmenter, dataset, args.batch_size)
+    rows = search(probs, truths)
+    print(f"{len(dataset)} validation tiles, {len(rows)} settings\n")
+    print(format_table(rows, default_row(probs, truths)))
+    best = rows[0].post
+    if args.json:
+        Path(args.json).write_text(json.dumps([{**r.post.to_dict(), **r.summary} for r in rows], indent=1))
+    if not args.no_save:
+        for path in checkpoint_paths(args.checkpoint):
+            store_in_checkpoint(path, best)
+            print(f"stored threshold={best.threshold} min_area={best.min_area} empty_max_prob={best.empty_max_prob} in {path}")
+    return 0
+
+
 def cmd_synth(args: argparse.Namespace) -> int:
     from buildseg.data.synth import write_dataset
 
@@ -193,7 +226,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "predict": cmd_predict, "evaluate": cmd_evaluate, "synth": cmd_synth, "demo": cmd_demo}
+COMMANDS = {"train": cmd_train, "predict": cmd_predict, "evaluate": cmd_evaluate, "tune": cmd_tune, "synth": cmd_synth, "demo": cmd_demo}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -15,6 +15,8 @@ from buildseg.formats.images import overlay, read_rgb, write_png
 from buildseg.formats.tables import load_records, read_rle_table
 from buildseg.inference.predict import predict_records
 from buildseg.inference.segmenter import Segmenter
+from buildseg.inference.tune import default_row, format_table, predict_tiles, search, store_in_checkpoint
+from buildseg.data.datasets import GridTileDataset, split_records
 from buildseg.training.loop import train
 
 
@@ -56,8 +58,15 @@ def run_demo(out: Path, minutes: float = 4.0, encoder: str = "resnet18") -> dict
     config.train.lr = 2e-3
     result = train(config)
 
-    print("[3/4] predicting the demo test tiles")
-    segmenter = Segmenter.from_checkpoint(result.run_dir / "best.pt", min_area=20)
+    print("[3/4] tuning post-processing on the held-out training images, then predicting the test tiles")
+    best_pt = result.run_dir / "best.pt"
+    _, val_records = split_records(load_records(paths_train), config.data.val_fraction, config.train.seed)
+    tuner = Segmenter.from_checkpoint(best_pt)
+    probs, truths = predict_tiles(tuner, GridTileDataset(val_records, config.data.val_tile))
+    rows = search(probs, truths)
+    print(format_table(rows, default_row(probs, truths), top=3))
+    store_in_checkpoint(best_pt, rows[0].post)
+    segmenter = Segmenter.from_checkpoint(best_pt)
     records = load_records(paths_test)
     submission = out / "submission.csv"
     _, stats = predict_records(segmenter, records, submission, batch_size=32)

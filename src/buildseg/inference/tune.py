@@ -1,0 +1,105 @@
+"""``buildseg tune``: choose threshold x min-area x empty rule for the competition Dice.
+
+Validation tiles are predicted once; the search then works on the stored probabilities.
+For each threshold the connected components of every tile are labelled once, so each
+min-area value is a lookup, and the "empty if max probability < t" rule only rewrites a
+tile's counts (tp, fp -> 0; fn -> tp + fn). The best setting is stored in the checkpoint,
+where ``predict`` and :class:`Segmenter` pick it up unless overridden.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import cv2
+import numpy as np
+from torch.utils.data import DataLoader
+
+from buildseg.data.datasets import GridTileDataset
+from buildseg.inference.postprocess import PostProcess
+from buildseg.inference.segmenter import Segmenter
+from buildseg.metrics import summarize
+
+THRESHOLDS = tuple(np.round(np.arange(0.30, 0.801, 0.05), 2))
+MIN_AREAS = (0, 10, 20, 50, 100, 200, 400)
+EMPTY_MAX_PROBS = (0.0, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+@dataclass
+class TuneRow:
+    post: PostProcess
+    summary: dict
+
+
+def predict_tiles(segmenter: Segmenter, dataset: GridTileDataset, batch_size: int = 32) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Probabilities (float32, as predict sees them) and truth masks of every tile, cropped to its real pixels."""
+    probs, truths = [], []
+    for images, masks, valid in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+        batch = segmenter.predict_proba_batch(images).numpy()
+        for k in range(len(images)):
+            h, w = valid[k].tolist()
+            probs.append(batch[k, :h, :w].copy())
+            truths.append(masks[k, 0, :h, :w].numpy().astype(bool))
+    return probs, truths
+
+
+def _component_counts(pred: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per component of ``pred``: (area, pixels also in truth)."""
+    n, labels = cv2.connectedComponents(pred.astype(np.uint8), connectivity=8)
+    area = np.bincount(labels.ravel(), minlength=n)[1:]
+    hits = np.bincount(labels.ravel(), weights=truth.ravel(), minlength=n)[1:]
+    return area, hits
+
+
+def search(
+    probs: Sequence[np.ndarray],
+    truths: Sequence[np.ndarray],
+    thresholds: Sequence[float] = THRESHOLDS,
+    min_areas: Sequence[int] = MIN_AREAS,
+    empty_max_probs: Sequence[float] = EMPTY_MAX_PROBS,
+) -> list[TuneRow]:
+    """Every combination scored with the competition Dice, best first."""
+    truth_sizes = np.array([t.sum() for t in truths], dtype=np.int64)
+    max_probs = np.array([float(p.max()) if p.size else 0.0 for p in probs])
+    rows = []
+    for threshold in thresholds:
+        comps = [_component_counts(p > threshold, t) for p, t in zip(probs, truths)]
+        for min_area in min_areas:
+            tp = np.array([int(hits[area >= max(min_area, 1)].sum()) for area, hits in comps])
+            pred = np.array([int(area[area >= max(min_area, 1)].sum()) for area, _ in comps])
+            for empty_p in empty_max_probs:
+                empty = max_probs < empty_p
+                tp_e = np.where(empty, 0, tp)
+                fp_e = np.where(empty, 0, pred - tp)
+                fn_e = truth_sizes - tp_e
+                post = PostProcess(threshold=float(threshold), min_area=int(min_area), empty_max_prob=float(empty_p))
+                rows.append(TuneRow(post, summarize(np.stack([tp_e, fp_e, fn_e], axis=1))))
+    rows.sort(key=lambda r: (-np.nan_to_num(r.summary["dice"], nan=-1.0), r.post.min_area, r.post.empty_max_prob))
+    return rows
+
+
+def format_table(rows: list[TuneRow], default: TuneRow, top: int = 5) -> str:
+    lines = ["| setting | threshold | min_area | empty if max prob < | Dice | n scored | empty-tile FP rate |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, row in [("default", default)] + [(f"#{i + 1}", r) for i, r in enumerate(rows[:top])]:
+        s = row.summary
+        lines.append(f"| {name} | {row.post.threshold:.2f} | {row.post.min_area} | {row.post.empty_max_prob:.2f} | "
+                     f"{s['dice']:.4f} | {s['n_scored']} | {s['empty_fp_rate']:.3f} |")
+    return "\n".join(lines)
+
+
+def default_row(probs, truths) -> TuneRow:
+    return search(probs, truths, thresholds=(0.5,), min_areas=(0,), empty_max_probs=(0.0,))[0]
+
+
+__all__ = ["search", "predict_tiles", "format_table", "default_row", "store_in_checkpoint", "TuneRow"]
+
+
+def store_in_checkpoint(path, post: PostProcess) -> None:
+    """Write ``post`` into the checkpoint (atomically), where predict will find it."""
+    from buildseg.training.checkpoint import load_checkpoint, save_atomic
+
+    payload = load_checkpoint(path)
+    payload["postprocess"] = post.to_dict()
+    save_atomic(payload, path)
