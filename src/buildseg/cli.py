@@ -1,6 +1,6 @@
 """Command line: parse arguments, call the library, print results. Nothing else.
 
-``buildseg train|predict|evaluate|tune|synth|demo``; ``python -m buildseg`` is the same.
+``buildseg train|predict|evaluate|tune|export|synth|demo``; ``python -m buildseg`` is the same.
 Training flags are generated from the config dataclasses, so every YAML key has a flag
 (``model.deep_supervision`` -> ``--deep-supervision``) and the two cannot drift apart.
 """
@@ -114,6 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-save", action="store_true", help="print only; do not write the setting into the checkpoint")
     p.add_argument("--json", help="also write all results to this JSON file")
 
+    p = sub.add_parser("export", help="export a checkpoint to ONNX (dynamic batch and size) with a parity check")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--onnx", required=True, help="output .onnx file")
+    p.add_argument("--opset", type=int, default=18)
+    p.add_argument("--tolerance", type=float, default=1e-3, help="max |logit diff| allowed in the parity check")
+
     p = sub.add_parser("synth", help="write a synthetic demo dataset in the competition format")
     p.add_argument("--out", required=True)
     p.add_argument("--n-train", type=int, default=16)
@@ -211,6 +217,17 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from buildseg.inference.export import check_parity, export_onnx
+
+    path = export_onnx(args.checkpoint, args.onnx, args.opset)
+    diff = check_parity(args.checkpoint, path)
+    print(f"wrote {path}; onnxruntime vs PyTorch fp32: max |logit diff| {diff:.2e}")
+    if diff > args.tolerance:
+        raise BuildsegError(f"ONNX parity check failed: max |logit diff| {diff:.2e} > {args.tolerance:.0e}")
+    return 0
+
+
 def cmd_synth(args: argparse.Namespace) -> int:
     from buildseg.data.synth import write_dataset
 
@@ -226,7 +243,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "predict": cmd_predict, "evaluate": cmd_evaluate, "tune": cmd_tune, "synth": cmd_synth, "demo": cmd_demo}
+COMMANDS = {"train": cmd_train, "predict": cmd_predict, "evaluate": cmd_evaluate, "tune": cmd_tune, "export": cmd_export, "synth": cmd_synth, "demo": cmd_demo}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

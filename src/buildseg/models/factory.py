@@ -81,6 +81,8 @@ class SegmentationModel(nn.Module):
     def _pad(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
         ph, pw = (-h) % self.stride, (-w) % self.stride
+        if getattr(torch.compiler, "is_exporting", lambda: False)():  # one branch-free graph for every size (ONNX needs H, W >= stride)
+            return F.pad(x, (0, pw, 0, ph), mode="reflect")
         if ph == 0 and pw == 0:
             return x
         mode = "reflect" if ph < h and pw < w else "constant"
