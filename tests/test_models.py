@@ -114,3 +114,13 @@ def test_clear_errors():
         build_model(ModelCard(encoder="resnet18", decoder_channels=[16, 16]))
     with pytest.raises(BuildsegError, match="not found"):
         create_encoder("resnet18", 3, "/nonexistent/weights.safetensors")
+
+
+@pytest.mark.parametrize("arch", ["smp.Unet", "smp.FPN"])
+def test_smp_architectures_through_the_same_wrapper(arch):
+    pytest.importorskip("segmentation_models_pytorch")  # the smp extra, installed by `make test`
+    model = build_model(ModelCard(arch=arch, encoder="resnet18")).eval()
+    with torch.no_grad():
+        assert model(torch.randint(0, 256, (2, 3, 33, 47))).shape == (2, 1, 33, 47)
+    with pytest.raises(BuildsegError, match="deep supervision"):
+        build_model(ModelCard(arch=arch, encoder="resnet18", deep_supervision=True))
