@@ -75,7 +75,7 @@ def model_only(seg: Segmenter, n: int = 128, batch: int = 32) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--n", type=int, default=2000)
-    parser.add_argument("--encoders", nargs="+", default=["resnet50", "resnet34"])
+    parser.add_argument("--encoders", nargs="*", default=["resnet50", "resnet34"])
     parser.add_argument("--checkpoint", help="trained checkpoint for the bf16-vs-fp32 Dice comparison")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -97,7 +97,7 @@ def main() -> None:
             from buildseg.evaluation import evaluate_csv
 
             subset = records[:200]
-            truth = tmp / "truth.csv"
+            truth = paths.test_truth_csv.parent / "truth_subset.csv"
             with open(paths.test_truth_csv) as src, open(truth, "w") as dst:
                 dst.writelines(line for k, line in enumerate(src) if k <= len(subset))
             scores = {}

@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="predict a test CSV/folder into a submission CSV")
     p.add_argument("--checkpoint", action="append", required=True, help="checkpoint .pt or run folder; repeat to ensemble")
     p.add_argument("--data", required=True, help="test CSV (img_id,img_path) or folder with images/")
-    p.add_argument("--out", required=True, help="submission CSV to write")
+    p.add_argument("--out", required=True, help="submission CSV to write (for a GeoTIFF input: the mask GeoTIFF)")
     p.add_argument("--threshold", type=float, help="probability threshold (default: the checkpoint's, else 0.5)")
     p.add_argument("--min-area", type=int, help="remove components smaller than this many pixels")
     p.add_argument("--tta", default="none", choices=["none", "flip", "d4"])
@@ -95,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--masks-dir", help="also write PNG masks here")
     p.add_argument("--overlays-dir", help="also write overlay PNGs here")
     p.add_argument("--skip-bad", action="store_true", help="write -1 for unreadable images instead of stopping")
+    p.add_argument("--geojson", help="GeoTIFF input: also write building polygons (with area) here")
+    p.add_argument("--block", type=int, default=2048, help="GeoTIFF input: pixels per processing block")
+    p.add_argument("--simplify", type=float, default=0.0, help="GeoTIFF input: polygon simplification tolerance (CRS units)")
     p.add_argument("--no-progress", action="store_true")
 
     p = sub.add_parser("evaluate", help="score a submission CSV with the competition Dice")
@@ -169,6 +172,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
         min_area=args.min_area, ds_ensemble=args.ds_ensemble, window=args.window, overlap=args.overlap,
         empty_vote=args.empty_vote,
     )
+    if Path(args.data).suffix.lower() in (".tif", ".tiff") and Path(args.data).is_file():
+        from buildseg.inference.geotiff import predict_geotiff
+
+        result = predict_geotiff(segmenter, args.data, args.out, args.geojson, block=args.block, simplify=args.simplify)
+        print(f"wrote {result.mask_path} (CRS {result.crs or 'none: pixel coordinates'})")
+        if result.geojson_path:
+            print(f"wrote {result.geojson_path}: {result.n_polygons} building polygons (area in {result.area_unit or 'n/a'})")
+        return 0
     records = load_records(args.data)
     _, stats = predict_records(
         segmenter, records, args.out, batch_size=args.batch_size, num_workers=args.num_workers,

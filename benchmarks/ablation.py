@@ -1,0 +1,162 @@
+"""Ablation over the notes' questions (backbone, loss, deep supervision, dropout, norm, TTA,
+post-processing) on real imagery, under one CPU budget per run.
+
+    .venv/bin/python benchmarks/ablation.py --grid benchmarks/ablation.yaml --out runs/ablation
+
+Protocol: for each fold, whole sources (manifest's source_dataset) are held out; the rest
+trains (15% of it held out for checkpoint selection and for tuning post-processing). Each
+row trains for ``budget_minutes`` (``--time-limit``) and is scored on a centred grid of
+non-overlapping 224 tiles of the held-out images with the competition Dice (threshold 0.5
+unless the row tunes it on the training side). Rows with ``reuse`` only change the
+evaluation of another row's checkpoints. The Markdown table is rewritten after every run,
+so an interrupted ablation keeps what it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from buildseg.config import config_from_dict  # noqa: E402
+from buildseg.data.datasets import GridTileDataset, split_records  # noqa: E402
+from buildseg.formats.tables import load_records  # noqa: E402
+from buildseg.inference.postprocess import PostProcess, apply  # noqa: E402
+from buildseg.inference.segmenter import Segmenter  # noqa: E402
+from buildseg.inference.tune import predict_tiles, search  # noqa: E402
+from buildseg.metrics import Scoreboard  # noqa: E402
+from buildseg.training.loop import train  # noqa: E402
+
+
+def merge(base: dict, extra: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in (extra or {}).items():
+        out[key] = merge(out.get(key, {}), value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def write_fold_csvs(grid: dict, root: Path, out: Path) -> dict[str, tuple[Path, Path]]:
+    with open(root / grid["manifest"]) as handle:
+        source = {row["img_id"]: row["source_dataset"] for row in csv.DictReader(handle)}
+    data_csv = root / grid["data"]
+    with open(data_csv) as handle:
+        rows = list(csv.DictReader(handle))
+    for row in rows:
+        row["img_path"] = str((data_csv.parent / row["img_path"]).resolve())
+    folds = {}
+    for name, held in grid["folds"].items():
+        paths = []
+        for part, keep in (("train", lambda r: source[r["img_id"]] not in held), ("heldout", lambda r: source[r["img_id"]] in held)):
+            path = out / "folds" / f"{name}_{part}.csv"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "w", newline="") as handle:
+                writer = csv.DictWriter(handle, fieldnames=["img_id", "img_path", "mask_rle"])
+                writer.writeheader()
+                writer.writerows(r for r in rows if keep(r))
+            paths.append(path)
+        folds[name] = (paths[0], paths[1])
+    return folds
+
+
+def evaluate(checkpoint: Path, config, train_csv: Path, heldout_csv: Path, spec: dict) -> dict:
+    seg = Segmenter.from_checkpoint(checkpoint, tta=spec.get("tta", "none"), ds_ensemble=spec.get("ds_ensemble"),
+                                    threshold=0.5, min_area=0)
+    post = PostProcess()
+    if spec.get("tune"):
+        _, val = split_records(load_records(train_csv), config.data.val_fraction, config.train.seed)
+        probs, truths = predict_tiles(seg, GridTileDataset(val, 224))
+        post = search(probs, truths)[0].post
+    probs, truths = predict_tiles(seg, GridTileDataset(load_records(heldout_csv), 224))
+    board = Scoreboard()
+    for prob, truth in zip(probs, truths):
+        board.add(apply(prob, post), truth)
+    return {**board.summary(), "post": post}
+
+
+def fmt(values: list[float], digits: int = 3) -> str:
+    values = [v for v in values if not math.isnan(v)]
+    if not values:
+        return "n/a"
+    return f"{np.mean(values):.{digits}f} ± {np.std(values):.{digits}f}" if len(values) > 1 else f"{values[0]:.{digits}f}"
+
+
+def table(results: dict, grid: dict) -> str:
+    folds = list(grid["folds"])
+    lines = [f"| row | Dice (mean ± sd over folds {', '.join(folds)}) | per fold | IoU | empty-tile FP rate | train img/s | CPU min |",
+             "|---|---:|---|---:|---:|---:|---:|"]
+    for name, per_fold in results.items():
+        dice = [r["dice"] for r in per_fold.values()]
+        lines.append(
+            f"| {name} | {fmt(dice)} | {' / '.join(f'{d:.3f}' for d in dice)} | {fmt([r['iou'] for r in per_fold.values()])} | "
+            f"{fmt([r['empty_fp_rate'] for r in per_fold.values()], 2)} | {fmt([r['img_s'] for r in per_fold.values()], 1)} | "
+            f"{fmt([r['minutes'] for r in per_fold.values()], 1)} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--grid", default="benchmarks/ablation.yaml")
+    parser.add_argument("--out", default="runs/ablation")
+    parser.add_argument("--rows", nargs="*", help="only these row names")
+    parser.add_argument("--budget", type=float, help="override budget_minutes")
+    args = parser.parse_args()
+    grid_path = Path(args.grid).resolve()
+    grid = yaml.safe_load(grid_path.read_text())
+    root = grid_path.parents[1]  # paths in the grid are relative to the repository root
+    out = Path(args.out)
+    folds = write_fold_csvs(grid, root, out)
+    budget = args.budget or grid["budget_minutes"]
+    base = copy.deepcopy(grid["base"])
+    weights = base.get("model", {}).get("weights")
+    if weights and weights not in ("none", "imagenet"):
+        base["model"]["weights"] = str((root / weights).resolve())
+    results: dict[str, dict] = {}
+    runs: dict[tuple[str, str], tuple[Path, object, dict]] = {}
+    for row in grid["rows"]:
+        name = row["name"]
+        if args.rows and name not in args.rows and row.get("reuse") not in args.rows:
+            continue
+        results[name] = {}
+        for fold, (train_csv, heldout_csv) in folds.items():
+            if row.get("reuse"):
+                if (row["reuse"], fold) not in runs:
+                    continue
+                checkpoint, config, stats = runs[(row["reuse"], fold)]
+            else:
+                overrides = {k: v for k, v in row.items() if k in ("model", "data", "train", "loss")}
+                if isinstance(overrides.get("model", {}).get("weights"), str) and overrides["model"]["weights"] not in ("none", "imagenet"):
+                    overrides["model"]["weights"] = str((root / overrides["model"]["weights"]).resolve())
+                config = config_from_dict(merge(base, overrides), source=f"row {name!r}")
+                config.data.train = str(train_csv)
+                config.train.out = str(out / "runs" / name.replace(" ", "_").replace("/", "-") / fold)
+                config.train.epochs = 10_000
+                config.train.time_limit = budget
+                config.train.progress = False
+                started = time.monotonic()
+                result = train(config)
+                minutes = (time.monotonic() - started) / 60
+                full = [h for h in result.history if not h.get("partial")] or result.history
+                img_s = float(np.mean([h["train_img_s"] for h in full]))
+                checkpoint, stats = Path(config.train.out) / "best.pt", {"img_s": img_s, "minutes": minutes}
+                runs[(name, fold)] = (checkpoint, config, stats)
+            summary = evaluate(checkpoint, config, train_csv, heldout_csv, row.get("eval", {}))
+            results[name][fold] = {**summary, **stats}
+            print(f"{name} / {fold}: Dice {summary['dice']:.4f} ({summary['n_scored']} of {summary['n']} tiles), "
+                  f"post {summary['post']}", flush=True)
+            text = table(results, grid)
+            (out / "ablation.md").write_text(text + "\n")
+    print()
+    print(table(results, grid))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from buildseg.cli import main
+from buildseg.data.synth import make_scene
+from buildseg.models import ModelCard, build_model
+from buildseg.training.checkpoint import FORMAT, save_atomic
+
+rasterio = pytest.importorskip("rasterio")  # the geo extra, installed by `make test`
+from rasterio.transform import from_origin  # noqa: E402
+from shapely.geometry import box, shape  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    card = ModelCard(encoder="resnet18", decoder_channels=[32, 16, 16, 16, 8])
+    model = build_model(card)
+    torch.nn.init.constant_(model.net.head.bias, 0.0)
+    path = tmp_path_factory.mktemp("ckpt") / "m.pt"
+    save_atomic({"format": FORMAT, "model_card": card.to_dict(), "model": model.state_dict(),
+                 "postprocess": {"threshold": 0.45}}, path)
+    return path
+
+
+def write_tif(path, crs):
+    image, _ = make_scene(np.random.default_rng(0), 600)
+    image = image[:, :500]
+    transform = from_origin(500000.0, 4100000.0, 0.5, 0.5) if crs else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with rasterio.open(path, "w", driver="GTiff", height=600, width=500, count=3, dtype="uint8",
+                           crs=crs, transform=transform) as dst:
+            dst.write(image.transpose(2, 0, 1))
+    return path
+
+
+def test_geotiff_in_georeferenced_mask_and_polygons_out(checkpoint, tmp_path):
+    src = write_tif(tmp_path / "scene.tif", "EPSG:32633")
+    out, geojson = tmp_path / "mask.tif", tmp_path / "b.geojson"
+    assert main(["predict", "--checkpoint", str(checkpoint), "--data", str(src), "--out", str(out),
+                 "--geojson", str(geojson), "--block", "256", "--window", "256", "--device", "cpu"]) == 0
+    with rasterio.open(src) as a, rasterio.open(out) as b:
+        assert b.crs == a.crs and b.transform == a.transform and (b.height, b.width) == (a.height, a.width)
+        mask = b.read(1)
+        bounds = box(*a.bounds)
+    assert set(np.unique(mask)) <= {0, 1} and mask.any()
+    collection = json.loads(geojson.read_text())
+    assert collection["features"]
+    polygons = [shape(f["geometry"]) for f in collection["features"]]
+    assert all(bounds.buffer(1e-6).contains(p) for p in polygons)
+    # areas in m^2 at 0.5 m/px add up to the mask's pixel count x 0.25
+    total = sum(f["properties"]["area_m2"] for f in collection["features"])
+    assert total == pytest.approx(mask.sum() * 0.25, rel=1e-6)
+
+
+def test_geotiff_without_crs_warns_and_uses_pixels(checkpoint, tmp_path):
+    src = write_tif(tmp_path / "plain.tif", None)
+    with pytest.warns(UserWarning, match="no CRS"):
+        assert main(["predict", "--checkpoint", str(checkpoint), "--data", str(src), "--out", str(tmp_path / "m.tif"),
+                     "--geojson", str(tmp_path / "p.geojson"), "--block", "256", "--device", "cpu"]) == 0
+    collection = json.loads((tmp_path / "p.geojson").read_text())
+    assert "crs" not in collection
+    for f in collection["features"]:
+        minx, miny, maxx, maxy = shape(f["geometry"]).bounds
+        assert 0 <= minx and maxx <= 500 and 0 <= miny and maxy <= 600
