@@ -107,7 +107,8 @@ def _polygonize(mask: np.ndarray, transform, polygons: list, border_polygons: li
     height, width = mask.shape
     for geometry, _ in shapes(mask, mask=mask > 0, transform=transform, connectivity=8):
         polygon = shape(geometry)
-        cols_rows = [~transform * c for c in polygon.exterior.coords]
+        inverse = ~transform
+        cols_rows = [inverse @ c for c in polygon.exterior.coords]
         touches = any(c <= 0 or r <= 0 or c >= width or r >= height for c, r in cols_rows)
         (border_polygons if touches else polygons).append(polygon)
 
