@@ -1,9 +1,11 @@
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -157,3 +159,74 @@ def test_torchrun_two_gloo_processes(synth_data, tmp_path):
     assert len([e for e in events if e["kind"] == "epoch"]) == 2
     assert proc.stdout.count("best val Dice") == 1
     assert load_checkpoint(out / "last.pt")["epoch"] == 2
+
+
+def test_tensorboard_scalars_match_the_history(synth_data, tmp_path):
+    pytest.importorskip("tensorboard")  # installed by the project's test setup (make)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    result = train(tiny_config(synth_data, tmp_path / "run", epochs=2))
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"epoch/train_loss", "epoch/lr", "train/loss", "train/lr", "train/loss_bce", "train/loss_dice"} <= tags
+    for key in ("train_loss", "val_dice"):  # NaN values (no scored tile) are not written
+        expected = [(row["step"], row[key]) for row in result.history if math.isfinite(row[key])]
+        logged = [(e.step, e.value) for e in events.Scalars(f"epoch/{key}")] if f"epoch/{key}" in tags else []
+        assert [s for s, _ in logged] == [s for s, _ in expected], key
+        assert [v for _, v in logged] == pytest.approx([v for _, v in expected], abs=1e-6), key
+
+
+def test_training_without_tensorboard_installed_still_logs(synth_data, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import now raises ImportError
+    train(tiny_config(synth_data, tmp_path / "run"))
+    assert (tmp_path / "run" / "history.csv").is_file() and not (tmp_path / "run" / "tensorboard").exists()
+
+
+def test_failing_torch_compile_falls_back_to_eager(synth_data, tmp_path, monkeypatch):
+    class Broken(torch.nn.Module):  # what a compiled model does without a working compiler: fail at first call
+        def forward(self, images):
+            raise RuntimeError("InductorError: no working C++ compiler found")
+
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: Broken())
+    result = train(tiny_config(synth_data, tmp_path / "run", epochs=2, compile=True))
+    events = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    fallbacks = [e for e in events if e["kind"] == "compile_fallback"]
+    assert len(fallbacks) == 1 and "no working C++ compiler" in fallbacks[0]["error"]
+    assert all(math.isfinite(row["train_loss"]) for row in result.history)
+
+
+def test_eager_errors_are_not_hidden_by_the_compile_fallback(synth_data, tmp_path, monkeypatch):
+    trainer = Trainer(tiny_config(synth_data, tmp_path / "run", compile=True))
+    assert trainer.compiled
+    trainer.train_model = lambda images: (_ for _ in ()).throw(RuntimeError("compiled failure"))
+    trainer.eager_model = lambda images: (_ for _ in ()).throw(ValueError("real model error"))
+    with pytest.raises(ValueError, match="real model error"):
+        trainer._forward(torch.zeros(1, 3, 64, 64))
+
+
+@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None, reason="torch.compile on CPU needs a C++ compiler")
+def test_torch_compile_trains_for_real(synth_data, tmp_path):
+    trainer = Trainer(tiny_config(synth_data, tmp_path / "run", compile=True))
+    result = trainer.run()
+    assert trainer.compiled, "compile fell back to eager: see metrics.jsonl"
+    assert all(math.isfinite(row["train_loss"]) for row in result.history)
+
+
+def test_cpu_clock_counts_work_not_waiting():
+    from buildseg.training.loop import Progress
+
+    wall, cpu = Progress(100, 10.0, "wall"), Progress(100, 10.0, "cpu")
+    time.sleep(0.3)
+    assert wall.now() >= 0.29 and cpu.now() < 0.1
+    started = time.process_time()
+    while time.process_time() - started < 0.3:
+        pass
+    assert cpu.now() >= 0.29
+    with pytest.raises(BuildsegError, match="time_limit_clock"):
+        Progress(100, 10.0, "gpu")
+
+
+def test_time_limit_on_the_cpu_clock_stops_the_run(synth_data, tmp_path):
+    result = train(tiny_config(synth_data, tmp_path / "run", epochs=1000, time_limit=0.05, time_limit_clock="cpu"))
+    assert result.stopped_by == "time_limit" and "val_dice" in result.history[-1]

@@ -57,6 +57,7 @@ class TrainConfig:
     scheduler: str = "cosine"  # cosine | onecycle | plateau | none
     warmup_steps: int = 50
     time_limit: float | None = None  # minutes, fractional allowed; validation included
+    time_limit_clock: str = "wall"  # wall | cpu (CPU time of the training process, all threads: fair on a shared machine)
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     channels_last: bool = True
@@ -71,6 +72,7 @@ class TrainConfig:
     threshold: float = 0.5  # for validation Dice
     sync_bn: bool = False
     progress: bool = True
+    tensorboard: bool = True  # scalars in RUN/tensorboard when the tensorboard package is installed
 
 
 @dataclass

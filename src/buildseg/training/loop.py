@@ -95,22 +95,33 @@ def make_optimizer(config: Config, model: nn.Module) -> torch.optim.Optimizer:
     raise BuildsegError(f"unknown optimizer {t.optimizer!r}; use adamw or sgd")
 
 
-class Progress:
-    """Fraction of the run done: by steps, or by wall time when a time limit is set."""
+CLOCKS = {"wall": time.monotonic, "cpu": time.process_time}
 
-    def __init__(self, total_steps: int, time_limit_s: float | None) -> None:
+
+class Progress:
+    """Fraction of the run done: by steps, or by time when a time limit is set.
+
+    The ``cpu`` clock counts CPU seconds of the training process (all its threads, not the
+    loader workers), so a time budget buys the same work on a machine shared with other
+    jobs: what a fair comparison of configurations needs (benchmarks/ablation.py).
+    """
+
+    def __init__(self, total_steps: int, time_limit_s: float | None, clock: str = "wall") -> None:
+        if clock not in CLOCKS:
+            raise BuildsegError(f"unknown time_limit_clock {clock!r}; use {' or '.join(CLOCKS)}")
         self.total_steps = max(1, total_steps)
         self.time_limit_s = time_limit_s
+        self.clock = CLOCKS[clock]
         self.step = 0
-        self.elapsed = 0.0  # training seconds, carried over on resume
-        self._started = time.monotonic()
+        self.elapsed = 0.0  # training seconds on this clock, carried over on resume
+        self._started = self.clock()
 
     def now(self) -> float:
-        return self.elapsed + time.monotonic() - self._started
+        return self.elapsed + self.clock() - self._started
 
     def restart_clock(self, elapsed: float) -> None:
         self.elapsed = elapsed
-        self._started = time.monotonic()
+        self._started = self.clock()
 
     def fraction(self) -> float:
         done = self.step / self.total_steps
@@ -175,7 +186,7 @@ class Trainer:
         self.device = ddp.device_for(self.dist, resolve_device(t.device))
         self.precision = resolve_precision(t.precision, self.device)
         self.run_dir = Path(t.out)
-        self.log = RunLog(self.run_dir, enabled=self.dist.is_main)
+        self.log = RunLog(self.run_dir, enabled=self.dist.is_main, tensorboard=t.tensorboard)
         seed_everything(t.seed, t.deterministic)
 
         records = load_records(config.data.train, require_masks=True)
@@ -215,16 +226,19 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             self.train_model = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.eager_model = self.train_model
+        self.compiled = False
         if t.compile:
             try:
                 self.train_model = torch.compile(self.train_model)
+                self.compiled = True
             except Exception as exc:  # compile support varies by platform; eager always works
                 log.warning("torch.compile unavailable (%s); training eagerly", exc)
         self.criterion = DeepSupervisionLoss(parse_loss(config.loss), config.model.ds_weights)
         self.optimizer = make_optimizer(config, model)
         self.batches_per_epoch = len(self.loader)
         steps_per_epoch = math.ceil(len(self.loader) / t.grad_accum)
-        self.progress = Progress(steps_per_epoch * t.epochs, t.time_limit * 60 if t.time_limit else None)
+        self.progress = Progress(steps_per_epoch * t.epochs, t.time_limit * 60 if t.time_limit else None, t.time_limit_clock)
         self.scheduler = make_scheduler(config, self.optimizer, self.progress)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
         self.epoch = 0
@@ -234,6 +248,7 @@ class Trainer:
         self.nonfinite_total = 0
         self.bad_epochs = 0
         self.val_seconds: float | None = None
+        self.val_cost: float | None = None  # one validation, on the time limit's clock
         self.stop = StopFlag()
         if self.resume_payload:
             self._restore(self.resume_payload)
@@ -297,7 +312,7 @@ class Trainer:
         if t.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with autocast(self.device, self.precision):
-            outputs = self.train_model(images)
+            outputs = self._forward(images)
         loss = self.criterion(outputs, masks)
         finite = bool(torch.isfinite(loss).item())
         if ddp.broadcast_flag(not finite, self.dist):  # skip on every rank together
@@ -318,11 +333,30 @@ class Trainer:
                 self.ema.update_parameters(self.model)
         return float(loss.detach())
 
+    def _forward(self, images: torch.Tensor) -> Any:
+        """The training forward; a compiled model that fails falls back to eager for good.
+
+        torch.compile is lazy: a missing C++ compiler or an unsupported op only shows at the
+        first call (or at a recompile for a new shape). The same batch is then retried
+        eagerly; if eager fails too, that error is the real one and propagates.
+        """
+        if not self.compiled:
+            return self.train_model(images)
+        try:
+            return self.train_model(images)
+        except Exception as exc:
+            outputs = self.eager_model(images)
+            self.train_model, self.compiled = self.eager_model, False
+            first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            log.warning("torch.compile failed (%s: %s); training continues eagerly", type(exc).__name__, first_line[:200])
+            self.log.event({"kind": "compile_fallback", "step": self.progress.step, "error": f"{type(exc).__name__}: {first_line[:500]}"})
+            return outputs
+
     def _out_of_time(self) -> bool:
         limit = self.progress.time_limit_s
         if not limit:
             return False
-        reserve = self.val_seconds if self.val_seconds is not None else 0.05 * limit
+        reserve = self.val_cost if self.val_cost is not None else 0.05 * limit
         return self.progress.now() + reserve >= limit
 
     def run(self) -> TrainResult:
@@ -365,7 +399,7 @@ class Trainer:
                     seen += len(images) * self.dist.world_size
                     rate = seen / max(1e-9, time.monotonic() - started)
                     bar.set_postfix(loss=f"{value:.4f}", img_s=f"{rate:.1f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}")
-                    if self.progress.step % 10 == 0:
+                    if self.progress.step % 10 == 1:  # steps 1, 11, 21, ...: a short run still logs some
                         parts = {k: float(v) for k, v in getattr(self.criterion.base, "parts", {}).items()}
                         self.log.event({"kind": "step", "epoch": self.epoch, "step": self.progress.step, "loss": value,
                                         "parts": parts, "lr": self.optimizer.param_groups[0]["lr"], "img_s": rate})
@@ -410,12 +444,13 @@ class Trainer:
 
     def _end_epoch(self, losses: list[float], seen: int, train_seconds: float, partial: bool) -> dict[str, Any]:
         t = self.config.train
-        started = time.monotonic()
+        started, clock_started = time.monotonic(), self.progress.clock()
         eval_model = self.ema.module if self.ema else self.model
         summary = validate(
             eval_model, self.val_set, self.device, self.precision, t.batch_size, t.threshold, t.channels_last, self.dist
         )
         self.val_seconds = time.monotonic() - started
+        self.val_cost = self.progress.clock() - clock_started
         if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau) and not math.isnan(summary["dice"]):
             self.scheduler.step(summary["dice"])
         record = {
@@ -458,4 +493,5 @@ def train(config: Config, resume: str | Path | None = None) -> TrainResult:
     try:
         return trainer.run()
     finally:
+        trainer.log.close()
         ddp.cleanup(trainer.dist)
