@@ -68,3 +68,50 @@ def test_geotiff_without_crs_warns_and_uses_pixels(checkpoint, tmp_path):
     for f in collection["features"]:
         minx, miny, maxx, maxy = shape(f["geometry"]).bounds
         assert 0 <= minx and maxx <= 500 and 0 <= miny and maxy <= 600
+
+
+def write_raster(path, array, dtype, nodata=None):
+    with rasterio.open(path, "w", driver="GTiff", height=array.shape[1], width=array.shape[2], count=array.shape[0],
+                       dtype=dtype, crs="EPSG:32633", transform=from_origin(500000.0, 4100000.0, 0.5, 0.5),
+                       nodata=nodata) as dst:
+        dst.write(array.astype(dtype))
+    return path
+
+
+def test_percentile_stretch_matches_numpy_and_skips_nodata(tmp_path):
+    from buildseg.inference.geotiff import raster_stretch
+
+    rng = np.random.default_rng(1)
+    data = rng.integers(100, 4000, size=(3, 300, 200)).astype(np.uint16)  # 12-bit imagery
+    data[:, :50] = 65535  # a nodata strip that must not move the percentiles
+    data[:, 50:60] = 0  # fill
+    src_path = write_raster(tmp_path / "u16.tif", data, "uint16", nodata=65535)
+    with rasterio.open(src_path) as src:
+        stretch = raster_stretch(src, [1, 2, 3], sample=4096)  # no decimation: exact percentiles
+    valid = data[:, 60:].reshape(3, -1).astype(np.float64)
+    assert stretch.low == pytest.approx(np.percentile(valid, 2, axis=1), rel=1e-6)
+    assert stretch.high == pytest.approx(np.percentile(valid, 98, axis=1), rel=1e-6)
+    out = stretch.apply(data[:, 60:])
+    assert out.dtype == np.uint8 and out.min() == 0 and out.max() == 255
+    # about 2% of the valid pixels sit at each end, as a percentile stretch promises
+    assert 0.01 < (out == 0).mean() < 0.03 and 0.01 < (out == 255).mean() < 0.03
+
+
+def test_uint16_geotiff_prediction_equals_prediction_on_its_stretched_uint8(checkpoint, tmp_path):
+    from buildseg.inference.geotiff import raster_stretch
+
+    image, _ = make_scene(np.random.default_rng(0), 600)
+    twelve_bit = image[:, :500].transpose(2, 0, 1).astype(np.uint16) * 16 + 7
+    src16 = write_raster(tmp_path / "u16.tif", twelve_bit, "uint16")
+    with rasterio.open(src16) as src:
+        stretched = raster_stretch(src, [1, 2, 3]).apply(src.read())
+    assert stretched.max() == 255  # the old >>8 mapping gave at most 15: a black image to the model
+    src8 = write_raster(tmp_path / "u8.tif", stretched, "uint8")
+    masks = []
+    for src in (src16, src8):  # blocks of 256: the stretch must be the same in every block
+        out = tmp_path / f"mask_{src.stem}.tif"
+        assert main(["predict", "--checkpoint", str(checkpoint), "--data", str(src), "--out", str(out),
+                     "--block", "256", "--window", "256", "--device", "cpu"]) == 0
+        with rasterio.open(out) as result:
+            masks.append(result.read(1))
+    assert masks[0].any() and np.array_equal(masks[0], masks[1])

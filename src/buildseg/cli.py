@@ -98,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--geojson", help="GeoTIFF input: also write building polygons (with area) here")
     p.add_argument("--block", type=int, default=2048, help="GeoTIFF input: pixels per processing block")
     p.add_argument("--simplify", type=float, default=0.0, help="GeoTIFF input: polygon simplification tolerance (CRS units)")
+    p.add_argument("--stretch", default="percentile", choices=["percentile", "none"],
+                   help="GeoTIFF input that is not 8-bit: per-band 2-98 percentile stretch to 0-255 (default), or clip")
     p.add_argument("--no-progress", action="store_true")
 
     p = sub.add_parser("evaluate", help="score a submission CSV with the competition Dice")
@@ -175,7 +177,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if Path(args.data).suffix.lower() in (".tif", ".tiff") and Path(args.data).is_file():
         from buildseg.inference.geotiff import predict_geotiff
 
-        result = predict_geotiff(segmenter, args.data, args.out, args.geojson, block=args.block, simplify=args.simplify)
+        result = predict_geotiff(segmenter, args.data, args.out, args.geojson, block=args.block, simplify=args.simplify,
+                                 stretch=args.stretch)
         print(f"wrote {result.mask_path} (CRS {result.crs or 'none: pixel coordinates'})")
         if result.geojson_path:
             print(f"wrote {result.geojson_path}: {result.n_polygons} building polygons (area in {result.area_unit or 'n/a'})")

@@ -9,6 +9,9 @@ blocks with shapely at the end. Areas are in m^2 for projected CRSs in metres; f
 geographic CRSs the area is left out (it would need a geodesic computation), and for a
 raster without a CRS coordinates and areas are in pixels (with a warning).
 
+Rasters that are not 8-bit (11/12/16-bit, float) are mapped to 0-255 with one per-band
+2-98 percentile stretch for the whole raster (``stretch="none"``: clip to 0-255 instead).
+
 Post-processing runs per block, so a component cut by a block border is judged by its
 part in each block for ``min_area``; use blocks much larger than buildings (default 2048).
 Needs the ``geo`` extra (rasterio, shapely).
@@ -39,11 +42,59 @@ class GeoResult:
     area_unit: str | None
 
 
-def _to_uint8(block: np.ndarray) -> np.ndarray:
+@dataclass(frozen=True)
+class Stretch:
+    """A per-band linear map of raster values onto 0-255.
+
+    Fixed for the whole raster, so every block is scaled alike; models are trained on 8-bit
+    RGB, and 11/12/16-bit or float rasters shifted or clipped to 8 bits come out nearly
+    black or saturated.
+    """
+
+    low: np.ndarray  # (bands,) value mapped to 0
+    high: np.ndarray  # (bands,) value mapped to 255
+
+    def apply(self, block: np.ndarray) -> np.ndarray:
+        """(bands, H, W) raster values -> uint8."""
+        low, high = self.low[:, None, None], self.high[:, None, None]
+        scaled = (block.astype(np.float32) - low) * (255.0 / (high - low))
+        return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+STRETCHES = ("percentile", "none")
+
+
+def raster_stretch(src, bands: list[int], mode: str = "percentile", percentiles: tuple[float, float] = (2.0, 98.0),
+                   sample: int = 1024) -> Stretch | None:
+    """The 2-98 percentile stretch per band, from a decimated read of the whole raster.
+
+    None for 8-bit rasters and for ``mode="none"`` (values are then clipped to 0-255).
+    Nodata pixels (the raster's mask) and pixels that are 0 in every band (fill) are
+    left out of the percentiles.
+    """
+    if mode not in STRETCHES:
+        raise BuildsegError(f"unknown stretch {mode!r}; use {' or '.join(STRETCHES)}")
+    if mode == "none" or all(src.dtypes[b - 1] == "uint8" for b in bands):
+        return None
+    scale = max(1, -(-max(src.height, src.width) // sample))
+    shape = (len(bands), -(-src.height // scale), -(-src.width // scale))
+    data = src.read(bands, out_shape=shape, masked=True)
+    valid = ~np.ma.getmaskarray(data).any(axis=0) & (np.ma.getdata(data) != 0).any(axis=0)
+    if not valid.any():
+        log.warning("%s has no valid pixels to stretch: values are clipped to 0-255", src.name)
+        return None
+    values = np.ma.getdata(data)[:, valid].astype(np.float64)
+    low, high = np.percentile(values, percentiles, axis=1)
+    high = np.maximum(high, low + 1e-6)
+    log.info("stretching %s band values %s..%s to 0..255", Path(src.name).name, np.round(low, 2).tolist(), np.round(high, 2).tolist())
+    return Stretch(low.astype(np.float32), high.astype(np.float32))
+
+
+def _to_uint8(block: np.ndarray, stretch: Stretch | None) -> np.ndarray:
+    if stretch is not None:
+        return stretch.apply(block)
     if block.dtype == np.uint8:
         return block
-    if block.dtype == np.uint16:
-        return (block >> 8).astype(np.uint8)
     return np.clip(block, 0, 255).astype(np.uint8)
 
 
@@ -55,6 +106,7 @@ def predict_geotiff(
     block: int = 2048,
     margin: int = 64,
     simplify: float = 0.0,
+    stretch: str = "percentile",
 ) -> GeoResult:
     try:
         import rasterio
@@ -76,6 +128,7 @@ def predict_geotiff(
         profile = dict(driver="GTiff", height=src.height, width=src.width, count=1, dtype="uint8", crs=src.crs,
                        transform=src.transform, compress="deflate", tiled=True, blockxsize=256, blockysize=256)
         bands = list(range(1, segmenter.in_chans + 1))
+        scaling = raster_stretch(src, bands, stretch)
         polygons, border_polygons = [], []
         mask_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = mask_path.with_name(f".{mask_path.name}.tmp")
@@ -84,7 +137,7 @@ def predict_geotiff(
                 for x in range(0, src.width, block):
                     h, w = min(block, src.height - y), min(block, src.width - x)
                     ctx = Window(x - margin, y - margin, w + 2 * margin, h + 2 * margin)
-                    image = _to_uint8(src.read(bands, window=ctx, boundless=True, fill_value=0)).transpose(1, 2, 0)
+                    image = _to_uint8(src.read(bands, window=ctx, boundless=True, fill_value=0), scaling).transpose(1, 2, 0)
                     prob = segmenter.predict_proba(np.ascontiguousarray(image))[margin : margin + h, margin : margin + w]
                     mask = segmenter.finish(prob)
                     window = Window(x, y, w, h)
