@@ -230,3 +230,19 @@ def test_cpu_clock_counts_work_not_waiting():
 def test_time_limit_on_the_cpu_clock_stops_the_run(synth_data, tmp_path):
     result = train(tiny_config(synth_data, tmp_path / "run", epochs=1000, time_limit=0.05, time_limit_clock="cpu"))
     assert result.stopped_by == "time_limit" and "val_dice" in result.history[-1]
+
+
+def test_loss_switches_at_the_scheduled_epoch(synth_data, tmp_path):
+    config = tiny_config(synth_data, tmp_path / "run", epochs=2, switch_loss="lovasz", switch_loss_epoch=1)
+    config.data.crops_per_image = 6
+    train(config)
+    steps = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    parts = {e["epoch"]: set(e["parts"]) for e in steps if e["kind"] == "step"}
+    assert parts[0] == {"bce", "dice"} and parts[1] == {"lovasz"}
+
+
+@pytest.mark.parametrize("switch", [{"switch_loss": "lovasz"}, {"switch_loss": "lovasz", "switch_loss_epoch": -1},
+                                    {"switch_loss": "lovaz", "switch_loss_epoch": 1}])
+def test_bad_loss_switch_fails_before_training(synth_data, tmp_path, switch):
+    with pytest.raises(BuildsegError, match="switch|lovaz"):
+        Trainer(tiny_config(synth_data, tmp_path / "run", **switch))

@@ -62,6 +62,8 @@ class TrainConfig:
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     channels_last: bool = True
     compile: bool = False
+    switch_loss: str | None = None  # e.g. lovasz: the loss from switch_loss_epoch on (the Lovasz authors' advice)
+    switch_loss_epoch: int | None = None  # 0-based epoch index at which switch_loss replaces loss
     grad_accum: int = 1
     grad_clip: float | None = 5.0
     ema: float | None = None  # decay, e.g. 0.999; validation and best.pt then use the EMA weights

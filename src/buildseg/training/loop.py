@@ -234,7 +234,8 @@ class Trainer:
                 self.compiled = True
             except Exception as exc:  # compile support varies by platform; eager always works
                 log.warning("torch.compile unavailable (%s); training eagerly", exc)
-        self.criterion = DeepSupervisionLoss(parse_loss(config.loss), config.model.ds_weights)
+        self.criteria = self._loss_schedule(config)
+        self.criterion = self.criteria[0]
         self.optimizer = make_optimizer(config, model)
         self.batches_per_epoch = len(self.loader)
         steps_per_epoch = math.ceil(len(self.loader) / t.grad_accum)
@@ -303,6 +304,23 @@ class Trainer:
             if self.ema:  # best.pt predicts with the EMA weights
                 payload = {**payload, "model": self.ema.module.state_dict()}
             save_atomic(payload, self.run_dir / "best.pt")
+
+    @staticmethod
+    def _loss_schedule(config: Config) -> list[DeepSupervisionLoss]:
+        """[loss] or [loss, switch_loss]; both parsed now, so a typo fails before training."""
+        t = config.train
+        criteria = [DeepSupervisionLoss(parse_loss(config.loss), config.model.ds_weights)]
+        if (t.switch_loss is None) != (t.switch_loss_epoch is None):
+            raise BuildsegError("a loss switch needs both --switch-loss LOSS and --switch-loss-epoch N")
+        if t.switch_loss is not None:
+            if t.switch_loss_epoch < 0:
+                raise BuildsegError(f"--switch-loss-epoch must be >= 0, got {t.switch_loss_epoch}")
+            criteria.append(DeepSupervisionLoss(parse_loss(t.switch_loss), config.model.ds_weights))
+        return criteria
+
+    def _criterion_for(self, epoch: int) -> DeepSupervisionLoss:
+        switch = self.config.train.switch_loss_epoch
+        return self.criteria[1] if switch is not None and epoch >= switch else self.criteria[0]
 
     # -- the loop ----------------------------------------------------------------------
     def _step(self, images: torch.Tensor, masks: torch.Tensor, accumulate: bool) -> float | None:
@@ -376,6 +394,10 @@ class Trainer:
         with self.stop as stop:
             while self.epoch < t.epochs:
                 self.sampler.set_epoch(self.epoch, skip=self.batch_in_epoch * t.batch_size)
+                criterion = self._criterion_for(self.epoch)
+                if criterion is not self.criterion:
+                    log.info("epoch %d: loss switches to %s", self.epoch + 1, t.switch_loss)
+                    self.criterion = criterion
                 self.train_model.train()
                 losses, seen, started = [], 0, time.monotonic()
                 bar = tqdm(self.loader, desc=f"epoch {self.epoch + 1}/{t.epochs}", disable=not (self.dist.is_main and t.progress), leave=False)
