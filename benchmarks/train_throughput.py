@@ -2,12 +2,14 @@
 segmentation_models_pytorch loop, plus loader-only img/s and peak RSS, in one run.
 
     .venv/bin/pip install segmentation-models-pytorch      # benchmark environment only
-    .venv/bin/python benchmarks/train_throughput.py [--data ../shared/data/real_dev/train.csv]
+    .venv/bin/python benchmarks/train_throughput.py [--data ../shared/data/real_dev/train.csv] [--compile]
 
 Both loops train Unet-<encoder> at 224x224, batch 8, with BCE + Dice and AdamW on the same
 synthetic batches; "buildseg" uses what `buildseg train` uses by default on this machine
 (precision auto, channels_last, its UNet and loss). The loader row times buildseg's
-TrainCropDataset + DataLoader (default workers) alone on real files.
+TrainCropDataset + DataLoader (default workers) alone on real files. ``--compile`` adds a
+column for the same step with the model under ``torch.compile`` (``buildseg train --compile``;
+compilation happens in the warm-up steps and is not timed).
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ def smp_plain(encoder: str, batch: int, warmup: int, iters: int) -> float:
     return time_steps(step, warmup, iters, batch)
 
 
-def buildseg_default(encoder: str, batch: int, warmup: int, iters: int) -> tuple[float, str]:
+def buildseg_default(encoder: str, batch: int, warmup: int, iters: int, compile: bool = False) -> tuple[float, str]:
     defaults = Config()
     device = torch.device("cpu")
     precision = resolve_precision(defaults.train.precision, device)
@@ -68,12 +70,13 @@ def buildseg_default(encoder: str, batch: int, warmup: int, iters: int) -> tuple
     model = model.to(memory_format=fmt)
     loss_fn = DeepSupervisionLoss(parse_loss(defaults.loss))
     opt = torch.optim.AdamW(model.parameters(), 1e-4)
+    forward = torch.compile(model) if compile else model
     x = torch.randint(0, 256, (batch, 3, 224, 224), dtype=torch.uint8).contiguous(memory_format=fmt)
     y = (torch.rand(batch, 1, 224, 224) > 0.8).float()
 
     def step():
         with autocast(device, precision):
-            out = model(x)
+            out = forward(x)
         loss = loss_fn(out, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -112,16 +115,22 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--iters", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--compile", action="store_true", help="add a torch.compile column")
     parser.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared/data/real_dev/train.csv"))
     args = parser.parse_args()
     print(f"CPU, torch {torch.__version__}, {torch.get_num_threads()} threads; 224x224, batch {args.batch}; "
           f"{args.warmup} warm-up + {args.iters} timed steps\n")
-    print("| model | plain smp fp32 loop (img/s) | buildseg default (img/s) | buildseg setting | ratio |")
-    print("|---|---:|---:|---|---:|")
+    extra = " buildseg + compile (img/s) | ratio |" if args.compile else ""
+    print("| model | plain smp fp32 loop (img/s) | buildseg default (img/s) | buildseg setting | ratio |" + extra)
+    print("|---|---:|---:|---|---:|" + ("---:|---:|" if args.compile else ""))
     for encoder in args.encoders:
         plain = smp_plain(encoder, args.batch, args.warmup, args.iters)
         ours, label = buildseg_default(encoder, args.batch, args.warmup, args.iters)
-        print(f"| Unet-{encoder} | {plain:.2f} | {ours:.2f} | {label} | {ours / plain:.2f}x |", flush=True)
+        row = f"| Unet-{encoder} | {plain:.2f} | {ours:.2f} | {label} | {ours / plain:.2f}x |"
+        if args.compile:
+            compiled, _ = buildseg_default(encoder, args.batch, max(2, args.warmup), args.iters, compile=True)
+            row += f" {compiled:.2f} | {compiled / plain:.2f}x |"
+        print(row, flush=True)
     if Path(args.data).is_file():
         rate, workers = loader_rate(args.data, args.batch, 30)
         print(f"\nloader only (TrainCropDataset on {args.data}, {workers} worker(s)): {rate:.1f} img/s")
