@@ -97,6 +97,19 @@ def test_percentile_stretch_matches_numpy_and_skips_nodata(tmp_path):
     assert 0.01 < (out == 0).mean() < 0.03 and 0.01 < (out == 255).mean() < 0.03
 
 
+def test_float_raster_with_nan_stretches_on_its_finite_values(tmp_path):
+    from buildseg.inference.geotiff import raster_stretch
+
+    data = np.random.default_rng(2).uniform(0.05, 0.4, size=(3, 100, 80)).astype(np.float32)  # reflectance
+    data[:, :10] = np.nan
+    with rasterio.open(write_raster(tmp_path / "f32.tif", data, "float32")) as src:
+        stretch = raster_stretch(src, [1, 2, 3])
+    finite = data[:, 10:].reshape(3, -1).astype(np.float64)
+    assert stretch.low == pytest.approx(np.percentile(finite, 2, axis=1), rel=1e-5)
+    out = stretch.apply(data)
+    assert (out[:, :10] == 0).all() and out[:, 10:].max() == 255
+
+
 def test_uint16_geotiff_prediction_equals_prediction_on_its_stretched_uint8(checkpoint, tmp_path):
     from buildseg.inference.geotiff import raster_stretch
 

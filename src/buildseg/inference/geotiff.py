@@ -58,7 +58,7 @@ class Stretch:
         """(bands, H, W) raster values -> uint8."""
         low, high = self.low[:, None, None], self.high[:, None, None]
         scaled = (block.astype(np.float32) - low) * (255.0 / (high - low))
-        return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+        return np.clip(np.rint(np.nan_to_num(scaled, nan=0.0)), 0, 255).astype(np.uint8)
 
 
 STRETCHES = ("percentile", "none")
@@ -69,8 +69,8 @@ def raster_stretch(src, bands: list[int], mode: str = "percentile", percentiles:
     """The 2-98 percentile stretch per band, from a decimated read of the whole raster.
 
     None for 8-bit rasters and for ``mode="none"`` (values are then clipped to 0-255).
-    Nodata pixels (the raster's mask) and pixels that are 0 in every band (fill) are
-    left out of the percentiles.
+    Nodata pixels (the raster's mask), non-finite values and pixels that are 0 in every
+    band (fill) are left out of the percentiles.
     """
     if mode not in STRETCHES:
         raise BuildsegError(f"unknown stretch {mode!r}; use {' or '.join(STRETCHES)}")
@@ -79,11 +79,12 @@ def raster_stretch(src, bands: list[int], mode: str = "percentile", percentiles:
     scale = max(1, -(-max(src.height, src.width) // sample))
     shape = (len(bands), -(-src.height // scale), -(-src.width // scale))
     data = src.read(bands, out_shape=shape, masked=True)
-    valid = ~np.ma.getmaskarray(data).any(axis=0) & (np.ma.getdata(data) != 0).any(axis=0)
+    raw = np.ma.getdata(data)
+    valid = ~np.ma.getmaskarray(data).any(axis=0) & (raw != 0).any(axis=0) & np.isfinite(raw).all(axis=0)
     if not valid.any():
         log.warning("%s has no valid pixels to stretch: values are clipped to 0-255", src.name)
         return None
-    values = np.ma.getdata(data)[:, valid].astype(np.float64)
+    values = raw[:, valid].astype(np.float64)
     low, high = np.percentile(values, percentiles, axis=1)
     high = np.maximum(high, low + 1e-6)
     log.info("stretching %s band values %s..%s to 0..255", Path(src.name).name, np.round(low, 2).tolist(), np.round(high, 2).tolist())
