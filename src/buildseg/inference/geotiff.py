@@ -159,9 +159,9 @@ def _polygonize(mask: np.ndarray, transform, polygons: list, border_polygons: li
     from shapely.geometry import shape
 
     height, width = mask.shape
+    inverse = ~transform  # map -> pixel coordinates of this block
     for geometry, _ in shapes(mask, mask=mask > 0, transform=transform, connectivity=8):
         polygon = shape(geometry)
-        inverse = ~transform
         cols_rows = [inverse @ c for c in polygon.exterior.coords]
         touches = any(c <= 0 or r <= 0 or c >= width or r >= height for c, r in cols_rows)
         (border_polygons if touches else polygons).append(polygon)
