@@ -214,7 +214,7 @@ def test_torch_compile_trains_for_real(synth_data, tmp_path):
 
 
 def test_cpu_clock_counts_work_not_waiting():
-    from buildseg.training.loop import Progress
+    from buildseg.training.schedule import Progress
 
     wall, cpu = Progress(100, 10.0, "wall"), Progress(100, 10.0, "cpu")
     time.sleep(0.3)

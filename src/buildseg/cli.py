@@ -14,9 +14,9 @@ import os
 import sys
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, NoReturn, Sequence
 
-from buildseg.errors import BuildsegError
+from buildseg.errors import BuildsegError, one_line
 
 log = logging.getLogger("buildseg")
 
@@ -24,38 +24,59 @@ log = logging.getLogger("buildseg")
 FLAG_NAMES = {"data.train": "--data", "data.val": "--val-data", "train.out": "--out"}
 
 
-def _parse_value(kind: str):
-    """A parser for a flag whose config field has type annotation ``kind``."""
-    base = kind.replace(" | None", "")
-    convert = {"int": int, "float": float}.get(base, str)
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: exit 2, the flag, the value and where to look."""
 
-    def parse(text: str):
-        if " | None" in kind and text.lower() in ("none", "null"):
-            return None
-        return convert(text)
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
-    return parse
+
+def flag_name(dotted: str) -> str:
+    return FLAG_NAMES.get(dotted, "--" + dotted.split(".", 1)[1].replace("_", "-"))
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per config key; values are parsed by :func:`buildseg.config.coerce`, like YAML."""
     from buildseg.config import SECTIONS
 
     for section, cls in SECTIONS.items():
         group = parser.add_argument_group(f"{section} (YAML section '{section}:')")
         for f in fields(cls):
             dotted = f"{section}.{f.name}"
-            flag = FLAG_NAMES.get(dotted, "--" + f.name.replace("_", "-"))
             kind = str(f.type)
             common = dict(dest=dotted, default=argparse.SUPPRESS, help=f"{dotted} (default: {f.default if f.default is not None else 'none'})")
             if kind == "bool":
-                group.add_argument(flag, action=argparse.BooleanOptionalAction, **common)
+                group.add_argument(flag_name(dotted), action=argparse.BooleanOptionalAction, **common)
             elif kind.startswith("list["):
-                item = float if "float" in kind else int
-                group.add_argument(flag, nargs="+", type=item, **common)
+                group.add_argument(flag_name(dotted), nargs="+", **common)
             else:
-                group.add_argument(flag, type=_parse_value(kind), **common)
+                group.add_argument(flag_name(dotted), **common)
     parser.add_argument("--loss", dest="loss", default=argparse.SUPPRESS,
                         help="loss sum, e.g. bce+dice, 'bce:0.5,dice:1,lovasz:0.5' (default: bce+dice)")
+
+
+def _ranged(kind: type, low: float | None = None, high: float | None = None, high_open: bool = True,
+            low_open: bool = False) -> Callable[[str], Any]:
+    """An argparse type: ``kind`` within [low, high) (or the bounds asked for)."""
+
+    def parse(text: str):
+        try:
+            value = kind(float(text)) if kind is int and "e" in text.lower() else kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        too_low = low is not None and (value <= low if low_open else value < low)
+        too_high = high is not None and (value >= high if high_open else value > high)
+        if too_low or too_high:
+            lo = "" if low is None else f"{'>' if low_open else '>='} {low:g}"
+            hi = "" if high is None else f"{'<' if high_open else '<='} {high:g}"
+            raise argparse.ArgumentTypeError(f"{text} is out of range; expected {' and '.join(x for x in (lo, hi) if x)}")
+        return value
+
+    return parse
+
+
+PROBABILITY = _ranged(float, 0.0, 1.0, low_open=True)
+POSITIVE_INT = _ranged(int, 1)
 
 
 def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
@@ -65,7 +86,7 @@ def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
 def build_parser() -> argparse.ArgumentParser:
     from buildseg import __version__
 
-    parser = argparse.ArgumentParser(prog="buildseg", description="Building footprint segmentation in overhead imagery.")
+    parser = Parser(prog="buildseg", description="Building footprint segmentation in overhead imagery.")
     parser.add_argument("--version", action="version", version=f"buildseg {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -73,31 +94,32 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model on a competition CSV or images/masks folder")
     p.add_argument("--config", help="YAML config (sections data, model, train, loss); flags override it")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last.pt")
-    p.add_argument("--nproc", type=int, default=1, help="launch N processes with torchrun (DDP)")
+    p.add_argument("--nproc", type=POSITIVE_INT, default=1, help="launch N processes with torchrun (DDP)")
     add_config_flags(p)
 
     p = sub.add_parser("predict", help="predict a test CSV/folder into a submission CSV")
     p.add_argument("--checkpoint", action="append", required=True, help="checkpoint .pt or run folder; repeat to ensemble")
     p.add_argument("--data", required=True, help="test CSV (img_id,img_path) or folder with images/")
     p.add_argument("--out", required=True, help="submission CSV to write (for a GeoTIFF input: the mask GeoTIFF)")
-    p.add_argument("--threshold", type=float, help="probability threshold (default: the checkpoint's, else 0.5)")
-    p.add_argument("--min-area", type=int, help="remove components smaller than this many pixels")
+    p.add_argument("--threshold", type=PROBABILITY, help="probability threshold (default: the checkpoint's, else 0.5)")
+    p.add_argument("--min-area", type=_ranged(int, 0), help="remove components smaller than this many pixels")
     p.add_argument("--tta", default="none", choices=["none", "flip", "d4"])
     p.add_argument("--ds-ensemble", action=argparse.BooleanOptionalAction, default=None,
                    help="average all deep-supervision heads (default: the checkpoint's setting)")
-    p.add_argument("--empty-vote", type=int, default=0, help="tile is empty if at least K ensemble members see nothing")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--window", type=int, default=1024, help="sliding-window size for larger images")
-    p.add_argument("--overlap", type=float, default=0.25)
+    p.add_argument("--empty-vote", type=_ranged(int, 0), default=0,
+                   help="tile is empty if at least K ensemble members see nothing (0: off; K <= number of checkpoints)")
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=32)
+    p.add_argument("--window", type=_ranged(int, 32), default=1024, help="sliding-window size for larger images")
+    p.add_argument("--overlap", type=_ranged(float, 0.0, 1.0), default=0.25, help="sliding-window overlap, in [0, 1)")
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
-    p.add_argument("--num-workers", type=int, default=-1)
+    p.add_argument("--num-workers", type=_ranged(int, -1), default=-1)
     p.add_argument("--masks-dir", help="also write PNG masks here")
     p.add_argument("--overlays-dir", help="also write overlay PNGs here")
     p.add_argument("--skip-bad", action="store_true", help="write -1 for unreadable images instead of stopping")
     p.add_argument("--geojson", help="GeoTIFF input: also write building polygons (with area) here")
-    p.add_argument("--block", type=int, default=2048, help="GeoTIFF input: pixels per processing block")
-    p.add_argument("--simplify", type=float, default=0.0, help="GeoTIFF input: polygon simplification tolerance (CRS units)")
+    p.add_argument("--block", type=_ranged(int, 64), default=2048, help="GeoTIFF input: pixels per processing block")
+    p.add_argument("--simplify", type=_ranged(float, 0.0), default=0.0, help="GeoTIFF input: polygon simplification tolerance (CRS units)")
     p.add_argument("--stretch", default="percentile", choices=["percentile", "none"],
                    help="GeoTIFF input that is not 8-bit: per-band 2-98 percentile stretch to 0-255 (default), or clip")
     p.add_argument("--no-progress", action="store_true")
@@ -111,9 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tune", help="search threshold x min-area x empty rule for the competition Dice; store it in the checkpoint")
     p.add_argument("--checkpoint", action="append", required=True, help="checkpoint .pt; repeat to tune an ensemble")
     p.add_argument("--data", required=True, help="validation CSV/folder with masks (cut into a grid of --tile tiles)")
-    p.add_argument("--tile", type=int, default=224)
+    p.add_argument("--tile", type=_ranged(int, 16), default=224)
     p.add_argument("--tta", default="none", choices=["none", "flip", "d4"])
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=32)
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--no-save", action="store_true", help="print only; do not write the setting into the checkpoint")
@@ -123,11 +145,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--onnx", required=True, help="output .onnx file")
     p.add_argument("--opset", type=int, default=18)
-    p.add_argument("--tolerance", type=float, default=1e-3, help="max |logit diff| allowed in the parity check")
+    p.add_argument("--tolerance", type=_ranged(float, 0.0, low_open=True), default=1e-3, help="max |logit diff| allowed in the parity check")
 
     p = sub.add_parser("synth", help="write a synthetic demo dataset in the competition format")
     p.add_argument("--out", required=True)
-    p.add_argument("--n-train", type=int, default=16)
+    p.add_argument("--n-train", type=POSITIVE_INT, default=16)
     p.add_argument("--train-size", type=int, default=1024)
     p.add_argument("--n-test", type=int, default=200)
     p.add_argument("--test-size", type=int, default=224)
@@ -140,21 +162,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _without_nproc(argv: Sequence[str]) -> list[str]:
+    """argv with ``--nproc N`` / ``--nproc=N`` removed (torchrun starts the processes instead)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            out.append(arg)
+    return out
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from buildseg.config import apply_overrides, load_config
 
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         import subprocess
 
-        argv = [a for a in sys.argv[1:]]
-        i = argv.index("--nproc")
-        del argv[i : i + 2]
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}", "-m", "buildseg", *argv]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
+               "-m", "buildseg", *_without_nproc(sys.argv[1:])]
         return subprocess.call(cmd)
     from buildseg.training.loop import resume_config, train
 
     base = resume_config(args.resume) if args.resume else load_config(args.config)
-    config = apply_overrides(base, overrides_from(args))
+    overrides = overrides_from(args)
+    config = apply_overrides(base, overrides, {k: flag_name(k) for k in overrides if k != "loss"})
     result = train(config, resume=args.resume)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"best val Dice {result.best_dice:.4f} after {result.epochs_done} epochs (stopped by {result.stopped_by})")
@@ -269,7 +303,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except BuildsegError as exc:
-        print(f"buildseg {args.command}: error: {exc}", file=sys.stderr)
+        print(f"buildseg {args.command}: error: {one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -4,6 +4,12 @@ The YAML has the sections below (every key optional); an unknown section or key 
 error that lists the valid names. ``loss`` is a string (``bce+dice``) or a mapping. The
 resolved config is written to the run folder as ``config.yaml``;
 ``buildseg train --config RUN/config.yaml`` repeats the run.
+
+Every value is coerced to its field's declared type when it is read, from YAML and from
+flags alike (:func:`coerce`), and checked against the key's rule (:data:`RULES`), so a
+wrong value fails at once with one line naming the key, the value and what is expected,
+instead of deep inside torch. PyYAML reads ``1e-3`` as a string (YAML 1.1 needs a dot:
+``1.0e-3``); numbers in scientific notation are accepted either way.
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ from __future__ import annotations
 import difflib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -58,7 +64,9 @@ class TrainConfig:
     warmup_steps: int = 50
     time_limit: float | None = None  # minutes, fractional allowed; validation included
     time_limit_clock: str = "wall"  # wall | cpu (CPU time of the training process, all threads: fair on a shared machine)
-    device: str = "auto"  # auto | cpu | cuda
+    save_every: float = 10.0  # minutes (wall clock) between mid-epoch last.pt checkpoints; 0: only per epoch
+    val_every: int | None = None  # optimizer steps between validations (long epochs); default: once per epoch
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     channels_last: bool = True
     compile: bool = False
@@ -67,12 +75,12 @@ class TrainConfig:
     grad_accum: int = 1
     grad_clip: float | None = 5.0
     ema: float | None = None  # decay, e.g. 0.999; validation and best.pt then use the EMA weights
-    early_stopping: int | None = None  # patience in epochs on validation Dice
+    early_stopping: int | None = None  # patience in validations on validation Dice
     seed: int = 0
     deterministic: bool = False
     max_nonfinite: int = 20  # abort after this many non-finite losses in a row
     threshold: float = 0.5  # for validation Dice
-    sync_bn: bool = False
+    sync_bn: bool = False  # SyncBatchNorm across GPUs under torchrun (timm's converter keeps fused activations)
     progress: bool = True
     tensorboard: bool = True  # scalars in RUN/tensorboard when the tensorboard package is installed
 
@@ -88,10 +96,156 @@ class Config:
         return asdict(self)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        from buildseg.atomic import atomic_open
+
+        with atomic_open(path, "w") as handle:
+            handle.write(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
+
+
+# -- value rules beyond the type: (check, what is expected) ----------------------------------
+def _choice(*options: str) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: v in options), "one of " + ", ".join(options)
+
+
+def _at_least(low: float) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: v >= low), f">= {low:g}"
+
+
+def _between(low: float, high: float, closed_high: bool = False) -> tuple[Callable[[Any], bool], str]:
+    if closed_high:
+        return (lambda v: low <= v <= high), f"in [{low:g}, {high:g}]"
+    return (lambda v: low <= v < high), f"in [{low:g}, {high:g})"
+
+
+def _open_unit() -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: 0 < v < 1), "strictly between 0 and 1"
+
+
+def _device_ok(value: str) -> bool:
+    if value in ("auto", "cpu", "cuda"):
+        return True
+    return value.startswith("cuda:") and value[5:].isdigit()
+
+
+RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "data.val_fraction": _between(0.0, 1.0),
+    "data.crop_size": _at_least(16),
+    "data.crops_per_image": _at_least(0),
+    "data.val_tile": _at_least(16),
+    "data.num_workers": _at_least(-1),
+    "model.arch": ((lambda v: v in ("unet", "seed_unet") or v.startswith("smp.")), "unet, seed_unet or smp.<Name>"),
+    "model.in_chans": _at_least(1),
+    "model.decoder_channels": ((lambda v: len(v) > 0 and all(c >= 1 for c in v)), "a non-empty list of positive ints"),
+    "model.norm": _choice("batch", "group", "none"),
+    "model.dropout": _between(0.0, 0.5, closed_high=True),
+    "model.attention": _choice("scse", "none"),
+    "model.upsample": _choice("nearest", "bilinear"),
+    "model.ds_weights": ((lambda v: len(v) > 0 and all(w >= 0 for w in v)), "a non-empty list of weights >= 0"),
+    "train.epochs": _at_least(1),
+    "train.batch_size": _at_least(1),
+    "train.lr": ((lambda v: v > 0), "> 0"),
+    "train.weight_decay": _at_least(0),
+    "train.optimizer": _choice("adamw", "sgd"),
+    "train.scheduler": _choice("cosine", "onecycle", "plateau", "none"),
+    "train.warmup_steps": _at_least(0),
+    "train.time_limit": ((lambda v: v > 0), "> 0 minutes"),
+    "train.time_limit_clock": _choice("wall", "cpu"),
+    "train.save_every": _at_least(0),
+    "train.val_every": _at_least(1),
+    "train.device": (_device_ok, "auto, cpu, cuda or cuda:N"),
+    "train.precision": _choice("auto", "fp32", "bf16", "fp16"),
+    "train.switch_loss_epoch": _at_least(0),
+    "train.grad_accum": _at_least(1),
+    "train.grad_clip": ((lambda v: v > 0), "> 0 (or none)"),
+    "train.ema": _open_unit(),
+    "train.early_stopping": _at_least(1),
+    "train.max_nonfinite": _at_least(1),
+    "train.threshold": _open_unit(),
+}
+
+_TRUE = ("true", "yes", "on", "1")
+_FALSE = ("false", "no", "off", "0")
+_TYPE_WORDS = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
+
+
+class _Invalid(Exception):
+    """Internal: the value does not convert; the caller words the error."""
+
+
+def _scalar(value: Any, kind: str) -> Any:
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+            return value.strip().lower() in _TRUE
+        raise _Invalid
+    if kind == "int":
+        if isinstance(value, bool):
+            raise _Invalid
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                pass
+            try:
+                value = float(value.strip())  # 1e3
+            except ValueError:
+                raise _Invalid from None
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise _Invalid
+    if kind == "float":
+        if isinstance(value, bool):
+            raise _Invalid
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value.strip())
+            except ValueError:
+                raise _Invalid from None
+        raise _Invalid
+    if kind == "str":
+        if isinstance(value, str):
+            return value
+        raise _Invalid
+    return value  # Any
+
+
+def coerce(value: Any, annotation: str, key: str, source: str) -> Any:
+    """``value`` converted to the declared type ``annotation`` (a dataclass field's), checked
+    against the key's rule; a :class:`BuildsegError` naming source, key and value otherwise."""
+    optional = annotation.endswith(" | None")
+    kind = annotation.removesuffix(" | None")
+    if value is None or (optional and isinstance(value, str) and value.strip().lower() in ("none", "null")):
+        if optional or kind == "Any":
+            return None
+        raise BuildsegError(f"{source}: {key} must not be empty; expected {_TYPE_WORDS.get(kind, kind)}")
+    try:
+        if kind.startswith("list["):
+            item = kind[5:-1]
+            items = value
+            if isinstance(value, str):
+                items = [v for v in value.replace(",", " ").split()]
+            if not isinstance(items, (list, tuple)):
+                raise _Invalid
+            result: Any = [_scalar(v, item) for v in items]
+        else:
+            result = _scalar(value, kind)
+    except _Invalid:
+        expected = _TYPE_WORDS.get(kind, kind)
+        if kind.startswith("list["):
+            expected = f"a list of {_TYPE_WORDS.get(kind[5:-1], kind[5:-1])}s, e.g. [32, 16, 8]"
+        raise BuildsegError(f"{source}: {key} = {value!r} is not {expected}{' (or none)' if optional else ''}") from None
+    rule = RULES.get(key)
+    if rule is not None and not rule[0](result):
+        raise BuildsegError(f"{source}: {key} = {value!r} is out of range; expected {rule[1]}")
+    return result
 
 
 def _suggest(name: str, options: list[str]) -> str:
@@ -99,8 +253,12 @@ def _suggest(name: str, options: list[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
+def _field_types(section: str) -> dict[str, str]:
+    return {f.name: str(f.type) for f in fields(SECTIONS[section])}
+
+
 def config_from_dict(data: dict[str, Any] | None, source: str = "config") -> Config:
-    """A Config from nested dicts; unknown sections or keys raise with the valid names."""
+    """A Config from nested dicts; unknown sections or keys and wrong types raise with the valid names."""
     config = Config()
     for section, values in (data or {}).items():
         if section == "loss":
@@ -109,20 +267,21 @@ def config_from_dict(data: dict[str, Any] | None, source: str = "config") -> Con
         if section not in SECTIONS:
             options = list(SECTIONS) + ["loss"]
             raise BuildsegError(
-                f"{source}: unknown section {section!r}{_suggest(section, options)}; valid: {', '.join(options)}"
+                f"{source}: unknown section {section!r}{_suggest(str(section), options)}; valid: {', '.join(options)}"
             )
         if values is None:
             continue
         if not isinstance(values, dict):
             raise BuildsegError(f"{source}: section {section!r} must be a mapping of keys to values")
         target = getattr(config, section)
-        names = [f.name for f in fields(target)]
+        types = _field_types(section)
         for key, value in values.items():
-            if key not in names:
+            if key not in types:
                 raise BuildsegError(
-                    f"{source}: unknown key {section}.{key}{_suggest(key, names)}; valid keys in {section}: {', '.join(names)}"
+                    f"{source}: unknown key {section}.{key}{_suggest(str(key), list(types))}; "
+                    f"valid keys in {section}: {', '.join(types)}"
                 )
-            setattr(target, key, value)
+            setattr(target, key, coerce(value, types[key], f"{section}.{key}", source))
     return config
 
 
@@ -133,20 +292,24 @@ def load_config(path: str | Path | None) -> Config:
     if not path.is_file():
         raise BuildsegError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise BuildsegError(f"{path} is not UTF-8 text; save the config as UTF-8") from None
     except yaml.YAMLError as exc:
-        raise BuildsegError(f"{path} is not valid YAML: {exc}") from None
+        first = " ".join(str(exc).split())
+        raise BuildsegError(f"{path} is not valid YAML: {first}") from None
     if data is not None and not isinstance(data, dict):
         raise BuildsegError(f"{path}: expected a mapping with sections data/model/train/loss")
     return config_from_dict(data, source=str(path))
 
 
-def apply_overrides(config: Config, overrides: dict[str, Any]) -> Config:
-    """Set ``section.key`` values (from CLI flags) on ``config``."""
+def apply_overrides(config: Config, overrides: dict[str, Any], flags: dict[str, str] | None = None) -> Config:
+    """Set ``section.key`` values (from CLI flags, named in errors by ``flags``) on ``config``."""
     for dotted, value in overrides.items():
         if dotted == "loss":
             config.loss = value
             continue
         section, key = dotted.split(".", 1)
-        setattr(getattr(config, section), key, value)
+        source = (flags or {}).get(dotted, dotted)
+        setattr(getattr(config, section), key, coerce(value, _field_types(section)[key], dotted, source))
     return config

@@ -11,7 +11,8 @@ import albumentations as A
 import cv2
 
 
-def train_transform(crop_size: int, augment: bool = True) -> A.Compose:
+def train_transform(crop_size: int, augment: bool = True, colour: bool = True) -> A.Compose:
+    """Pad, crop, D4 flips; colour jitter only for RGB (``colour``): it is not defined for other bands."""
     steps: list[A.BasicTransform] = [
         A.PadIfNeeded(min_height=crop_size, min_width=crop_size, border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0),
         A.RandomCrop(height=crop_size, width=crop_size),
@@ -21,6 +22,9 @@ def train_transform(crop_size: int, augment: bool = True) -> A.Compose:
             A.HorizontalFlip(p=0.5),
             A.VerticalFlip(p=0.5),
             A.RandomRotate90(p=0.5),
+        ]
+    if augment and colour:
+        steps += [
             A.RandomBrightnessContrast(brightness_limit=0.15, contrast_limit=0.15, p=0.5),
             A.HueSaturationValue(hue_shift_limit=5, sat_shift_limit=10, val_shift_limit=5, p=0.3),
         ]

@@ -21,7 +21,7 @@ from torch.utils.data import Dataset, Sampler
 from torch.utils.data.distributed import DistributedSampler
 
 from buildseg.data.augment import train_transform
-from buildseg.formats.images import read_rgb
+from buildseg.formats.images import read_image
 from buildseg.formats.tables import Record
 
 
@@ -57,12 +57,14 @@ class TrainCropDataset(Dataset):
         crops_per_image: int = 1,
         augment: bool = True,
         seed: int = 0,
+        in_chans: int = 3,
     ) -> None:
         self.records = list(records)
         self.crop_size = crop_size
         self.crops_per_image = int(crops_per_image) if crops_per_image > 0 else self.auto_crops(self.records, crop_size)
         self.seed = seed
-        self.transform = train_transform(crop_size, augment)
+        self.in_chans = in_chans
+        self.transform = train_transform(crop_size, augment, colour=in_chans == 3)
         self.masks = MaskCache()
 
     @staticmethod
@@ -80,7 +82,7 @@ class TrainCropDataset(Dataset):
     def __getitem__(self, key: tuple[int, int] | int) -> tuple[torch.Tensor, torch.Tensor]:
         epoch, index = key if isinstance(key, tuple) else (0, key)
         record = self.records[index % len(self.records)]
-        image = read_rgb(record.image_path)
+        image = read_image(record.image_path, self.in_chans)
         mask = self.masks.get(record, image.shape[:2])
         sample_seed = int(np.random.SeedSequence([self.seed, epoch, index]).generate_state(1)[0])
         self.transform.set_random_seed(sample_seed)
@@ -137,11 +139,12 @@ class GridTileDataset(Dataset):
     the real pixels only.
     """
 
-    def __init__(self, records: Sequence[Record], tile: int = 224) -> None:
+    def __init__(self, records: Sequence[Record], tile: int = 224, in_chans: int = 3) -> None:
         from buildseg.formats.images import image_size
 
         self.records = list(records)
         self.tile = tile
+        self.in_chans = in_chans
         self.masks = MaskCache()
         self.tiles: list[tuple[int, int, int, int, int]] = []
         for r, record in enumerate(self.records):
@@ -160,7 +163,7 @@ class GridTileDataset(Dataset):
 
     def _load(self, r: int) -> tuple[np.ndarray, np.ndarray]:
         if self._last is None or self._last[0] != r:  # tiles are ordered by image: cache one
-            image = read_rgb(self.records[r].image_path)
+            image = read_image(self.records[r].image_path, self.in_chans)
             mask = self.masks.get(self.records[r], image.shape[:2])
             self._last = (r, image, mask)
         return self._last[1], self._last[2]
@@ -168,7 +171,7 @@ class GridTileDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         r, y, x, h, w = self.tiles[index]
         image, mask = self._load(r)
-        image_tile = np.zeros((self.tile, self.tile, 3), dtype=np.uint8)
+        image_tile = np.zeros((self.tile, self.tile, image.shape[2]), dtype=np.uint8)
         mask_tile = np.zeros((self.tile, self.tile), dtype=np.uint8)
         image_tile[:h, :w] = image[y : y + h, x : x + w]
         mask_tile[:h, :w] = mask[y : y + h, x : x + w]

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from buildseg.errors import BuildsegError
+from buildseg.formats.stretch import Stretch, fit_stretch
 from buildseg.inference.segmenter import Segmenter
 
 log = logging.getLogger("buildseg")
@@ -40,25 +41,6 @@ class GeoResult:
     n_polygons: int
     crs: str | None
     area_unit: str | None
-
-
-@dataclass(frozen=True)
-class Stretch:
-    """A per-band linear map of raster values onto 0-255.
-
-    Fixed for the whole raster, so every block is scaled alike; models are trained on 8-bit
-    RGB, and 11/12/16-bit or float rasters shifted or clipped to 8 bits come out nearly
-    black or saturated.
-    """
-
-    low: np.ndarray  # (bands,) value mapped to 0
-    high: np.ndarray  # (bands,) value mapped to 255
-
-    def apply(self, block: np.ndarray) -> np.ndarray:
-        """(bands, H, W) raster values -> uint8."""
-        low, high = self.low[:, None, None], self.high[:, None, None]
-        scaled = (block.astype(np.float32) - low) * (255.0 / (high - low))
-        return np.clip(np.rint(np.nan_to_num(scaled, nan=0.0)), 0, 255).astype(np.uint8)
 
 
 STRETCHES = ("percentile", "none")
@@ -79,16 +61,13 @@ def raster_stretch(src, bands: list[int], mode: str = "percentile", percentiles:
     scale = max(1, -(-max(src.height, src.width) // sample))
     shape = (len(bands), -(-src.height // scale), -(-src.width // scale))
     data = src.read(bands, out_shape=shape, masked=True)
-    raw = np.ma.getdata(data)
-    valid = ~np.ma.getmaskarray(data).any(axis=0) & (raw != 0).any(axis=0) & np.isfinite(raw).all(axis=0)
-    if not valid.any():
+    fitted = fit_stretch(np.ma.getdata(data), np.ma.getmaskarray(data).any(axis=0), percentiles)
+    if fitted is None:
         log.warning("%s has no valid pixels to stretch: values are clipped to 0-255", src.name)
         return None
-    values = raw[:, valid].astype(np.float64)
-    low, high = np.percentile(values, percentiles, axis=1)
-    high = np.maximum(high, low + 1e-6)
-    log.info("stretching %s band values %s..%s to 0..255", Path(src.name).name, np.round(low, 2).tolist(), np.round(high, 2).tolist())
-    return Stretch(low.astype(np.float32), high.astype(np.float32))
+    log.info("stretching %s band values %s..%s to 0..255", Path(src.name).name,
+             np.round(fitted.low, 2).tolist(), np.round(fitted.high, 2).tolist())
+    return fitted
 
 
 def _to_uint8(block: np.ndarray, stretch: Stretch | None) -> np.ndarray:

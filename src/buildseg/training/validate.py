@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Subset
 
 from buildseg.data.datasets import GridTileDataset
 from buildseg.metrics import summarize
-from buildseg.training.distributed import DistInfo, all_reduce_sum
+from buildseg.distributed import DistInfo, all_reduce
 from buildseg.training.hardware import autocast
 
 
@@ -53,7 +53,7 @@ def tile_counts(
             counts[indices[position]] = torch.tensor([tp, int(p.sum()) - tp, int(g.sum()) - tp], dtype=torch.float64)
             position += 1
     model.train(was_training)
-    return all_reduce_sum(counts, dist_info).numpy().astype(np.int64)
+    return all_reduce(counts, dist_info).numpy().astype(np.int64)
 
 
 def validate(model, dataset, device, precision, batch_size, threshold=0.5, channels_last=True, dist_info=DistInfo(), num_workers=0):

@@ -1,0 +1,145 @@
+"""Everything a run needs before its first step: data, model, losses, run metadata.
+
+Kept apart from the loop (training/loop.py) so that the loop reads on one screen.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from buildseg import __version__
+from buildseg.config import Config, config_from_dict
+from buildseg.data.datasets import EpochSampler, GridTileDataset, TrainCropDataset, split_records
+from buildseg.distributed import DistInfo
+from buildseg.errors import BuildsegError
+from buildseg.formats.tables import load_records
+from buildseg.losses import DeepSupervisionLoss, parse_loss
+from buildseg.models.factory import ModelCard, SegmentationModel, build_model
+from buildseg.training.hardware import default_workers
+
+log = logging.getLogger("buildseg")
+
+
+def card_from_config(config: Config) -> ModelCard:
+    """The model card of the configured model (config-only keys such as ``weights`` dropped)."""
+    return ModelCard.from_dict(asdict(config.model))
+
+
+@dataclass
+class TrainingData:
+    train_set: TrainCropDataset
+    val_set: GridTileDataset
+    sampler: EpochSampler
+    loader: DataLoader
+
+
+def build_data(config: Config, dist: DistInfo, device: torch.device) -> TrainingData:
+    """Training crops (sharded over ranks) and the validation grid of held-out images."""
+    d, t = config.data, config.train
+    records = load_records(d.train, require_masks=True)
+    if d.val:
+        train_records, val_records = records, load_records(d.val, require_masks=True)
+    else:
+        train_records, val_records = split_records(records, d.val_fraction, t.seed)
+        if len(records) < 2:
+            log.warning("only one training image: validating on the training image itself")
+    in_chans = config.model.in_chans
+    train_set = TrainCropDataset(train_records, d.crop_size, d.crops_per_image, d.augment, t.seed, in_chans)
+    val_set = GridTileDataset(val_records, d.val_tile, in_chans)
+    sampler = EpochSampler(train_set, t.seed, dist.rank, dist.world_size)
+    workers = default_workers(d.num_workers)
+    loader = DataLoader(
+        train_set, batch_size=t.batch_size, sampler=sampler, num_workers=workers,
+        persistent_workers=workers > 0, pin_memory=device.type == "cuda", drop_last=len(sampler) >= t.batch_size,
+        generator=torch.Generator().manual_seed(t.seed),  # keeps the global RNG (dropout) independent of loader restarts
+    )
+    if len(loader) == 0:
+        raise BuildsegError(f"the training set yields no batch ({len(train_set)} samples, batch size {t.batch_size})")
+    return TrainingData(train_set, val_set, sampler, loader)
+
+
+def build_training_model(config: Config, card: ModelCard, weights: str, dist: DistInfo,
+                         device: torch.device) -> SegmentationModel:
+    """The model on its device: channels_last, and SyncBatchNorm through timm's converter.
+
+    timm's ``convert_sync_batchnorm`` turns ``BatchNormAct2d`` into ``SyncBatchNormAct`` and
+    keeps the fused activation; torch's own converter would drop it, and efficientnet would
+    train a different network than it predicts with. The state-dict keys stay those of the
+    plain model, so checkpoints load for prediction unchanged.
+    """
+    t = config.train
+    model = build_model(card, weights).to(device)
+    if t.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if t.sync_bn:
+        if device.type != "cuda" or not dist.enabled:
+            raise BuildsegError("--sync-bn synchronises batch norm across GPUs under torchrun (NCCL); "
+                                f"this run is on {device.type} in {'one process' if not dist.enabled else 'gloo'}: drop --sync-bn")
+        from timm.layers import convert_sync_batchnorm
+
+        model = convert_sync_batchnorm(model)
+    return model
+
+
+def wrap_for_training(model: nn.Module, dist: DistInfo, device: torch.device) -> nn.Module:
+    if not dist.enabled:
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def loss_schedule(config: Config) -> list[DeepSupervisionLoss]:
+    """[loss] or [loss, switch_loss]; both parsed now, so a typo fails before training."""
+    t = config.train
+    criteria = [DeepSupervisionLoss(parse_loss(config.loss), config.model.ds_weights)]
+    if (t.switch_loss is None) != (t.switch_loss_epoch is None):
+        raise BuildsegError("a loss switch needs both --switch-loss LOSS and --switch-loss-epoch N")
+    if t.switch_loss is not None:
+        if t.switch_loss_epoch < 0:
+            raise BuildsegError(f"--switch-loss-epoch must be >= 0, got {t.switch_loss_epoch}")
+        criteria.append(DeepSupervisionLoss(parse_loss(t.switch_loss), config.model.ds_weights))
+    return criteria
+
+
+def environment_info() -> dict[str, Any]:
+    import albumentations
+    import numpy
+    import timm
+
+    commit = None
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent
+        ).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {
+        "buildseg": __version__, "git_commit": commit, "python": sys.version.split()[0], "platform": platform.platform(),
+        "torch": torch.__version__, "timm": timm.__version__, "albumentations": albumentations.__version__,
+        "numpy": numpy.__version__, "argv": sys.argv,
+    }
+
+
+def resume_config(run_dir: str | Path) -> Config:
+    """The config a run was started with (its ``config.yaml``), for ``--resume``."""
+    import yaml
+
+    saved = Path(run_dir) / "config.yaml"
+    if not saved.is_file():
+        raise BuildsegError(f"cannot resume: {saved} does not exist (is {run_dir} a buildseg run folder?)")
+    try:
+        data = yaml.safe_load(saved.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise BuildsegError(f"cannot resume: {saved} is not a readable config ({type(exc).__name__})") from None
+    return config_from_dict(data, source=str(saved))
