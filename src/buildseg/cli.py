@@ -198,32 +198,40 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    from buildseg.distributed import cleanup, init_distributed
     from buildseg.formats.tables import load_records
-    from buildseg.inference.predict import distributed_context, predict_records
+    from buildseg.inference.predict import predict_records
     from buildseg.inference.segmenter import Segmenter
 
-    rank, world = distributed_context()
-    segmenter = Segmenter.from_checkpoint(
-        args.checkpoint, device=args.device, precision=args.precision, tta=args.tta, threshold=args.threshold,
-        min_area=args.min_area, ds_ensemble=args.ds_ensemble, window=args.window, overlap=args.overlap,
-        empty_vote=args.empty_vote,
-    )
-    if Path(args.data).suffix.lower() in (".tif", ".tiff") and Path(args.data).is_file():
-        from buildseg.inference.geotiff import predict_geotiff
+    geotiff = Path(args.data).suffix.lower() in (".tif", ".tiff") and Path(args.data).is_file()
+    if geotiff and args.empty_vote:
+        raise BuildsegError("--empty-vote blanks whole tiles (CSV/folder input); a GeoTIFF scene is not a tile: drop --empty-vote")
+    records = None if geotiff else load_records(args.data)  # bad data fails before the models load
+    dist = init_distributed(args.device)
+    device = str(dist.device) if dist.device.type == "cuda" else args.device  # each rank on its LOCAL_RANK GPU
+    try:
+        segmenter = Segmenter.from_checkpoint(
+            args.checkpoint, device=device, precision=args.precision, tta=args.tta, threshold=args.threshold,
+            min_area=args.min_area, ds_ensemble=args.ds_ensemble, window=args.window, overlap=args.overlap,
+            empty_vote=args.empty_vote,
+        )
+        if geotiff:
+            from buildseg.inference.geotiff import predict_geotiff
 
-        result = predict_geotiff(segmenter, args.data, args.out, args.geojson, block=args.block, simplify=args.simplify,
-                                 stretch=args.stretch)
-        print(f"wrote {result.mask_path} (CRS {result.crs or 'none: pixel coordinates'})")
-        if result.geojson_path:
-            print(f"wrote {result.geojson_path}: {result.n_polygons} building polygons (area in {result.area_unit or 'n/a'})")
-        return 0
-    records = load_records(args.data)
-    _, stats = predict_records(
-        segmenter, records, args.out, batch_size=args.batch_size, num_workers=args.num_workers,
-        masks_dir=args.masks_dir, overlays_dir=args.overlays_dir, skip_bad=args.skip_bad,
-        progress=not args.no_progress and rank == 0, rank=rank, world_size=world,
-    )
-    if rank == 0:
+            result = predict_geotiff(segmenter, args.data, args.out, args.geojson, block=args.block, simplify=args.simplify,
+                                     stretch=args.stretch)
+            print(f"wrote {result.mask_path} (CRS {result.crs or 'none: pixel coordinates'})")
+            if result.geojson_path:
+                print(f"wrote {result.geojson_path}: {result.n_polygons} building polygons (area in {result.area_unit or 'n/a'})")
+            return 0
+        _, stats = predict_records(
+            segmenter, records, args.out, batch_size=args.batch_size, num_workers=args.num_workers,
+            masks_dir=args.masks_dir, overlays_dir=args.overlays_dir, skip_bad=args.skip_bad,
+            progress=not args.no_progress and dist.is_main, dist=dist,
+        )
+    finally:
+        cleanup(dist)
+    if dist.is_main:
         print(f"wrote {args.out}: {stats.n} images, {stats.n_empty} empty, {stats.img_per_s:.1f} img/s")
         if stats.skipped:
             print(f"skipped {len(stats.skipped)} unreadable images (written as -1): {', '.join(stats.skipped[:10])}")
@@ -249,30 +257,36 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from buildseg.inference.segmenter import Segmenter, checkpoint_paths
     from buildseg.inference.tune import default_row, format_table, predict_tiles, search, store_in_checkpoint
 
-    segmenter = Segmenter.from_checkpoint(args.checkpoint, device=args.device, precision=args.precision, tta=args.tta)
-    dataset = GridTileDataset(load_records(args.data, require_masks=True), args.tile)
+    paths = checkpoint_paths(args.checkpoint)  # files, checked before any prediction work
+    if not args.no_save:
+        for path in paths:
+            if not os.access(path, os.W_OK) or not os.access(path.parent, os.W_OK):
+                raise BuildsegError(f"cannot store the tuned setting in {path}: not writable; copy it somewhere writable or pass --no-save")
+    records = load_records(args.data, require_masks=True)
+    segmenter = Segmenter.from_checkpoint(paths, device=args.device, precision=args.precision, tta=args.tta)
+    dataset = GridTileDataset(records, args.tile, segmenter.in_chans)
     probs, truths = predict_tiles(segmenter, dataset, args.batch_size)
     rows = search(probs, truths)
     print(f"{len(dataset)} validation tiles, {len(rows)} settings\n")
     print(format_table(rows, default_row(probs, truths)))
     best = rows[0].post
     if args.json:
-        Path(args.json).write_text(json.dumps([{**r.post.to_dict(), **r.summary} for r in rows], indent=1))
+        from buildseg.atomic import atomic_open
+
+        with atomic_open(args.json, "w") as handle:
+            handle.write(json.dumps([{**r.post.to_dict(), **r.summary} for r in rows], indent=1))
     if not args.no_save:
-        for path in checkpoint_paths(args.checkpoint):
+        for path in paths:
             store_in_checkpoint(path, best)
             print(f"stored threshold={best.threshold} min_area={best.min_area} empty_max_prob={best.empty_max_prob} in {path}")
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from buildseg.inference.export import check_parity, export_onnx
+    from buildseg.inference.export import export_checked
 
-    path = export_onnx(args.checkpoint, args.onnx, args.opset)
-    diff = check_parity(args.checkpoint, path)
+    path, diff = export_checked(args.checkpoint, args.onnx, args.opset, args.tolerance)
     print(f"wrote {path}; onnxruntime vs PyTorch fp32: max |logit diff| {diff:.2e}")
-    if diff > args.tolerance:
-        raise BuildsegError(f"ONNX parity check failed: max |logit diff| {diff:.2e} > {args.tolerance:.0e}")
     return 0
 
 

@@ -76,24 +76,33 @@ def _check_columns(path: Path, columns: Sequence[str], needed: Sequence[str], ex
             raise BuildsegError(f"{path} has no '{name}' column (columns: {', '.join(columns)}); expected {expected}")
 
 
+def read_csv_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    """(columns, rows) of a UTF-8 CSV, with errors that name the file."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            return list(reader.fieldnames or []), list(reader)
+    except UnicodeDecodeError as exc:
+        raise BuildsegError(f"{path} is not UTF-8 text (byte {exc.start}): save the CSV as UTF-8") from None
+    except csv.Error as exc:
+        raise BuildsegError(f"{path} is not a valid CSV: {exc}") from None
+
+
 def _read_csv(path: Path) -> list[Record]:
-    with open(path, newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle)
-        columns = reader.fieldnames or []
-        _check_columns(path, columns, ("img_id", "img_path"), "img_id,img_path[,mask_rle]")
-        has_rle = "mask_rle" in columns
-        root = path.parent
-        records = []
-        for line, row in enumerate(reader, start=2):
-            img_id = (row.get("img_id") or "").strip()
-            img_path = (row.get("img_path") or "").strip()
-            if not img_id or not img_path:
-                raise BuildsegError(f"{path} line {line}: img_id and img_path must not be empty")
-            rle = None
-            if has_rle:
-                value = row.get("mask_rle")
-                rle = rle_codec.EMPTY if rle_codec.is_empty_rle(value) else value.strip()
-            records.append(Record(img_id, root / img_path, rle=rle, source=str(path)))
+    columns, rows = read_csv_rows(path)
+    _check_columns(path, columns, ("img_id", "img_path"), "img_id,img_path[,mask_rle]")
+    has_rle = "mask_rle" in columns
+    records = []
+    for line, row in enumerate(rows, start=2):
+        img_id = (row.get("img_id") or "").strip()
+        img_path = (row.get("img_path") or "").strip()
+        if not img_id or not img_path:
+            raise BuildsegError(f"{path} line {line}: img_id and img_path must not be empty")
+        rle = None
+        if has_rle:
+            value = row.get("mask_rle")
+            rle = rle_codec.EMPTY if rle_codec.is_empty_rle(value) else value.strip()
+        records.append(Record(img_id, path.parent / img_path, rle=rle, source=str(path)))
     if not records:
         raise BuildsegError(f"{path} has a header but no rows")
     _check_unique(records, path)
@@ -147,13 +156,15 @@ def read_rle_table(path: str | os.PathLike) -> dict[str, str]:
     path = Path(path)
     if not path.is_file():
         raise BuildsegError(f"CSV not found: {path}")
-    with open(path, newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle)
-        _check_columns(path, reader.fieldnames or [], ("img_id", "mask_rle"), "img_id,mask_rle")
-        table = {}
-        for row in reader:
-            value = row.get("mask_rle")
-            table[row["img_id"].strip()] = rle_codec.EMPTY if rle_codec.is_empty_rle(value) else value.strip()
+    columns, rows = read_csv_rows(path)
+    _check_columns(path, columns, ("img_id", "mask_rle"), "img_id,mask_rle")
+    table: dict[str, str] = {}
+    for line, row in enumerate(rows, start=2):
+        img_id = (row.get("img_id") or "").strip()
+        if img_id in table:
+            raise BuildsegError(f"{path} line {line}: img_id {img_id!r} appears more than once; keep one row per image")
+        value = row.get("mask_rle")
+        table[img_id] = rle_codec.EMPTY if rle_codec.is_empty_rle(value) else value.strip()
     if not table:
         raise BuildsegError(f"{path} has a header but no rows")
     return table

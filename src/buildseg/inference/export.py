@@ -20,6 +20,29 @@ from buildseg.inference.segmenter import load_model
 log = logging.getLogger("buildseg")
 
 
+def export_checked(checkpoint: str | Path, out: str | Path, opset: int = 18, tolerance: float = 1e-3) -> tuple[Path, float]:
+    """Export to a temporary file beside ``out``, check parity, then rename it to ``out``.
+
+    A failed export or parity check leaves no ``.onnx`` behind (and an older ``out`` intact).
+    """
+    out = Path(out)
+    if out.suffix.lower() != ".onnx":
+        raise BuildsegError(f"--onnx {out}: the output file must end in .onnx")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.stem}.tmp.onnx")
+    try:
+        export_onnx(checkpoint, tmp, opset)
+        diff = check_parity(checkpoint, tmp)
+        if diff > tolerance:
+            raise BuildsegError(f"ONNX parity check failed for {out}: max |logit diff| {diff:.2e} > {tolerance:.0e}; "
+                                "nothing written (try another --opset)")
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
+        tmp.with_name(tmp.name + ".data").unlink(missing_ok=True)
+    return out, diff
+
+
 def export_onnx(checkpoint: str | Path, out: str | Path, opset: int = 18) -> Path:
     model, _ = load_model(checkpoint, "cpu")
     model.eval()

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from buildseg.atomic import atomic_open
 from buildseg.errors import BuildsegError
 from buildseg.formats.stretch import Stretch, fit_stretch
 from buildseg.inference.segmenter import Segmenter
@@ -99,7 +100,7 @@ def predict_geotiff(
     try:
         src = rasterio.open(src_path)
     except rasterio.errors.RasterioIOError as exc:
-        raise BuildsegError(f"cannot open {src_path} as a raster: {exc}") from None
+        raise BuildsegError(f"cannot open {src_path} as a raster: {' '.join(str(exc).split())[:200]}") from None
     with src:
         if src.count < segmenter.in_chans:
             raise BuildsegError(f"{src_path} has {src.count} bands but the model expects {segmenter.in_chans}")
@@ -108,23 +109,35 @@ def predict_geotiff(
         profile = dict(driver="GTiff", height=src.height, width=src.width, count=1, dtype="uint8", crs=src.crs,
                        transform=src.transform, compress="deflate", tiled=True, blockxsize=256, blockysize=256)
         bands = list(range(1, segmenter.in_chans + 1))
-        scaling = raster_stretch(src, bands, stretch)
+        try:
+            scaling = raster_stretch(src, bands, stretch)
+        except rasterio.errors.RasterioIOError as exc:
+            raise BuildsegError(f"cannot read {src_path}: the file is damaged ({' '.join(str(exc).split())[:160]}); "
+                                "re-export it") from None
         polygons, border_polygons = [], []
         mask_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = mask_path.with_name(f".{mask_path.name}.tmp")
-        with rasterio.open(tmp, "w", **profile) as dst:
-            for y in range(0, src.height, block):
-                for x in range(0, src.width, block):
-                    h, w = min(block, src.height - y), min(block, src.width - x)
-                    ctx = Window(x - margin, y - margin, w + 2 * margin, h + 2 * margin)
-                    image = _to_uint8(src.read(bands, window=ctx, boundless=True, fill_value=0), scaling).transpose(1, 2, 0)
-                    prob = segmenter.predict_proba(np.ascontiguousarray(image))[margin : margin + h, margin : margin + w]
-                    mask = segmenter.finish(prob)
-                    window = Window(x, y, w, h)
-                    dst.write(mask[None], window=window)
-                    if geojson_path is not None and mask.any():
-                        _polygonize(mask, src.window_transform(window), polygons, border_polygons)
-        tmp.replace(mask_path)
+        try:
+            with rasterio.open(tmp, "w", **profile) as dst:
+                for y in range(0, src.height, block):
+                    for x in range(0, src.width, block):
+                        h, w = min(block, src.height - y), min(block, src.width - x)
+                        ctx = Window(x - margin, y - margin, w + 2 * margin, h + 2 * margin)
+                        try:
+                            raw = src.read(bands, window=ctx, boundless=True, fill_value=0)
+                        except rasterio.errors.RasterioIOError as exc:
+                            raise BuildsegError(f"cannot read {src_path} at pixels x={x}, y={y} ({w}x{h}): the file is "
+                                                f"damaged there ({' '.join(str(exc).split())[:160]}); re-export it") from None
+                        image = _to_uint8(raw, scaling).transpose(1, 2, 0)
+                        prob = segmenter.predict_proba(np.ascontiguousarray(image))[margin : margin + h, margin : margin + w]
+                        mask = segmenter.finish(prob)
+                        window = Window(x, y, w, h)
+                        dst.write(mask[None], window=window)
+                        if geojson_path is not None and mask.any():
+                            _polygonize(mask, src.window_transform(window), polygons, border_polygons)
+            tmp.replace(mask_path)
+        finally:
+            tmp.unlink(missing_ok=True)
         crs = src.crs
         unit = _area_unit(crs)
     n = 0
@@ -174,6 +187,6 @@ def _write_geojson(path: Path, polygons, border_polygons, crs, unit: str | None,
     collection = {"type": "FeatureCollection", "features": features}
     if crs is not None:
         collection["crs"] = {"type": "name", "properties": {"name": crs.to_string()}}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(collection))
+    with atomic_open(path, "w") as handle:
+        handle.write(json.dumps(collection))
     return len(features)

@@ -4,13 +4,13 @@ Images are decoded in DataLoader workers; equal-sized images are batched togethe
 competition's test tiles are all 224x224); post-processing and RLE encoding run in a
 background thread while the model works on the next batch. The CSV is written to a
 temporary file and renamed at the end. Under torchrun each rank predicts its share and
-rank 0 writes the merged CSV in input order.
+rank 0 writes the merged CSV in input order; each rank predicts on its own GPU
+(``cuda:LOCAL_RANK``, bound by :func:`buildseg.distributed.init_distributed`).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -23,9 +23,10 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from buildseg.data.datasets import to_tensors
+from buildseg.distributed import DistInfo, all_gather_object
 from buildseg.errors import BuildsegError
 from buildseg.formats import rle
-from buildseg.formats.images import overlay, read_rgb, write_png
+from buildseg.formats.images import overlay, read_image, write_png
 from buildseg.formats.tables import Record, write_submission
 from buildseg.inference.segmenter import Segmenter
 from buildseg.training.hardware import default_workers
@@ -36,16 +37,17 @@ log = logging.getLogger("buildseg")
 class ImageDataset(Dataset):
     """Decodes images for prediction; with ``skip_bad`` an unreadable image becomes None."""
 
-    def __init__(self, records: Sequence[Record], skip_bad: bool = False) -> None:
+    def __init__(self, records: Sequence[Record], skip_bad: bool = False, in_chans: int = 3) -> None:
         self.records = list(records)
         self.skip_bad = skip_bad
+        self.in_chans = in_chans
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, index: int):
         try:
-            image = read_rgb(self.records[index].image_path)
+            image = read_image(self.records[index].image_path, self.in_chans)
         except BuildsegError as exc:
             if not self.skip_bad:
                 raise BuildsegError(f"{self.records[index].img_id}: {exc}") from None
@@ -79,13 +81,28 @@ def predict_records(
     overlays_dir: str | Path | None = None,
     skip_bad: bool = False,
     progress: bool = True,
-    rank: int = 0,
-    world_size: int = 1,
+    dist: DistInfo = DistInfo(),
 ) -> tuple[list[str], PredictStats]:
-    """RLE strings in ``records`` order (on rank 0 under torchrun) and timing statistics."""
+    """RLE strings in ``records`` order (on rank 0 under torchrun) and timing statistics.
+
+    On any failure the PNG masks and overlays this call wrote are removed again and no CSV
+    is written, so a failed run leaves nothing half-done behind.
+    """
+    written: list[Path] = []
+    try:
+        return _predict(segmenter, records, out_csv, batch_size, num_workers, masks_dir, overlays_dir, skip_bad,
+                        progress, dist, written)
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
+
+
+def _predict(segmenter, records, out_csv, batch_size, num_workers, masks_dir, overlays_dir, skip_bad, progress,
+             dist: DistInfo, written: list[Path]) -> tuple[list[str], PredictStats]:
     started = time.monotonic()
-    mine = list(range(rank, len(records), world_size))
-    dataset = ImageDataset([records[i] for i in mine], skip_bad)
+    mine = list(range(dist.rank, len(records), dist.world_size))
+    dataset = ImageDataset([records[i] for i in mine], skip_bad, segmenter.in_chans)
     workers = default_workers(num_workers)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=_collate,
                         pin_memory=segmenter.device.type == "cuda")
@@ -97,9 +114,13 @@ def predict_records(
         mask = segmenter.finish(prob, members)
         results[mine[local_index]] = rle.encode(mask)
         if masks_dir is not None:
-            write_png(Path(masks_dir) / f"{record.img_id}.png", mask * 255)
+            written.append(Path(masks_dir) / f"{record.img_id}.png")
+            write_png(written[-1], mask * 255)
         if overlays_dir is not None:
-            write_png(Path(overlays_dir) / f"{record.img_id}.png", overlay(image.numpy().transpose(1, 2, 0)[:, :, :3], mask))
+            written.append(Path(overlays_dir) / f"{record.img_id}.png")
+            rgb = image.numpy().transpose(1, 2, 0)
+            rgb = rgb[:, :, :3] if rgb.shape[2] >= 3 else np.repeat(rgb[:, :, :1], 3, axis=2)
+            write_png(written[-1], overlay(np.ascontiguousarray(rgb), mask))
 
     bar = tqdm(total=len(dataset), desc="predict", unit="img", disable=not progress)
     with ThreadPoolExecutor(max_workers=1) as pool:
@@ -115,10 +136,11 @@ def predict_records(
                 groups.setdefault(tuple(image.shape), []).append((index, image))
             for shape, group in groups.items():
                 images = [img for _, img in group]
-                if max(shape[-2:]) > segmenter.window:  # large images: window by window
+                if max(shape[-2:]) > segmenter.window:  # large images: window by window, model by model
                     for (index, image) in group:
-                        prob = segmenter.predict_proba(image.numpy().transpose(1, 2, 0))
-                        pending.append(pool.submit(finish, index, image, prob, None))
+                        members_large = segmenter.member_probas(image)
+                        prob = np.mean(members_large, axis=0)
+                        pending.append(pool.submit(finish, index, image, prob, members_large if segmenter.empty_vote else None))
                     continue
                 members = segmenter.member_probs(torch.stack(images))
                 mean = torch.stack(members).mean(0).numpy()
@@ -134,36 +156,18 @@ def predict_records(
         for f in pending:
             f.result()
     bar.close()
-    ordered = _gather(results, len(records), world_size)
-    if out_csv is not None and rank == 0:
+    ordered = _gather(results, len(records), dist)
+    if out_csv is not None and dist.is_main:
         write_submission(out_csv, [r.img_id for r in records], ordered)
     seconds = time.monotonic() - started
     n_empty = sum(1 for r in ordered if r == rle.EMPTY)
     return ordered, PredictStats(len(records), n_empty, skipped, seconds)
 
 
-def _gather(results: dict[int, str], total: int, world_size: int) -> list[str]:
-    if world_size > 1:
-        import torch.distributed as dist
-
-        parts: list[dict[int, str] | None] = [None] * world_size
-        dist.all_gather_object(parts, results)
-        merged: dict[int, str] = {}
-        for part in parts:
-            merged.update(part or {})
-        results = merged
-    missing = [i for i in range(total) if i not in results]
+def _gather(results: dict[int, str], total: int, dist: DistInfo) -> list[str]:
+    merged: dict[int, str] = {}
+    for part in all_gather_object(results, dist):
+        merged.update(part or {})
+    missing = [i for i in range(total) if i not in merged]
     assert not missing, f"internal: {len(missing)} images were not predicted"
-    return [results[i] for i in range(total)]
-
-
-def distributed_context() -> tuple[int, int]:
-    """(rank, world_size) under torchrun, joining a gloo/nccl group; (0, 1) otherwise."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        dist.init_process_group(backend="gloo")  # object gathering only: gloo works everywhere
-    return dist.get_rank(), world
+    return [merged[i] for i in range(total)]

@@ -30,16 +30,21 @@ from buildseg.training.hardware import autocast, resolve_device, resolve_precisi
 
 
 def checkpoint_paths(spec: str | Path | Sequence[str | Path]) -> list[Path]:
-    """Checkpoint files from one path, several, or a folder of *.pt / run folders."""
+    """Checkpoint files from one path, several, a run folder (its best.pt, else last.pt), or a
+    folder of *.pt / run folders. Every returned path is a file that exists."""
     items = [spec] if isinstance(spec, (str, Path)) else list(spec)
     paths: list[Path] = []
     for item in items:
         path = Path(item)
-        if path.is_dir() and not (path / "best.pt").is_file() and not (path / "last.pt").is_file():
-            found = sorted(path.glob("*.pt")) or sorted(p / "best.pt" for p in path.iterdir() if (p / "best.pt").is_file())
+        if path.is_dir():
+            run_file = next((path / n for n in ("best.pt", "last.pt") if (path / n).is_file()), None)
+            found = [run_file] if run_file else (
+                sorted(path.glob("*.pt")) or sorted(p / "best.pt" for p in path.iterdir() if (p / "best.pt").is_file()))
             if not found:
-                raise BuildsegError(f"no checkpoints (*.pt or */best.pt) in {path}")
+                raise BuildsegError(f"no checkpoints (best.pt, last.pt, *.pt or */best.pt) in {path}")
             paths.extend(found)
+        elif not path.is_file():
+            raise BuildsegError(f"checkpoint not found: {path} (give a .pt file or a run folder)")
         else:
             paths.append(path)
     return paths
@@ -86,9 +91,15 @@ class Segmenter:
             raise BuildsegError(f"ensemble members expect different channel counts {sorted(in_chans)}")
         self.in_chans = in_chans.pop()
         self.postprocess = postprocess or PostProcess()
+        if not 0.0 <= overlap < 1.0:
+            raise BuildsegError(f"overlap {overlap} is out of range: sliding windows overlap by a fraction in [0, 1)")
+        if window < 32:
+            raise BuildsegError(f"window {window} is too small: use at least 32 px (ideally 512-1024)")
+        if not 0 <= int(empty_vote) <= len(self.models):
+            raise BuildsegError(f"empty vote {empty_vote} needs 0..{len(self.models)} (the number of models in the ensemble)")
         self.window = window
         self.overlap = overlap
-        self.empty_vote = empty_vote  # >0: tile is empty if at least this many models predict it empty
+        self.empty_vote = int(empty_vote)  # >0: tile is empty if at least this many models predict it empty
 
     @classmethod
     def from_checkpoint(
@@ -147,8 +158,22 @@ class Segmenter:
             )
         return to_tensors(image, None)[0]
 
+    def member_probas(self, image: np.ndarray | torch.Tensor, batch_size: int = 4) -> list[np.ndarray]:
+        """Per-model HxW probabilities of one HxWxC image (or a CxHxW uint8 tensor); images
+        larger than ``window`` go through the sliding window, model by model."""
+        tensor = image if isinstance(image, torch.Tensor) else self._as_tensor(image)
+        if max(tensor.shape[-2:]) <= self.window:
+            return [m[0].numpy() for m in self.member_probs(tensor[None])]
+        members = []
+        for k in range(len(self.models)):
+            def one(batch: torch.Tensor, k: int = k) -> torch.Tensor:
+                return predict_tta(lambda x: self._model_prob(self.models[k], x), batch, self.tta).cpu()
+
+            members.append(sliding_window_proba(one, tensor, self.window, self.overlap, batch_size).numpy())
+        return members
+
     def predict_proba(self, image: np.ndarray, batch_size: int = 4) -> np.ndarray:
-        """HxW probabilities; images larger than ``window`` go through the sliding window."""
+        """HxW probabilities (ensemble mean); images larger than ``window`` go through the sliding window."""
         tensor = self._as_tensor(image)
         if max(tensor.shape[-2:]) <= self.window:
             return self.predict_proba_batch(tensor[None])[0].numpy()
@@ -166,5 +191,8 @@ class Segmenter:
         return pp_mod.apply(prob, self.postprocess)
 
     def predict(self, image: np.ndarray) -> np.ndarray:
-        """HxW uint8 0/1 building mask of an HxWxC uint8 image."""
-        return self.finish(self.predict_proba(image))
+        """HxW uint8 0/1 building mask of an HxWxC uint8 image (the empty vote applied)."""
+        if not self.empty_vote:
+            return self.finish(self.predict_proba(image))
+        members = self.member_probas(image)
+        return self.finish(np.mean(members, axis=0), members)
