@@ -50,3 +50,18 @@ def _quiet_timm():
 def random_mask(rng: np.random.Generator, shape, density: float | None = None) -> np.ndarray:
     density = rng.choice([0.0, 0.01, 0.3, 0.7, 1.0]) if density is None else density
     return (rng.random(shape) < density).astype(np.uint8)
+
+
+def write_tiny_checkpoint(path: Path, in_chans: int = 3, seed: int = 0) -> Path:
+    """A buildseg checkpoint of a small untrained UNet (no training: fast), for inference tests."""
+    import torch
+
+    from buildseg.models import ModelCard, build_model
+    from buildseg.training.checkpoint import FORMAT, save_atomic
+
+    torch.manual_seed(seed)
+    card = ModelCard(encoder="resnet18", in_chans=in_chans, decoder_channels=[16, 16, 8, 8, 8])
+    model = build_model(card)
+    payload = {"format": FORMAT, "model_card": card.to_dict(), "model": model.state_dict(),
+               "postprocess": {"threshold": 0.5, "min_area": 0}}
+    return save_atomic(payload, path)

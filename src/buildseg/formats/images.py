@@ -17,6 +17,10 @@ from buildseg.errors import BuildsegError
 from buildseg.formats.stretch import image_to_uint8
 
 cv2.setNumThreads(1)  # parallelism comes from DataLoader workers, not from inside cv2
+try:  # unreadable files are reported by buildseg in one line; OpenCV's own log would add several
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+except AttributeError:  # older OpenCV builds without the logging module
+    pass
 
 
 def _read_raw(path: Path, what: str) -> np.ndarray:
@@ -36,9 +40,13 @@ def _read_tiff_bands(path: Path) -> np.ndarray | None:
         import rasterio
     except ImportError:
         return None
+    import warnings
+
     try:
-        with rasterio.open(path) as src:
-            return np.ascontiguousarray(src.read().transpose(1, 2, 0))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a plain TIFF is "not georeferenced": expected here
+            with rasterio.open(path) as src:
+                return np.ascontiguousarray(src.read().transpose(1, 2, 0))
     except Exception:  # rasterio raises several error types for corrupt files
         return None
 

@@ -54,17 +54,9 @@ def encode(mask: np.ndarray) -> str:
     return " ".join(changes.astype(str).tolist())
 
 
-def decode(rle: Any, shape: tuple[int, int], img_id: str | None = None) -> np.ndarray:
-    """Decode a competition RLE string into an HxW uint8 mask of 0/1.
-
-    Raises :class:`RleError` naming ``img_id`` for an odd number of tokens, non-integer
-    tokens, starts below 1, lengths below 1, runs past the end of the mask and
-    overlapping runs. Runs may come in any order (the competition's are ascending).
-    """
-    height, width = int(shape[0]), int(shape[1])
-    size = height * width
-    if is_empty_rle(rle):
-        return np.zeros((height, width), dtype=np.uint8)
+def parse_runs(rle: str, img_id: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """0-based run starts and run ends of a non-empty RLE string, sorted, checked for
+    everything that does not need the mask's size (pairs, integers, >= 1, no overlap)."""
     where = f"mask_rle of {img_id!r}" if img_id is not None else "mask_rle"
     if not isinstance(rle, str):
         raise RleError(f"{where}: expected a string like '1 3 10 2' or -1, got {type(rle).__name__} {rle!r}")
@@ -85,20 +77,36 @@ def decode(rle: Any, shape: tuple[int, int], img_id: str | None = None) -> np.nd
     if lengths.min() < 1:
         raise RleError(f"{where}: run length {int(lengths.min())} is below 1")
     ends = starts + lengths
-    if ends.max() > size:
-        raise RleError(
-            f"{where}: a run ends at pixel {int(ends.max())} but a {height}x{width} mask has {size} pixels "
-            "(wrong image size, or the RLE belongs to another image)"
-        )
     if len(starts) > 1 and np.any(starts[1:] < starts[:-1]):  # competition RLE is ascending already
         order = np.argsort(starts, kind="stable")
         starts, ends = starts[order], ends[order]
     if len(starts) > 1 and np.any(starts[1:] < ends[:-1]):
         i = int(np.flatnonzero(starts[1:] < ends[:-1])[0])
         raise RleError(f"{where}: runs starting at {int(starts[i]) + 1} and {int(starts[i + 1]) + 1} overlap")
+    return starts, ends
+
+
+def decode(rle: Any, shape: tuple[int, int], img_id: str | None = None) -> np.ndarray:
+    """Decode a competition RLE string into an HxW uint8 mask of 0/1.
+
+    Raises :class:`RleError` naming ``img_id`` for an odd number of tokens, non-integer
+    tokens, starts below 1, lengths below 1, runs past the end of the mask and
+    overlapping runs. Runs may come in any order (the competition's are ascending).
+    """
+    height, width = int(shape[0]), int(shape[1])
+    size = height * width
+    if is_empty_rle(rle):
+        return np.zeros((height, width), dtype=np.uint8)
+    starts, ends = parse_runs(rle, img_id)
+    if ends.max() > size:
+        where = f"mask_rle of {img_id!r}" if img_id is not None else "mask_rle"
+        raise RleError(
+            f"{where}: a run ends at pixel {int(ends.max())} but a {height}x{width} mask has {size} pixels "
+            "(wrong image size, or the RLE belongs to another image)"
+        )
     # Pixel indices of every run at once: each run's start repeated over its length, plus
     # the position inside the run (a global arange minus the run's offset in it).
-    lengths = ends - starts  # in sorted order
+    lengths = ends - starts
     offsets = np.cumsum(lengths) - lengths
     flat = np.zeros(size, dtype=np.uint8)
     flat[np.repeat(starts - offsets, lengths) + np.arange(int(lengths.sum()))] = 1

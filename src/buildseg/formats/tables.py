@@ -16,7 +16,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from buildseg.atomic import atomic_open
-from buildseg.errors import BuildsegError
+from buildseg.errors import BuildsegError, RleError
 from buildseg.formats import rle as rle_codec
 from buildseg.formats.images import read_mask
 
@@ -49,7 +49,10 @@ class Record:
             return mask
         if self.rle is None:
             raise BuildsegError(f"{self.img_id} in {self.source} has no mask (a test CSV was given where training data is needed)")
-        return rle_codec.decode(self.rle, shape, img_id=self.img_id)
+        try:
+            return rle_codec.decode(self.rle, shape, img_id=self.img_id)
+        except RleError as exc:
+            raise RleError(f"{self.source}: {exc}") from None
 
 
 def load_records(source: str | os.PathLike, require_masks: bool = False) -> list[Record]:
@@ -102,6 +105,11 @@ def _read_csv(path: Path) -> list[Record]:
         if has_rle:
             value = row.get("mask_rle")
             rle = rle_codec.EMPTY if rle_codec.is_empty_rle(value) else value.strip()
+            if rle != rle_codec.EMPTY:
+                try:  # syntax now, so a bad row fails before a run starts; bounds need the image size
+                    rle_codec.parse_runs(rle, img_id)
+                except RleError as exc:
+                    raise RleError(f"{path} line {line}: {exc}") from None
         records.append(Record(img_id, path.parent / img_path, rle=rle, source=str(path)))
     if not records:
         raise BuildsegError(f"{path} has a header but no rows")

@@ -8,6 +8,7 @@ or the new checkpoint, never a torn file. Everything in it loads with
 
 from __future__ import annotations
 
+import pickle
 import random
 from pathlib import Path
 from typing import Any
@@ -38,11 +39,22 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise BuildsegError(f"checkpoint not found: {path}")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torn/foreign files raise pickle, zip and runtime errors alike
-        raise BuildsegError(f"cannot load checkpoint {path}: {exc}") from None
+    except pickle.UnpicklingError as exc:
+        if "Unsupported global" in str(exc) or "GLOBAL" in str(exc):
+            raise BuildsegError(
+                f"refused to load {path}: it holds Python objects (code would run on loading); buildseg loads "
+                "checkpoints with torch.load(weights_only=True): use a checkpoint written by `buildseg train`") from None
+        raise BuildsegError(f"cannot load checkpoint {path}: not a PyTorch file or damaged ({_first_line(exc)})") from None
+    except Exception as exc:  # torn/foreign files raise zip and runtime errors alike
+        raise BuildsegError(f"cannot load checkpoint {path}: not a PyTorch file or damaged ({_first_line(exc)})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise BuildsegError(f"{path} is not a buildseg checkpoint (no '{FORMAT}' marker); train one with `buildseg train`")
     return payload
+
+
+def _first_line(exc: BaseException) -> str:
+    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return f"{type(exc).__name__}: {text[:160]}"
 
 
 def rng_state() -> dict[str, Any]:
