@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from buildseg.config import Config
 from buildseg.data.synth import write_dataset
@@ -65,3 +66,23 @@ def write_tiny_checkpoint(path: Path, in_chans: int = 3, seed: int = 0) -> Path:
     payload = {"format": FORMAT, "model_card": card.to_dict(), "model": model.state_dict(),
                "postprocess": {"threshold": 0.5, "min_area": 0}}
     return save_atomic(payload, path)
+
+
+class LocalModel(torch.nn.Module):
+    """A stand-in model with a small receptive field (a fixed 5x5 conv, radius 2, zero
+    padding): its prediction of a pixel depends only on the pixels within 2 px, so tiled
+    and whole-image predictions can be compared exactly. ``bias`` shifts every logit."""
+
+    def __init__(self, in_chans: int = 3, seed: int = 0, bias: float = 0.0) -> None:
+        from buildseg.models import ModelCard
+
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed)
+        self.conv = torch.nn.Conv2d(in_chans, 1, 5, padding=2)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.randn(self.conv.weight.shape, generator=generator) * 0.2)
+            self.conv.bias.fill_(bias)
+        self.card = ModelCard(in_chans=in_chans)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv((x.float() - 127.5) / 64.0)

@@ -128,3 +128,63 @@ def test_uint16_geotiff_prediction_equals_prediction_on_its_stretched_uint8(chec
         with rasterio.open(out) as result:
             masks.append(result.read(1))
     assert masks[0].any() and np.array_equal(masks[0], masks[1])
+
+
+def _local_segmenter(**kwargs):
+    from conftest import LocalModel
+
+    from buildseg.inference.postprocess import PostProcess
+    from buildseg.inference.segmenter import Segmenter
+
+    return Segmenter([LocalModel(seed=4)], device="cpu", precision="fp32", channels_last=False, window=4096,
+                     postprocess=PostProcess(threshold=0.5), **kwargs)
+
+
+def _write_rgb(path, image):
+    with rasterio.open(path, "w", driver="GTiff", height=image.shape[0], width=image.shape[1], count=3, dtype="uint8",
+                       crs="EPSG:32633", transform=from_origin(500000.0, 4100000.0, 0.5, 0.5)) as dst:
+        dst.write(image.transpose(2, 0, 1))
+    return path
+
+
+def test_blockwise_geotiff_prediction_equals_whole_image_prediction(tmp_path):
+    from buildseg.inference.geotiff import predict_geotiff
+
+    image, _ = make_scene(np.random.default_rng(5), 520)
+    src = _write_rgb(tmp_path / "s.tif", np.ascontiguousarray(image[:, :470]))  # not a multiple of the block
+    seg = _local_segmenter()
+    blocks = predict_geotiff(seg, src, tmp_path / "blocks.tif", block=128).mask_path
+    whole = predict_geotiff(seg, src, tmp_path / "whole.tif", block=4096).mask_path
+    with rasterio.open(blocks) as a, rasterio.open(whole) as b:
+        got, want = a.read(1), b.read(1)
+    assert 0.05 < want.mean() < 0.95  # a real, mixed mask
+    np.testing.assert_array_equal(got, want)
+
+
+def test_a_building_across_block_borders_is_one_polygon(tmp_path):
+    import json as _json
+
+    from buildseg.inference.geotiff import predict_geotiff
+
+    image = np.zeros((256, 256, 3), dtype=np.uint8)
+    image[100:160, 90:200] = 255  # crosses the vertical block border at x=128 and the horizontal one at y=128
+    src = _write_rgb(tmp_path / "s.tif", image)
+    from conftest import LocalModel
+
+    from buildseg.inference.postprocess import PostProcess
+    from buildseg.inference.segmenter import Segmenter
+
+    bright = LocalModel()
+    with torch.no_grad():  # logit > 0 exactly on bright pixels
+        bright.conv.weight.zero_()
+        bright.conv.weight[0, :, 2, 2] = 1.0 / 3
+        bright.conv.bias.zero_()
+    seg = Segmenter([bright], device="cpu", precision="fp32", channels_last=False, window=4096,
+                    postprocess=PostProcess(threshold=0.5))
+    result = predict_geotiff(seg, src, tmp_path / "m.tif", tmp_path / "b.geojson", block=128)
+    features = _json.loads((tmp_path / "b.geojson").read_text())["features"]
+    assert result.n_polygons == len(features) == 1
+    with rasterio.open(tmp_path / "m.tif") as m:
+        mask = m.read(1)
+    assert mask[100:160, 90:200].all() and mask.sum() == 60 * 110
+    assert features[0]["properties"]["area_m2"] == pytest.approx(60 * 110 * 0.25)

@@ -195,3 +195,91 @@ def test_cli_flags_reach_the_config(synth_data, tmp_path):
     assert saved["loss"] == "bce:0.5,lovasz_symmetric" and saved["data"]["crop_size"] == 64
     # the saved config reproduces the run
     assert main(["train", "--config", str(out / "config.yaml"), "--out", str(tmp_path / "again"), "--no-progress"]) == 0
+
+
+# -- exact properties on random inputs (cannot pass by accident) ---------------------------
+@pytest.mark.parametrize("mode", ["flip", "d4"])
+def test_every_tta_inverse_undoes_its_transform_on_a_random_tensor(mode):
+    x = torch.randn(2, 3, 37, 53)  # not square, not constant: a wrong inverse cannot hide
+    for turns, flip in transforms(mode):
+        y = forward_transform(x, turns, flip)
+        if (turns, flip) != (0, False):  # the transform really moves pixels
+            assert y.shape != x.shape or not torch.equal(y, x)
+        assert torch.equal(inverse_transform(y, turns, flip), x), (turns, flip)
+
+
+def _covering_windows(length: int, window: int, overlap: float):
+    from buildseg.inference.tiling import window_starts
+
+    return window_starts(length, min(window, length), overlap)
+
+
+def test_sliding_window_blend_equals_full_image_in_the_interior_and_is_not_uniform(monkeypatch):
+    from conftest import LocalModel
+
+    from buildseg.inference import tiling
+
+    model = LocalModel()
+    rng = np.random.default_rng(3)
+    image = torch.from_numpy(rng.integers(0, 256, (3, 200, 170), dtype=np.uint8))
+
+    def prob(batch):
+        with torch.no_grad():
+            return torch.sigmoid(model(batch))[:, 0]
+
+    full = prob(image[None])[0]
+    window, overlap, radius = 64, 0.5, 2
+    gauss = tiling.sliding_window_proba(prob, image, window, overlap, batch_size=3)
+    # pixels that every covering window sees with its full 5x5 context agree exactly with the full image
+    near = []
+    for length in full.shape:
+        near_edge = np.zeros(length, dtype=bool)
+        for s in _covering_windows(length, window, overlap):
+            for edge in (s, s + window):
+                if 0 < edge < length:  # an inner window edge: context is cut there
+                    near_edge[max(0, edge - radius) : edge + radius] = True
+        near.append(near_edge)
+    safe = ~(near[0][:, None] | near[1][None, :])
+    assert safe.mean() > 0.5
+    torch.testing.assert_close(gauss[torch.from_numpy(safe)], full[torch.from_numpy(safe)], atol=1e-6, rtol=0)
+    # where windows overlap and disagree (cut context), Gaussian weights differ from a uniform average
+    monkeypatch.setattr(tiling, "gaussian_weights", lambda h, w, sigma_scale=0.25: torch.ones(h, w))
+    uniform = tiling.sliding_window_proba(prob, image, window, overlap, batch_size=3)
+    unsafe = torch.from_numpy(~safe)
+    assert (gauss - uniform)[unsafe].abs().max() > 1e-3
+    # and the Gaussian blend is the closer one to the whole-image prediction there
+    assert (gauss - full)[unsafe].abs().mean() < (uniform - full)[unsafe].abs().mean()
+
+
+def test_ensemble_of_two_different_checkpoints_is_the_mean_of_their_probabilities(tmp_path):
+    from conftest import write_tiny_checkpoint
+
+    a = write_tiny_checkpoint(tmp_path / "a.pt", seed=1)
+    b = write_tiny_checkpoint(tmp_path / "b.pt", seed=2)
+    image = np.random.default_rng(0).integers(0, 256, (96, 80, 3), dtype=np.uint8)
+    pa = Segmenter.from_checkpoint(a, device="cpu", precision="fp32").predict_proba(image)
+    pb = Segmenter.from_checkpoint(b, device="cpu", precision="fp32").predict_proba(image)
+    assert np.abs(pa - pb).mean() > 1e-3  # really different models
+    both = Segmenter.from_checkpoint([a, b], device="cpu", precision="fp32")
+    np.testing.assert_allclose(both.predict_proba(image), (pa + pb) / 2, atol=1e-6)
+    # the same holds through the sliding window, and member_probas gives each model's own map
+    both.window = 48
+    members = both.member_probas(image)
+    np.testing.assert_allclose(np.mean(members, axis=0), both.predict_proba(image), atol=1e-6)
+
+
+def test_empty_vote_is_honoured_by_predict_and_large_images():
+    from conftest import LocalModel
+
+    sees = LocalModel(seed=1)  # sees buildings somewhere
+    blind = LocalModel(seed=2, bias=-100.0)  # never does
+    image = np.random.default_rng(0).integers(0, 256, (96, 96, 3), dtype=np.uint8)
+    post = PostProcess(threshold=0.2)  # the mean (p + 0) / 2 passes where p > 0.4
+    voting = Segmenter([sees, blind], device="cpu", precision="fp32", postprocess=post, empty_vote=1, channels_last=False)
+    plain = Segmenter([sees, blind], device="cpu", precision="fp32", postprocess=post, empty_vote=0, channels_last=False)
+    assert plain.predict(image).any()  # the ensemble mean sees buildings
+    assert not voting.predict(image).any()  # one of two members sees none: empty by the vote
+    voting.window = plain.window = 48  # larger than the window: the same, window by window
+    assert plain.predict(image).any() and not voting.predict(image).any()
+    with pytest.raises(BuildsegError, match="0..2"):
+        Segmenter([sees, blind], device="cpu", empty_vote=3)
