@@ -1,4 +1,5 @@
 import json
+import signal
 import math
 import os
 import shutil
@@ -246,3 +247,161 @@ def test_loss_switches_at_the_scheduled_epoch(synth_data, tmp_path):
 def test_bad_loss_switch_fails_before_training(synth_data, tmp_path, switch):
     with pytest.raises(BuildsegError, match="switch|lovaz"):
         Trainer(tiny_config(synth_data, tmp_path / "run", **switch))
+
+
+# -- properties of the loop that a run of many hours depends on ----------------------------
+def test_best_pt_holds_the_ema_weights(synth_data, tmp_path):
+    config = tiny_config(synth_data, tmp_path / "run", epochs=1, ema=0.5, lr=3e-3)
+    train(config)
+    last = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    best = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
+    ema = {k[len("module."):]: v for k, v in last["ema"].items() if k.startswith("module.")}
+    assert ema.keys() == best["model"].keys()
+    for key in ema:
+        assert torch.equal(ema[key], best["model"][key]), key
+    differs = [k for k in ema if ema[k].is_floating_point() and not torch.equal(ema[k], last["model"][k])]
+    assert differs  # the EMA is not the raw weights
+
+
+def test_early_stopping_stops_after_patience(synth_data, tmp_path, monkeypatch):
+    from buildseg.training import loop
+
+    scores = iter([0.5, 0.4, 0.45, 0.3, 0.9, 0.9])
+    real = loop.validate
+
+    def fixed_scores(*args, **kwargs):
+        summary = real(*args, **kwargs)
+        return {**summary, "dice": next(scores)}
+
+    monkeypatch.setattr(loop, "validate", fixed_scores)
+    result = train(tiny_config(synth_data, tmp_path / "run", epochs=6, early_stopping=2))
+    assert result.stopped_by == "early_stopping" and result.epochs_done == 3
+    assert result.best_dice == 0.5 and [r["val_dice"] for r in result.history] == [0.5, 0.4, 0.45]
+
+
+def _no_batch_norm(trainer):
+    """Batch statistics differ between batches of 4 and 8; without them the two are comparable."""
+    for name, module in list(trainer.model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, torch.nn.BatchNorm2d):
+                setattr(module, child_name, torch.nn.Identity())
+    return trainer
+
+
+def test_grad_accumulation_2x4_equals_batch_8(synth_data, tmp_path):
+    def run(out, batch, accum):
+        config = tiny_config(synth_data, out, epochs=1, batch_size=batch, grad_accum=accum, optimizer="sgd",
+                             deterministic=True, lr=0.05, grad_clip=None)
+        config.data.crops_per_image = 2  # 5 training images -> 10 crops -> one batch of 8 / two of 4
+        config.data.augment = False
+        trainer = _no_batch_norm(Trainer(config))
+        trainer.run()
+        assert trainer.progress.step == 1
+        return {k: v.clone() for k, v in trainer.model.state_dict().items()}
+
+    start = _no_batch_norm(Trainer(tiny_config(synth_data, tmp_path / "s", epochs=1))).model.state_dict()
+    big, accumulated = run(tmp_path / "b8", 8, 1), run(tmp_path / "a4", 4, 2)
+    moved = 0
+    for key in big:
+        torch.testing.assert_close(accumulated[key], big[key], atol=2e-6, rtol=1e-5)
+        moved += int(not torch.equal(big[key], start[key]))
+    assert moved > 10  # the step really changed the weights
+
+
+TRAIN_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    sys.path.insert(0, {tests!r})
+    from pathlib import Path
+    from conftest import tiny_config
+    from buildseg.training.loop import train
+
+    config = tiny_config(Path({data!r}), Path({out!r}), epochs=3, deterministic=True, save_every={save_every!r})
+    config.data.crops_per_image = 6
+    config.model.dropout = 0.2
+    print("stopped by", train(config).stopped_by, flush=True)
+    """
+)
+
+
+def _resume_config(synth_data, out, save_every):
+    config = tiny_config(synth_data, out, epochs=3, deterministic=True, save_every=save_every)
+    config.data.crops_per_image = 6
+    config.model.dropout = 0.2
+    return config
+
+
+def _wait_for(predicate, proc, timeout=300.0):
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        if predicate():
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.05)
+    return False
+
+
+def _mid_epoch_checkpoint(path):
+    def ready():
+        try:
+            payload = torch.load(path, weights_only=True)
+        except Exception:  # not there yet (the write itself is atomic)
+            return False
+        return payload["step"] >= 4 and 0 < payload["batch_in_epoch"]
+    return ready
+
+
+def _interrupted_run(synth_data, out, save_every, sig):
+    script = TRAIN_SCRIPT.format(tests=str(REPO / "tests"), data=str(synth_data), out=str(out), save_every=save_every)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        if sig == signal.SIGTERM:  # as a scheduler would: some steps in
+            ready = lambda: any('"kind": "step"' in line and '"step": 11' in line
+                                for line in _read_lines(out / "metrics.jsonl"))
+        else:
+            ready = _mid_epoch_checkpoint(out / "last.pt")
+        assert _wait_for(ready, proc), f"the run ended before it could be interrupted: {proc.communicate()[1][-2000:]}"
+        proc.send_signal(sig)
+        stdout, stderr = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc.returncode, stdout, stderr
+
+
+def _read_lines(path):
+    try:
+        return path.read_text().splitlines()
+    except OSError:
+        return []
+
+
+def _assert_same_weights(a_path, b_path):
+    a, b = _weights(a_path), _weights(b_path)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_sigterm_saves_and_resumes_exactly(synth_data, tmp_path):
+    train(_resume_config(synth_data, tmp_path / "straight", 10.0))
+    code, stdout, stderr = _interrupted_run(synth_data, tmp_path / "killed", 10.0, signal.SIGTERM)
+    assert code == 0 and "stopped by signal" in stdout, stderr[-2000:]
+    stopped = load_checkpoint(tmp_path / "killed" / "last.pt")
+    assert 0 < stopped["step"] < load_checkpoint(tmp_path / "straight" / "last.pt")["step"]
+    result = train(_resume_config(synth_data, tmp_path / "killed", 10.0), resume=tmp_path / "killed")
+    assert result.epochs_done == 3
+    _assert_same_weights(tmp_path / "straight" / "last.pt", tmp_path / "killed" / "last.pt")
+
+
+def test_kill_9_after_a_timed_checkpoint_resumes_mid_epoch_exactly(synth_data, tmp_path):
+    train(_resume_config(synth_data, tmp_path / "straight", 10.0))
+    save_every = 0.001  # minutes: a timed last.pt after nearly every step
+    code, _, stderr = _interrupted_run(synth_data, tmp_path / "killed", save_every, signal.SIGKILL)
+    assert code == -9, stderr[-2000:]
+    stopped = load_checkpoint(tmp_path / "killed" / "last.pt")
+    assert stopped["batch_in_epoch"] > 0  # a mid-epoch checkpoint, not an epoch-end one
+    result = train(_resume_config(synth_data, tmp_path / "killed", save_every), resume=tmp_path / "killed")
+    assert result.epochs_done == 3
+    _assert_same_weights(tmp_path / "straight" / "last.pt", tmp_path / "killed" / "last.pt")
