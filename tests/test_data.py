@@ -139,3 +139,63 @@ def test_bad_inputs_name_the_file_or_row(tmp_path, case, fragment):
         assert ("gone.png" in message) or ("bad.png" in message)
     if case in ("bad_rle", "size_mismatch"):
         assert "'ok'" in message
+
+
+def test_16_bit_png_uses_the_geotiff_percentile_stretch(tmp_path):
+    from buildseg.formats.images import read_image
+    from buildseg.formats.stretch import fit_stretch
+
+    rng = np.random.default_rng(0)
+    twelve_bit = rng.integers(200, 3800, (40, 50, 3)).astype(np.uint16)  # 12-bit data in a 16-bit PNG
+    cv2.imwrite(str(tmp_path / "u16.png"), twelve_bit[:, :, ::-1])  # OpenCV writes BGR
+    got = read_image(tmp_path / "u16.png")
+    assert got.dtype == np.uint8 and got.mean() > 100  # not nearly black, as >> 8 would make it
+    # the same per-band 2-98 percentile map as GeoTIFF prediction, computed independently with NumPy
+    low, high = np.percentile(twelve_bit.reshape(-1, 3).astype(np.float64), (2, 98), axis=0)
+    want = np.clip(np.rint((twelve_bit - low) * (255.0 / (high - low))), 0, 255).astype(np.uint8)
+    assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
+    stretch = fit_stretch(twelve_bit.transpose(2, 0, 1))
+    np.testing.assert_array_equal(stretch.apply_hwc(twelve_bit), got)
+
+
+def test_mask_channel_rule(tmp_path):
+    from buildseg.formats.images import read_mask
+
+    building = np.zeros((20, 30), dtype=np.uint8)
+    building[5:10, 5:20] = 1
+    opaque = np.zeros((20, 30, 4), dtype=np.uint8)
+    opaque[:, :, 3] = 255  # opaque everywhere: not "all building"
+    opaque[building > 0, 2] = 255  # red buildings (BGRA on disk)
+    cv2.imwrite(str(tmp_path / "opaque.png"), opaque)
+    np.testing.assert_array_equal(read_mask(tmp_path / "opaque.png"), building)
+    layer = np.zeros((20, 30, 4), dtype=np.uint8)
+    layer[:, :, 3] = building * 255  # black colour, buildings opaque on a transparent layer
+    cv2.imwrite(str(tmp_path / "layer.png"), layer)
+    np.testing.assert_array_equal(read_mask(tmp_path / "layer.png"), building)
+    cv2.imwrite(str(tmp_path / "white.png"), np.repeat(building[:, :, None] * 255, 3, axis=2))
+    np.testing.assert_array_equal(read_mask(tmp_path / "white.png"), building)
+
+
+def test_four_channel_images_train_and_predict_end_to_end(tmp_path):
+    """RGB+NIR (here RGBA PNGs) train with in_chans 4 and predict with the same model."""
+    from conftest import tiny_config
+
+    from buildseg.cli import main
+
+    (tmp_path / "ds" / "images").mkdir(parents=True)
+    (tmp_path / "ds" / "masks").mkdir()
+    rng = np.random.default_rng(0)
+    for k in range(4):
+        image = rng.integers(0, 256, (64, 64, 4), dtype=np.uint8)
+        cv2.imwrite(str(tmp_path / "ds" / "images" / f"a{k}.png"), image)
+        cv2.imwrite(str(tmp_path / "ds" / "masks" / f"a{k}.png"), (image[:, :, 3] > 128).astype(np.uint8) * 255)
+    config = tiny_config(tmp_path / "unused", tmp_path / "run", epochs=1)
+    config.data.train = str(tmp_path / "ds")
+    config.data.crop_size = config.data.val_tile = 32
+    config.model.in_chans = 4
+    config.save(tmp_path / "c.yaml")
+    assert main(["train", "--config", str(tmp_path / "c.yaml")]) == 0
+    out = tmp_path / "sub.csv"
+    assert main(["predict", "--checkpoint", str(tmp_path / "run"), "--data", str(tmp_path / "ds"), "--out", str(out),
+                 "--no-progress", "--num-workers", "0", "--device", "cpu"]) == 0
+    assert len(out.read_text().splitlines()) == 5

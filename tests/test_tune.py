@@ -68,3 +68,8 @@ def test_tune_cli_stores_the_best_setting_for_predict(synth_data, tmp_path, caps
     assert seg.postprocess == PostProcess(threshold=best["threshold"], min_area=best["min_area"], empty_max_prob=best["empty_max_prob"])
     # an explicit flag still wins over the stored setting
     assert Segmenter.from_checkpoint(ckpt, device="cpu", threshold=0.5).postprocess.threshold == 0.5
+    # a run folder works as --checkpoint too: its best.pt is tuned and written
+    before = ckpt.stat().st_mtime_ns
+    assert main(["tune", "--checkpoint", str(tmp_path / "run"), "--data", str(synth_data / "test_truth.csv"),
+                 "--tile", "64"]) == 0
+    assert ckpt.stat().st_mtime_ns != before and "best.pt" in capsys.readouterr().out

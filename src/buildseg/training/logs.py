@@ -77,8 +77,10 @@ class RunLog:
     def write_history(self, history: list[dict[str, Any]]) -> None:
         if not self.enabled or not history:
             return
+        from buildseg.atomic import atomic_open
+
         keys = list(dict.fromkeys(k for row in history for k in row))
-        with open(self.history_csv, "w", newline="", encoding="utf-8") as handle:
+        with atomic_open(self.history_csv, "w", newline="", encoding="utf-8") as handle:
             writer = csv.DictWriter(handle, fieldnames=keys)
             writer.writeheader()
             writer.writerows(history)
@@ -103,5 +105,8 @@ def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
     ax_dice.set_ylim(0, 1)
     ax_dice.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    from buildseg.atomic import atomic_open
+
+    with atomic_open(path, "wb") as handle:  # a kill mid-write leaves the previous plot
+        fig.savefig(handle, dpi=90, format="png")
     plt.close(fig)
