@@ -147,6 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, default=18)
     p.add_argument("--tolerance", type=_ranged(float, 0.0, low_open=True), default=1e-3, help="max |logit diff| allowed in the parity check")
 
+    p = sub.add_parser("cache", help="decode a training set once into the disk store ahead of a run")
+    p.add_argument("--data", required=True, help="training CSV or images/+masks/ folder")
+    p.add_argument("--cache-dir", help="store folder (default ~/.cache/buildseg/decoded)")
+    p.add_argument("--in-chans", type=POSITIVE_INT, default=3, help="channels the model will read (default 3)")
+
     p = sub.add_parser("synth", help="write a synthetic demo dataset in the competition format")
     p.add_argument("--out", required=True)
     p.add_argument("--n-train", type=POSITIVE_INT, default=16)
@@ -290,6 +295,20 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cache(args: argparse.Namespace) -> int:
+    from buildseg.data.store import DecodedStore, StoreUnavailable
+    from buildseg.formats.tables import load_records
+
+    store = DecodedStore(load_records(args.data, require_masks=True), args.in_chans, "disk", args.cache_dir)
+    try:
+        stats = store.build(progress=True)
+    except StoreUnavailable as exc:
+        raise BuildsegError(f"{exc}; pass --cache-dir DIR on a writable disk with room") from None
+    print(f"decoded-image store in {stats.folder}: {stats.entries} images ({stats.built} decoded now), "
+          f"{stats.bytes / 1e9:.2f} GB for this dataset")
+    return 0
+
+
 def cmd_synth(args: argparse.Namespace) -> int:
     from buildseg.data.synth import write_dataset
 
@@ -305,7 +324,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "predict": cmd_predict, "evaluate": cmd_evaluate, "tune": cmd_tune, "export": cmd_export, "synth": cmd_synth, "demo": cmd_demo}
+COMMANDS = {"cache": cmd_cache, "train": cmd_train, "predict": cmd_predict, "evaluate": cmd_evaluate, "tune": cmd_tune, "export": cmd_export, "synth": cmd_synth, "demo": cmd_demo}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -33,7 +33,10 @@ class DataConfig:
     crops_per_image: int = 0  # random crops per training image per epoch; 0: image area / crop area
     val_tile: int = 224
     augment: bool = True
-    num_workers: int = -1  # -1: min(4, CPU count - 1)
+    num_workers: int = -1  # -1: from the CPU count (per process under torchrun), at most 16
+    cache: str = "auto"  # decoded-image store: auto (ram if it fits cache_ram_fraction, else disk) | disk | ram | none
+    cache_dir: str | None = None  # default ~/.cache/buildseg/decoded ($XDG_CACHE_HOME)
+    cache_ram_fraction: float = 0.25
 
 
 @dataclass
@@ -136,6 +139,8 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data.crops_per_image": _at_least(0),
     "data.val_tile": _at_least(16),
     "data.num_workers": _at_least(-1),
+    "data.cache": _choice("auto", "disk", "ram", "none"),
+    "data.cache_ram_fraction": _between(0.0, 1.0, closed_high=True),
     "model.arch": ((lambda v: v in ("unet", "seed_unet") or v.startswith("smp.")), "unet, seed_unet or smp.<Name>"),
     "model.in_chans": _at_least(1),
     "model.decoder_channels": ((lambda v: len(v) > 0 and all(c >= 1 for c in v)), "a non-empty list of positive ints"),

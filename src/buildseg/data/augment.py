@@ -1,22 +1,19 @@
-"""Training augmentation (albumentations): native-scale random crops, D4 flips, mild colour.
+"""Training augmentation (albumentations): D4 flips and quarter turns, mild colour.
 
-Crops are cut at the image's own resolution (no resizing of 1024 tiles): the test tiles
-of the competition are 224x224 crops at the same 0.5 m/px, so scale must not change.
-Images smaller than the crop are zero-padded (mask padded with background).
+Crops are cut by the dataset at the image's own resolution (no resizing of 1024 tiles):
+the test tiles of the competition are 224x224 crops at the same 0.5 m/px, so scale must
+not change. Images smaller than the crop are zero-padded (mask padded with background).
 """
 
 from __future__ import annotations
 
 import albumentations as A
-import cv2
 
 
-def train_transform(crop_size: int, augment: bool = True, colour: bool = True) -> A.Compose:
-    """Pad, crop, D4 flips; colour jitter only for RGB (``colour``): it is not defined for other bands."""
-    steps: list[A.BasicTransform] = [
-        A.PadIfNeeded(min_height=crop_size, min_width=crop_size, border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0),
-        A.RandomCrop(height=crop_size, width=crop_size),
-    ]
+def train_transform(augment: bool = True, colour: bool = True) -> A.Compose:
+    """Augmentation of a crop (the crop itself is cut by the dataset, before this): D4 flips
+    and quarter turns; colour jitter only for RGB (``colour``), where it is defined."""
+    steps: list[A.BasicTransform] = []
     if augment:
         steps += [
             A.HorizontalFlip(p=0.5),

@@ -13,7 +13,7 @@ worker-to-main transfers 4x smaller than float32.
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -23,6 +23,9 @@ from torch.utils.data.distributed import DistributedSampler
 from buildseg.data.augment import train_transform
 from buildseg.formats.images import read_image
 from buildseg.formats.tables import Record
+
+if TYPE_CHECKING:
+    from buildseg.data.store import DecodedStore
 
 
 class MaskCache:
@@ -48,7 +51,15 @@ def to_tensors(image: np.ndarray, mask: np.ndarray | None) -> tuple[torch.Tensor
 
 
 class TrainCropDataset(Dataset):
-    """Random crops of ``crop_size`` from each training image, ``crops_per_image`` per epoch."""
+    """Random crops of ``crop_size`` from each training image, ``crops_per_image`` per epoch.
+
+    Crop first, then augment: the window is drawn from the sample's seed, read (from the
+    decoded-image store when one is given, else from the freshly decoded file), zero-padded
+    to ``crop_size`` when the image is smaller (centred, mask padded with background), and
+    only then flipped, rotated by quarter turns and colour-jittered. These transforms need no
+    context beyond the crop; a transform that does (arbitrary rotation, rescaling) must read
+    a margin around the window. Both paths give bit-identical samples (tested).
+    """
 
     def __init__(
         self,
@@ -58,13 +69,15 @@ class TrainCropDataset(Dataset):
         augment: bool = True,
         seed: int = 0,
         in_chans: int = 3,
+        store: "DecodedStore | None" = None,
     ) -> None:
         self.records = list(records)
         self.crop_size = crop_size
         self.crops_per_image = int(crops_per_image) if crops_per_image > 0 else self.auto_crops(self.records, crop_size)
         self.seed = seed
         self.in_chans = in_chans
-        self.transform = train_transform(crop_size, augment, colour=in_chans == 3)
+        self.store = store
+        self.transform = train_transform(augment, colour=in_chans == 3)
         self.masks = MaskCache()
 
     @staticmethod
@@ -79,16 +92,46 @@ class TrainCropDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records) * self.crops_per_image
 
-    def __getitem__(self, key: tuple[int, int] | int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _window(self, rng: np.random.Generator, height: int, width: int) -> tuple[int, int]:
+        y = int(rng.integers(0, max(0, height - self.crop_size) + 1))
+        x = int(rng.integers(0, max(0, width - self.crop_size) + 1))
+        return y, x
+
+    def crop(self, key: tuple[int, int] | int) -> tuple[np.ndarray, np.ndarray, int]:
+        """The unaugmented (image, mask) window of sample ``key``, padded, and the sample's seed."""
         epoch, index = key if isinstance(key, tuple) else (0, key)
-        record = self.records[index % len(self.records)]
-        image = read_image(record.image_path, self.in_chans)
-        mask = self.masks.get(record, image.shape[:2])
+        r = index % len(self.records)
         sample_seed = int(np.random.SeedSequence([self.seed, epoch, index]).generate_state(1)[0])
+        rng = np.random.default_rng(sample_seed)
+        c = self.crop_size
+        if self.store is not None:
+            y, x = self._window(rng, *self.store.shapes[r])
+            image, mask = self.store.window(r, y, x, c, c)
+        else:
+            record = self.records[r]
+            full = read_image(record.image_path, self.in_chans)
+            y, x = self._window(rng, *full.shape[:2])
+            image = full[y : y + c, x : x + c]
+            mask = self.masks.get(record, full.shape[:2])[y : y + c, x : x + c]
+        return _pad_to(image, c), _pad_to(mask, c), sample_seed
+
+    def __getitem__(self, key: tuple[int, int] | int) -> tuple[torch.Tensor, torch.Tensor]:
+        image, mask, sample_seed = self.crop(key)
         self.transform.set_random_seed(sample_seed)
         out = self.transform(image=image, mask=mask)
         image_t, mask_t = to_tensors(out["image"], out["mask"])
         return image_t, mask_t
+
+
+def _pad_to(array: np.ndarray, size: int) -> np.ndarray:
+    """Zero-pad the first two axes to ``size``, centred (as albumentations' PadIfNeeded)."""
+    h, w = array.shape[:2]
+    if h >= size and w >= size:
+        return np.ascontiguousarray(array)
+    top, left = (size - h) // 2, (size - w) // 2
+    out = np.zeros((size, size, *array.shape[2:]), dtype=array.dtype)
+    out[top : top + h, left : left + w] = array
+    return out
 
 
 class EpochSampler(Sampler):

@@ -72,6 +72,13 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 
 
 def default_workers(requested: int) -> int:
+    """Loader workers: as asked, else the cores this process may use (all of them, shared by
+    the processes torchrun starts on this node) minus one for the main process, at most 16."""
     if requested >= 0:
         return requested
-    return max(0, min(4, (os.cpu_count() or 1) - 1))
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    per_process = cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(0, min(16, per_process - 1))

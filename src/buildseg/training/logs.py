@@ -14,8 +14,8 @@ log = logging.getLogger("buildseg")
 
 # event keys written to TensorBoard, under the tag "<group>/<key>"
 _SCALARS = {
-    "step": ("train", ("loss", "lr", "img_s")),
-    "epoch": ("epoch", ("train_loss", "val_dice", "val_iou", "val_empty_fp_rate", "train_img_s", "lr")),
+    "step": ("train", ("loss", "lr", "img_s", "data_wait")),
+    "epoch": ("epoch", ("train_loss", "val_dice", "val_iou", "val_empty_fp_rate", "train_img_s", "data_wait", "lr")),
 }
 
 

@@ -104,6 +104,7 @@ class Trainer:
         self.nonfinite_total = self.nonfinite_run = self.bad_epochs = 0
         self.epoch_loss = [0.0, 0]  # sum and count of this epoch's losses (kept across a resume)
         self.seen, self.seen_since = 0, time.monotonic()  # images since the last validation, for img/s
+        self.data_wait = 0.0  # seconds spent waiting for the loader since the last validation
         self.val_cost: float | None = None  # one validation, on the time limit's clock
         self.stopped_by: str | None = None
         self.stop = StopFlag()
@@ -127,7 +128,8 @@ class Trainer:
         self.sampler.set_epoch(self.epoch, skip=self.batch_in_epoch * t.batch_size)
         self._pick_loss()
         self.train_model.train()
-        bar = tqdm(self.loader, desc=f"epoch {self.epoch + 1}/{t.epochs}", disable=not (self.dist.is_main and t.progress), leave=False)
+        bar = tqdm(self._timed(self.loader), total=len(self.loader), desc=f"epoch {self.epoch + 1}/{t.epochs}",
+                   disable=not (self.dist.is_main and t.progress), leave=False)
         for images, masks in bar:
             self.batch_in_epoch += 1
             boundary = self.batch_in_epoch % t.grad_accum == 0 or self.batch_in_epoch == self.batches_per_epoch
@@ -186,6 +188,21 @@ class Trainer:
         return float(loss.detach())
 
     # -- bookkeeping -------------------------------------------------------------------
+    def _timed(self, loader):
+        """The loader's batches; the time spent waiting for each is added to ``data_wait``."""
+        batches = iter(loader)
+        while True:
+            started = time.monotonic()
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            self.data_wait += time.monotonic() - started
+            yield batch
+
+    def _wait_fraction(self) -> float:
+        return self.data_wait / max(1e-9, time.monotonic() - self.seen_since)
+
     def _record(self, value: float | None, batch: int, bar) -> bool:
         """Count a step's loss (False for a skipped non-finite one; too many in a row abort)."""
         if value is None:
@@ -206,7 +223,7 @@ class Trainer:
         if self.progress.step % 10 == 1:  # steps 1, 11, 21, ...: a short run still logs some
             parts = {k: float(v) for k, v in getattr(self.criterion.base, "parts", {}).items()}
             self.log.event({"kind": "step", "epoch": self.epoch, "step": self.progress.step, "loss": value,
-                            "parts": parts, "lr": lr, "img_s": rate})
+                            "parts": parts, "lr": lr, "img_s": rate, "data_wait": self._wait_fraction()})
         return True
 
     def _pick_loss(self) -> None:
@@ -251,15 +268,19 @@ class Trainer:
             "val_empty_fp_rate": summary["empty_fp_rate"], "lr": self.optimizer.param_groups[0]["lr"],
             "train_img_s": self.seen / max(train_seconds, 1e-9), "train_seconds": train_seconds,
             "val_seconds": time.monotonic() - started, "nonfinite_skipped": self.nonfinite_total,
+            "data_wait": self.data_wait / max(train_seconds, 1e-9),
         }
         self.history.append(record)
         self.log.event({"kind": "epoch", **record})
         self.log.write_history(self.history)
         if self.dist.is_main:
-            log.info("epoch %d%s: loss %.4f, val Dice %.4f (%d scored of %d tiles), %.1f img/s",
+            log.info("epoch %d%s: loss %.4f, val Dice %.4f (%d scored of %d tiles), %.1f img/s, %.0f%% waiting for data",
                      record["epoch"], " (partial)" if partial else "", record["train_loss"], summary["dice"],
-                     summary["n_scored"], summary["n"], record["train_img_s"])
-        self.seen, self.seen_since = 0, time.monotonic()
+                     summary["n_scored"], summary["n"], record["train_img_s"], 100 * record["data_wait"])
+            if record["data_wait"] > 0.3 and train_seconds > 10:
+                log.warning("the loader, not the model, bounds the step rate: %.0f%% of the training time waited for "
+                            "data; raise --num-workers or use --cache disk|ram", 100 * record["data_wait"])
+        self.seen, self.seen_since, self.data_wait = 0, time.monotonic(), 0.0
         return record
 
     def _after_validation(self, record: dict[str, Any]) -> None:

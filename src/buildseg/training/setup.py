@@ -6,6 +6,7 @@ Kept apart from the loop (training/loop.py) so that the loop reads on one screen
 from __future__ import annotations
 
 import logging
+import os
 import platform
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from torch.utils.data import DataLoader
 
 from buildseg import __version__
 from buildseg.config import Config, config_from_dict
+from buildseg.data.store import open_store
 from buildseg.data.datasets import EpochSampler, GridTileDataset, TrainCropDataset, split_records
 from buildseg.distributed import DistInfo
 from buildseg.errors import BuildsegError
@@ -54,15 +56,22 @@ def build_data(config: Config, dist: DistInfo, device: torch.device) -> Training
         if len(records) < 2:
             log.warning("only one training image: validating on the training image itself")
     in_chans = config.model.in_chans
-    train_set = TrainCropDataset(train_records, d.crop_size, d.crops_per_image, d.augment, t.seed, in_chans)
+    store = open_store(train_records, in_chans, d.cache, d.cache_dir, d.cache_ram_fraction,
+                       progress=dist.is_main and t.progress)
+    train_set = TrainCropDataset(train_records, d.crop_size, d.crops_per_image, d.augment, t.seed, in_chans, store)
     val_set = GridTileDataset(val_records, d.val_tile, in_chans)
     sampler = EpochSampler(train_set, t.seed, dist.rank, dist.world_size)
     workers = default_workers(d.num_workers)
+    prefetch = 4 if workers else None
     loader = DataLoader(
-        train_set, batch_size=t.batch_size, sampler=sampler, num_workers=workers,
+        train_set, batch_size=t.batch_size, sampler=sampler, num_workers=workers, prefetch_factor=prefetch,
         persistent_workers=workers > 0, pin_memory=device.type == "cuda", drop_last=len(sampler) >= t.batch_size,
         generator=torch.Generator().manual_seed(t.seed),  # keeps the global RNG (dropout) independent of loader restarts
     )
+    if dist.is_main:
+        log.info("loader: %d workers (of %d cores), prefetch %s batches each, pin_memory %s, crops from %s",
+                 workers, os.cpu_count() or 1, prefetch or 0, device.type == "cuda",
+                 f"the {store.mode} store" if store else "decoding each image per crop")
     if len(loader) == 0:
         raise BuildsegError(f"the training set yields no batch ({len(train_set)} samples, batch size {t.batch_size})")
     return TrainingData(train_set, val_set, sampler, loader)
