@@ -60,8 +60,9 @@ sums = checks[0]["weight_checksums"]
 assert max(sums) == min(sums), sums
 print(f"ok   all {nproc} rank(s) hold identical weights after all-gather over {backend} (checksum {sums[0]:.6f})")
 epochs = [e for e in events if e["kind"] == "epoch"]
-print(f"ok   validation counts all-reduced over {backend}: val Dice {epochs[-1]['val_dice']:.4f}, "
-      f"train {epochs[-1]['train_img_s']:.0f} img/s")
+print(f"ok   validation counts all-reduced over {backend}: val Dice {epochs[-1]['val_dice']:.4f}")
+print(f"ok   training step rate {epochs[-1]['train_img_s']:.0f} img/s (all ranks) with the decoded-image store, "
+      f"{100 * epochs[-1].get('data_wait', float('nan')):.0f}% of the time waiting for data")
 payload = torch.load(run / "last.pt", weights_only=True)
 keys = [k for k in payload["model"] if k.endswith("running_mean")]
 assert keys, "no batch-norm statistics in last.pt"
