@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from buildseg.config import Config  # noqa: E402
 from buildseg.losses import DeepSupervisionLoss, parse_loss  # noqa: E402
 from buildseg.models import ModelCard, build_model  # noqa: E402
-from buildseg.training.hardware import autocast, resolve_precision  # noqa: E402
+from buildseg.runtime.device import autocast, resolve_precision  # noqa: E402
 
 
 def time_steps(step, warmup: int, iters: int, batch: int) -> float:
@@ -91,7 +91,7 @@ def loader_rate(data: str, batch: int, batches: int) -> tuple[float, int]:
 
     from buildseg.data.datasets import EpochSampler, TrainCropDataset
     from buildseg.formats.tables import load_records
-    from buildseg.training.hardware import default_workers
+    from buildseg.runtime.device import default_workers
 
     dataset = TrainCropDataset(load_records(data, require_masks=True), 224)
     sampler = EpochSampler(dataset, seed=0)

@@ -58,7 +58,7 @@ def write_tiny_checkpoint(path: Path, in_chans: int = 3, seed: int = 0) -> Path:
     import torch
 
     from buildseg.models import ModelCard, build_model
-    from buildseg.training.checkpoint import FORMAT, save_atomic
+    from buildseg.runtime.checkpoint import FORMAT, save_atomic
 
     torch.manual_seed(seed)
     card = ModelCard(encoder="resnet18", in_chans=in_chans, decoder_channels=[16, 16, 8, 8, 8])

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from buildseg.formats import rle
-from buildseg.training.checkpoint import FORMAT
+from buildseg.runtime.checkpoint import FORMAT
 from conftest import write_tiny_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]

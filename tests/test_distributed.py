@@ -65,3 +65,10 @@ def test_timm_sync_batchnorm_keeps_activations_and_checkpoint_keys():
         assert isinstance(modules[name], torch.nn.SyncBatchNorm) and type(modules[name].act).__name__ == act
     assert list(synced.state_dict()) == list(build_model(ModelCard(encoder="efficientnet_lite0",
                                                                     decoder_channels=[16, 16, 8, 8, 8])).state_dict())
+
+
+def test_inference_does_not_import_training():
+    """Dependencies point down the pipeline: inference uses models and runtime, never training."""
+    offenders = [f"{p.relative_to(SRC)}: {line.strip()}" for p in (SRC / "inference").rglob("*.py")
+                 for line in p.read_text().splitlines() if re.match(r"\s*(from|import) buildseg\.training", line)]
+    assert not offenders, offenders

@@ -2,7 +2,7 @@ import pytest
 
 from buildseg.cli import main
 from buildseg.models import ModelCard, build_model
-from buildseg.training.checkpoint import FORMAT, save_atomic
+from buildseg.runtime.checkpoint import FORMAT, save_atomic
 
 pytest.importorskip("onnxruntime")  # installed by `make test` (the onnx extra)
 

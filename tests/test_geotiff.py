@@ -8,7 +8,7 @@ import torch
 from buildseg.cli import main
 from buildseg.data.synth import make_scene
 from buildseg.models import ModelCard, build_model
-from buildseg.training.checkpoint import FORMAT, save_atomic
+from buildseg.runtime.checkpoint import FORMAT, save_atomic
 
 rasterio = pytest.importorskip("rasterio")  # the geo extra, installed by `make test`
 from rasterio.transform import from_origin  # noqa: E402

@@ -14,7 +14,7 @@ from buildseg.inference.postprocess import PostProcess, apply, remove_small_comp
 from buildseg.inference.segmenter import Segmenter
 from buildseg.inference.tta import forward_transform, inverse_transform, transforms
 from buildseg.models import ModelCard, build_model
-from buildseg.training.checkpoint import FORMAT, save_atomic
+from buildseg.runtime.checkpoint import FORMAT, save_atomic
 from buildseg.training.loop import train
 from conftest import tiny_config
 

@@ -6,7 +6,7 @@ from buildseg.errors import BuildsegError
 from buildseg.inference.segmenter import load_model
 from buildseg.models import ModelCard, build_model
 from buildseg.models.encoders import create_encoder
-from buildseg.training.checkpoint import FORMAT, save_atomic
+from buildseg.runtime.checkpoint import FORMAT, save_atomic
 
 SIZES = [(32, 32), (33, 47), (100, 300), (224, 224)]
 

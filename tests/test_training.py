@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from buildseg.errors import BuildsegError
-from buildseg.training.checkpoint import load_checkpoint
+from buildseg.runtime.checkpoint import load_checkpoint
 from buildseg.training.loop import Trainer, train
 from conftest import tiny_config
 
@@ -111,7 +111,7 @@ KILL_SCRIPT = textwrap.dedent(
     sys.path.insert(0, {tests!r})
     from pathlib import Path
     from conftest import tiny_config
-    from buildseg.training import checkpoint
+    from buildseg.runtime import checkpoint
     from buildseg.training.loop import Trainer
 
     trainer = Trainer(tiny_config(Path({data!r}), Path({out!r}), epochs=3))

@@ -29,7 +29,7 @@ from buildseg.formats import rle
 from buildseg.formats.images import overlay, read_image, write_png
 from buildseg.formats.tables import Record, write_submission
 from buildseg.inference.segmenter import Segmenter
-from buildseg.training.hardware import default_workers
+from buildseg.runtime.device import default_workers
 
 log = logging.getLogger("buildseg")
 

@@ -25,8 +25,8 @@ from buildseg.inference.postprocess import PostProcess
 from buildseg.inference.tiling import sliding_window_proba
 from buildseg.inference.tta import predict_tta, transforms
 from buildseg.models.factory import ModelCard, SegmentationModel, build_model
-from buildseg.training.checkpoint import load_checkpoint
-from buildseg.training.hardware import autocast, resolve_device, resolve_precision
+from buildseg.runtime.checkpoint import load_checkpoint
+from buildseg.runtime.device import autocast, resolve_device, resolve_precision
 
 
 def checkpoint_paths(spec: str | Path | Sequence[str | Path]) -> list[Path]:

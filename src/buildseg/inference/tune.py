@@ -98,7 +98,7 @@ __all__ = ["search", "predict_tiles", "format_table", "default_row", "store_in_c
 
 def store_in_checkpoint(path, post: PostProcess) -> None:
     """Write ``post`` into the checkpoint (atomically), where predict will find it."""
-    from buildseg.training.checkpoint import load_checkpoint, save_atomic
+    from buildseg.runtime.checkpoint import load_checkpoint, save_atomic
 
     payload = load_checkpoint(path)
     payload["postprocess"] = post.to_dict()

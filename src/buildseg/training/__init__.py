@@ -1,1 +1,1 @@
-"""Training: the loop, checkpoints, hardware/precision choices, torchrun integration."""
+"""Training: the loop, its setup and schedule, validation, signals and run logs."""

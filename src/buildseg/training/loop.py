@@ -31,8 +31,8 @@ from buildseg.distributed import all_gather, any_true, barrier, cleanup, device_
 from buildseg.errors import BuildsegError
 from buildseg.losses import DeepSupervisionLoss
 from buildseg.models.factory import SegmentationModel
-from buildseg.training.checkpoint import FORMAT, load_checkpoint, rng_state, save_atomic, set_rng_state
-from buildseg.training.hardware import autocast, resolve_device, resolve_precision, seed_everything
+from buildseg.runtime.checkpoint import FORMAT, load_checkpoint, rng_state, save_atomic, set_rng_state
+from buildseg.runtime.device import autocast, resolve_device, resolve_precision, seed_everything
 from buildseg.training.logs import RunLog
 from buildseg.training.schedule import Progress, make_optimizer, make_scheduler
 from buildseg.training.setup import (build_data, build_training_model, card_from_config, environment_info,

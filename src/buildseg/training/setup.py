@@ -27,7 +27,7 @@ from buildseg.errors import BuildsegError
 from buildseg.formats.tables import load_records
 from buildseg.losses import DeepSupervisionLoss, parse_loss
 from buildseg.models.factory import ModelCard, SegmentationModel, build_model
-from buildseg.training.hardware import default_workers
+from buildseg.runtime.device import default_workers
 
 log = logging.getLogger("buildseg")
 

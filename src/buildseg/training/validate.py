@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Subset
 from buildseg.data.datasets import GridTileDataset
 from buildseg.metrics import summarize
 from buildseg.distributed import DistInfo, all_reduce
-from buildseg.training.hardware import autocast
+from buildseg.runtime.device import autocast
 
 
 @torch.no_grad()
