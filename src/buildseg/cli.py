@@ -113,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overlap", type=_ranged(float, 0.0, 1.0), default=0.25, help="sliding-window overlap, in [0, 1)")
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--engine", default="torch", choices=["auto", "torch", "openvino", "onnxruntime"],
+                   help="inference engine: torch (default), openvino or onnxruntime (CPU, ONNX graph cached next to the "
+                        "checkpoint), auto = openvino on x86 CPUs where installed, else torch")
     p.add_argument("--num-workers", type=_ranged(int, -1), default=-1)
     p.add_argument("--masks-dir", help="also write PNG masks here")
     p.add_argument("--overlays-dir", help="also write overlay PNGs here")
@@ -138,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=POSITIVE_INT, default=32)
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--engine", default="torch", choices=["auto", "torch", "openvino", "onnxruntime"],
+                   help="inference engine: torch (default), openvino or onnxruntime (CPU, ONNX graph cached next to the "
+                        "checkpoint), auto = openvino on x86 CPUs where installed, else torch")
     p.add_argument("--no-save", action="store_true", help="print only; do not write the setting into the checkpoint")
     p.add_argument("--json", help="also write all results to this JSON file")
 
@@ -218,7 +224,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         segmenter = Segmenter.from_checkpoint(
             args.checkpoint, device=device, precision=args.precision, tta=args.tta, threshold=args.threshold,
             min_area=args.min_area, ds_ensemble=args.ds_ensemble, window=args.window, overlap=args.overlap,
-            empty_vote=args.empty_vote,
+            empty_vote=args.empty_vote, engine=args.engine,
         )
         if geotiff:
             from buildseg.inference.geotiff import predict_geotiff
@@ -268,7 +274,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
             if not os.access(path, os.W_OK) or not os.access(path.parent, os.W_OK):
                 raise BuildsegError(f"cannot store the tuned setting in {path}: not writable; copy it somewhere writable or pass --no-save")
     records = load_records(args.data, require_masks=True)
-    segmenter = Segmenter.from_checkpoint(paths, device=args.device, precision=args.precision, tta=args.tta)
+    segmenter = Segmenter.from_checkpoint(paths, device=args.device, precision=args.precision, tta=args.tta,
+                                          engine=args.engine)
     dataset = GridTileDataset(records, args.tile, segmenter.in_chans)
     probs, truths = predict_tiles(segmenter, dataset, args.batch_size)
     rows = search(probs, truths)

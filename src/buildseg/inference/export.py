@@ -45,7 +45,12 @@ def export_checked(checkpoint: str | Path, out: str | Path, opset: int = 18, tol
 
 def export_onnx(checkpoint: str | Path, out: str | Path, opset: int = 18) -> Path:
     model, _ = load_model(checkpoint, "cpu")
-    model.eval()
+    return export_model_onnx(model, out, opset)
+
+
+def export_model_onnx(model, out: str | Path, opset: int = 18) -> Path:
+    """ONNX of a SegmentationModel (eval mode, CPU, fp32), dynamic batch/height/width."""
+    model = model.eval()
     stride = model.stride
     example = torch.randint(0, 256, (2, model.card.in_chans, 3 * stride, 4 * stride)).float()
     dims = {0: torch.export.Dim("batch", min=1, max=4096),
@@ -56,7 +61,22 @@ def export_onnx(checkpoint: str | Path, out: str | Path, opset: int = 18) -> Pat
                           dynamo=True, dynamic_shapes={"x": dims}, opset_version=opset)
     except ImportError as exc:
         raise BuildsegError(f"ONNX export needs the onnx extra: pip install 'buildseg[onnx]' ({exc})") from None
+    _inline_weights(Path(out))
     return Path(out)
+
+
+def _inline_weights(path: Path) -> None:
+    """One self-contained file: the exporter may put weights in ``<name>.data`` beside the
+    graph, which breaks as soon as the graph is renamed or copied alone (models < 2 GB)."""
+    import onnx
+
+    external = [p for p in path.parent.glob(path.name + "*.data")] + list(path.parent.glob(path.stem + "*.data"))
+    if not external:
+        return
+    model = onnx.load(str(path), load_external_data=True)
+    onnx.save_model(model, str(path), save_as_external_data=False)
+    for data in set(external):
+        data.unlink(missing_ok=True)
 
 
 def check_parity(checkpoint: str | Path, onnx_path: str | Path,

@@ -21,12 +21,13 @@ import torch
 from buildseg.data.datasets import to_tensors
 from buildseg.errors import BuildsegError
 from buildseg.inference import postprocess as pp_mod
+from buildseg.inference.engines import build_engine, resolve_engine
 from buildseg.inference.postprocess import PostProcess
 from buildseg.inference.tiling import sliding_window_proba
 from buildseg.inference.tta import predict_tta, transforms
 from buildseg.models.factory import ModelCard, SegmentationModel, build_model
 from buildseg.runtime.checkpoint import load_checkpoint
-from buildseg.runtime.device import autocast, resolve_device, resolve_precision
+from buildseg.runtime.device import resolve_device, resolve_precision
 
 
 def checkpoint_paths(spec: str | Path | Sequence[str | Path]) -> list[Path]:
@@ -74,6 +75,8 @@ class Segmenter:
         window: int = 1024,
         overlap: float = 0.25,
         empty_vote: int = 0,
+        engine: str = "torch",
+        checkpoints: Sequence[Path] | None = None,
     ) -> None:
         if not models:
             raise BuildsegError("a Segmenter needs at least one model")
@@ -100,6 +103,10 @@ class Segmenter:
         self.window = window
         self.overlap = overlap
         self.empty_vote = int(empty_vote)  # >0: tile is empty if at least this many models predict it empty
+        self.engine = resolve_engine(engine, self.device)
+        paths = list(checkpoints) if checkpoints is not None else [None] * len(self.models)
+        self.runners = [build_engine(self.engine, m, self.device, self.precision, channels_last, p)
+                        for m, p in zip(self.models, paths)]
 
     @classmethod
     def from_checkpoint(
@@ -113,34 +120,31 @@ class Segmenter:
         ds_ensemble: bool | None = None,
         **kwargs,
     ) -> "Segmenter":
-        models, stored = [], None
+        models, paths, stored = [], [], None
         for p in checkpoint_paths(path):
             model, payload = load_model(p)
             if ds_ensemble is not None:
                 model.ds_ensemble = bool(ds_ensemble) and model.card.deep_supervision
             models.append(model)
+            paths.append(p)
             stored = stored or payload.get("postprocess")
         post = PostProcess.from_dict(stored)
         if threshold is not None:
             post = replace(post, threshold=float(threshold))
         if min_area is not None:
             post = replace(post, min_area=int(min_area))
-        return cls(models, device=device, precision=precision, tta=tta, postprocess=post, **kwargs)
+        return cls(models, device=device, precision=precision, tta=tta, postprocess=post, checkpoints=paths, **kwargs)
 
     # -- probabilities -----------------------------------------------------------------
     @torch.no_grad()
-    def _model_prob(self, model: SegmentationModel, images: torch.Tensor) -> torch.Tensor:
-        images = images.to(self.device, non_blocking=True)
-        if self.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with autocast(self.device, self.precision):
-            logits = model(images)
-        return torch.sigmoid(logits.float())[:, 0]
+    def _member_prob(self, k: int, images: torch.Tensor) -> torch.Tensor:
+        """(B, H, W) probabilities of ensemble member ``k`` on its engine."""
+        return torch.sigmoid(self.runners[k](images).float())[:, 0]
 
     @torch.no_grad()
     def member_probs(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Per-model (B, H, W) probabilities of a uint8 (B, C, H, W) batch, TTA applied, on CPU."""
-        return [predict_tta(lambda x, m=model: self._model_prob(m, x), images, self.tta).cpu() for model in self.models]
+        return [predict_tta(lambda x, k=k: self._member_prob(k, x), images, self.tta).cpu() for k in range(len(self.models))]
 
     def predict_proba_batch(self, images: torch.Tensor) -> torch.Tensor:
         """Mean probability over the ensemble, (B, H, W) float32 on CPU."""
@@ -167,7 +171,7 @@ class Segmenter:
         members = []
         for k in range(len(self.models)):
             def one(batch: torch.Tensor, k: int = k) -> torch.Tensor:
-                return predict_tta(lambda x: self._model_prob(self.models[k], x), batch, self.tta).cpu()
+                return predict_tta(lambda x: self._member_prob(k, x), batch, self.tta).cpu()
 
             members.append(sliding_window_proba(one, tensor, self.window, self.overlap, batch_size).numpy())
         return members

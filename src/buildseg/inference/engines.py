@@ -1,0 +1,177 @@
+"""Inference engines behind one call: uint8/float (B, C, H, W) images -> float32 logits.
+
+* ``torch``: the model itself (autocast precision, channels_last), on CPU or GPU.
+* ``openvino``: the model's ONNX graph compiled by OpenVINO for the CPU, ``f32`` or ``bf16``
+  (``INFERENCE_PRECISION_HINT``); the ``cpu`` extra (``pip install 'buildseg[cpu]'``).
+* ``onnxruntime``: the same ONNX graph in onnxruntime's CPU provider; the ``onnx`` extra.
+* ``auto``: OpenVINO on x86 CPUs where it is installed, torch elsewhere (GPUs).
+
+The ONNX graph is the one ``buildseg export`` writes and parity-checks: normalisation,
+stride padding and the crop back inside, dynamic batch, height and width, weights inlined. It is cached next
+to the checkpoint (``<checkpoint folder>/.buildseg-engines/``, else the user cache), keyed by
+a hash of the weights and model card and the deep-supervision-ensemble switch, so the second
+run starts at once and a changed checkpoint is exported again; OpenVINO's own compiled-blob
+cache sits beside it. Inputs smaller than the encoder's stride are padded as the torch model
+pads them and the logits cropped back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from buildseg.errors import BuildsegError
+from buildseg.models.factory import SegmentationModel
+from buildseg.runtime.device import autocast, cpu_has_native_bf16
+
+log = logging.getLogger("buildseg")
+ENGINES = ("auto", "torch", "openvino", "onnxruntime")
+EXTRAS = {"openvino": ("openvino", "cpu"), "onnxruntime": ("onnxruntime", "onnx")}
+
+
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def resolve_engine(name: str, device: torch.device) -> str:
+    if name not in ENGINES:
+        raise BuildsegError(f"unknown engine {name!r}; use one of {', '.join(ENGINES)}")
+    if name == "auto":
+        x86 = platform.machine().lower() in ("x86_64", "amd64")
+        return "openvino" if device.type == "cpu" and x86 and _installed("openvino") else "torch"
+    if name != "torch":
+        module, extra = EXTRAS[name]
+        if device.type != "cpu":
+            raise BuildsegError(f"--engine {name} runs on the CPU; use --engine torch on {device}")
+        if not _installed(module):
+            raise BuildsegError(f"--engine {name} needs the {module} package: pip install 'buildseg[{extra}]'")
+    return name
+
+
+def model_key(model: SegmentationModel) -> str:
+    """Changes whenever the exported graph would: weights, model card, ensemble switch."""
+    digest = hashlib.sha256(repr(sorted(model.card.to_dict().items())).encode())
+    digest.update(f"ds_ensemble={model.ds_ensemble}".encode())
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:24]
+
+
+def cache_folder(checkpoint: Path | None) -> Path:
+    if checkpoint is not None and os.access(checkpoint.parent, os.W_OK):
+        return checkpoint.parent / ".buildseg-engines"
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "buildseg" / "engines"
+
+
+def cached_onnx(model: SegmentationModel, folder: Path) -> Path:
+    """The model's ONNX graph in ``folder``, exported once per :func:`model_key`."""
+    from buildseg.inference.export import export_model_onnx
+
+    path = folder / f"{model_key(model)}.onnx"
+    if path.is_file():
+        log.info("engine cache: reusing %s", path)
+        return path
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.onnx")
+    log.info("engine cache: exporting the model to %s (once per checkpoint)", path)
+    try:
+        cpu_model = model.to("cpu").float().to(memory_format=torch.contiguous_format)
+        export_model_onnx(cpu_model, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+        tmp.with_name(tmp.name + ".data").unlink(missing_ok=True)
+    return path
+
+
+class _PadSmall:
+    """Pads inputs below the encoder's stride as the torch model does (reflect, or the mean
+    pixel = zero after normalisation where the margin exceeds the image); the ONNX graph
+    needs H, W >= stride."""
+
+    def __init__(self, model: SegmentationModel) -> None:
+        self.stride = model.stride
+        self.mean = model.mean.detach().cpu().float().view(1, -1, 1, 1)
+
+    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        images = images.float()
+        h, w = images.shape[-2:]
+        if h >= self.stride and w >= self.stride:
+            return images, (h, w)
+        ph, pw = max(0, self.stride - h), max(0, self.stride - w)
+        if ph < h and pw < w:  # the torch model's own rule: reflect where the margin is smaller than the image
+            return torch.nn.functional.pad(images, (0, pw, 0, ph), mode="reflect"), (h, w)
+        padded = self.mean.expand(images.shape[0], -1, h + ph, w + pw).clone()
+        padded[..., :h, :w] = images
+        return padded, (h, w)
+
+
+def torch_engine(model: SegmentationModel, device: torch.device, precision: str,
+                 channels_last: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+    def run(images: torch.Tensor) -> torch.Tensor:
+        images = images.to(device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast(device, precision):
+            return model(images).float()
+
+    return run
+
+
+def openvino_engine(model: SegmentationModel, precision: str, folder: Path) -> Callable[[torch.Tensor], torch.Tensor]:
+    import openvino as ov
+
+    if precision == "bf16" and not cpu_has_native_bf16():
+        log.warning("this CPU has no native bf16 (AVX512-BF16/AMX): OpenVINO emulates it, usually slower than fp32")
+    core = ov.Core()
+    core.set_property({"CACHE_DIR": str(folder / "openvino")})
+    config = {"INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32", "PERFORMANCE_HINT": "LATENCY"}
+    compiled = core.compile_model(core.read_model(str(cached_onnx(model, folder))), "CPU", config)
+    pad = _PadSmall(model)
+
+    def run(images: torch.Tensor) -> torch.Tensor:
+        padded, (h, w) = pad(images)
+        logits = compiled(padded.contiguous().numpy())[0]
+        return torch.from_numpy(np.ascontiguousarray(logits[..., :h, :w]))
+
+    return run
+
+
+def onnxruntime_engine(model: SegmentationModel, folder: Path) -> Callable[[torch.Tensor], torch.Tensor]:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(cached_onnx(model, folder)), providers=["CPUExecutionProvider"])
+    pad = _PadSmall(model)
+
+    def run(images: torch.Tensor) -> torch.Tensor:
+        padded, (h, w) = pad(images)
+        logits = session.run(["logits"], {"image": padded.contiguous().numpy()})[0]
+        return torch.from_numpy(np.ascontiguousarray(logits[..., :h, :w]))
+
+    return run
+
+
+def build_engine(name: str, model: SegmentationModel, device: torch.device, precision: str, channels_last: bool,
+                 checkpoint: Path | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The logits function of ``model`` on engine ``name`` (already resolved, not ``auto``)."""
+    if name == "torch":
+        return torch_engine(model, device, precision, channels_last)
+    if precision == "fp16":
+        raise BuildsegError(f"--engine {name} runs fp32 or bf16 on the CPU; fp16 is for CUDA GPUs (--engine torch)")
+    folder = cache_folder(checkpoint)
+    if name == "openvino":
+        return openvino_engine(model, precision, folder)
+    if precision == "bf16":
+        raise BuildsegError("--engine onnxruntime runs fp32 only here; use --engine openvino for bf16")
+    return onnxruntime_engine(model, folder)

@@ -1,0 +1,76 @@
+"""Every inference engine gives the torch result on random inputs; the ONNX cache works."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from buildseg.errors import BuildsegError
+from buildseg.inference import engines
+from buildseg.inference.segmenter import Segmenter
+from conftest import write_tiny_checkpoint
+
+pytest.importorskip("onnx")
+AVAILABLE = [name for name, (module, _) in engines.EXTRAS.items() if engines._installed(module)]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("engines")
+    return write_tiny_checkpoint(root / "a.pt", seed=1), write_tiny_checkpoint(root / "b.pt", seed=2)
+
+
+@pytest.mark.parametrize("engine", AVAILABLE)
+def test_engine_matches_torch_on_random_inputs(engine, checkpoints):
+    a, b = checkpoints
+    kwargs = dict(device="cpu", precision="fp32", tta="flip")
+    reference = Segmenter.from_checkpoint([a, b], engine="torch", **kwargs)
+    compiled = Segmenter.from_checkpoint([a, b], engine=engine, **kwargs)
+    rng = np.random.default_rng(0)
+    for shape in ((64, 64), (97, 45), (20, 23), (130, 70)):  # odd sizes, below the stride, above the window
+        image = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
+        for seg in (reference, compiled):
+            seg.window = 64  # 130x70 goes through the sliding window
+        np.testing.assert_allclose(compiled.predict_proba(image), reference.predict_proba(image), atol=1e-4)
+        for got, want in zip(compiled.member_probas(image), reference.member_probas(image)):
+            np.testing.assert_allclose(got, want, atol=1e-4)
+    batch = torch.from_numpy(rng.integers(0, 256, (3, 3, 48, 80), dtype=np.uint8))
+    torch.testing.assert_close(compiled.predict_proba_batch(batch), reference.predict_proba_batch(batch), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("engine", AVAILABLE)
+def test_the_onnx_cache_is_reused_and_rebuilt_when_the_checkpoint_changes(engine, tmp_path, monkeypatch):
+    ckpt = write_tiny_checkpoint(tmp_path / "m.pt", seed=3)
+    exports = []
+    from buildseg.inference import export
+
+    original = export.export_model_onnx
+
+    def counting(model, out, opset=18):
+        exports.append(out)
+        return original(model, out, opset)
+
+    monkeypatch.setattr(export, "export_model_onnx", counting)
+    Segmenter.from_checkpoint(ckpt, device="cpu", precision="fp32", engine=engine)
+    Segmenter.from_checkpoint(ckpt, device="cpu", precision="fp32", engine=engine)
+    assert len(exports) == 1  # the second run reuses the cached graph
+    cached = list((tmp_path / ".buildseg-engines").glob("*.onnx"))
+    assert len(cached) == 1
+    write_tiny_checkpoint(ckpt, seed=4)  # new weights in the same file
+    Segmenter.from_checkpoint(ckpt, device="cpu", precision="fp32", engine=engine)
+    assert len(exports) == 2 and len(list((tmp_path / ".buildseg-engines").glob("*.onnx"))) == 2
+
+
+def test_an_engine_that_is_not_installed_names_its_extra(monkeypatch, checkpoints):
+    monkeypatch.setattr(engines, "_installed", lambda module: False)
+    with pytest.raises(BuildsegError, match=r"buildseg\[cpu\]"):
+        Segmenter.from_checkpoint(checkpoints[0], device="cpu", engine="openvino")
+    with pytest.raises(BuildsegError, match=r"buildseg\[onnx\]"):
+        Segmenter.from_checkpoint(checkpoints[0], device="cpu", engine="onnxruntime")
+    assert engines.resolve_engine("auto", torch.device("cpu")) == "torch"  # auto falls back
+
+
+def test_fp16_is_refused_off_torch():
+    with pytest.raises(BuildsegError, match="fp16"):
+        engines.build_engine("openvino", None, torch.device("cpu"), "fp16", False)
