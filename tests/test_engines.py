@@ -74,3 +74,21 @@ def test_an_engine_that_is_not_installed_names_its_extra(monkeypatch, checkpoint
 def test_fp16_is_refused_off_torch():
     with pytest.raises(BuildsegError, match="fp16"):
         engines.build_engine("openvino", None, torch.device("cpu"), "fp16", False)
+
+
+def test_int8_needs_a_calibrated_model_then_follows_fp32(synth_data, tmp_path):
+    pytest.importorskip("openvino")
+    pytest.importorskip("nncf")
+    from buildseg.inference.quantize import quantize
+
+    ckpt = write_tiny_checkpoint(tmp_path / "m.pt", seed=5)
+    with pytest.raises(BuildsegError, match="buildseg quantize"):
+        Segmenter.from_checkpoint(ckpt, device="cpu", precision="int8", engine="openvino")
+    result = quantize(ckpt, synth_data / "test_truth.csv", n_tiles=12, tile=64)
+    assert result.path.is_file() and result.n_calibration == 12
+    int8 = Segmenter.from_checkpoint(ckpt, device="cpu", precision="int8", engine="openvino")
+    fp32 = Segmenter.from_checkpoint(ckpt, device="cpu", precision="fp32", engine="torch")
+    image = np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8)
+    assert np.abs(int8.predict_proba(image) - fp32.predict_proba(image)).mean() < 0.02
+    with pytest.raises(BuildsegError, match="openvino"):
+        Segmenter.from_checkpoint(ckpt, device="cpu", precision="int8", engine="torch")

@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window", type=_ranged(int, 32), default=1024, help="sliding-window size for larger images")
     p.add_argument("--overlap", type=_ranged(float, 0.0, 1.0), default=0.25, help="sliding-window overlap, in [0, 1)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16", "int8"])
     p.add_argument("--engine", default="torch", choices=["auto", "torch", "openvino", "onnxruntime"],
                    help="inference engine: torch (default), openvino or onnxruntime (CPU, ONNX graph cached next to the "
                         "checkpoint), auto = openvino on x86 CPUs where installed, else torch")
@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", default="none", choices=["none", "flip", "d4"])
     p.add_argument("--batch-size", type=POSITIVE_INT, default=32)
     p.add_argument("--device", default="auto")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16", "int8"])
     p.add_argument("--engine", default="torch", choices=["auto", "torch", "openvino", "onnxruntime"],
                    help="inference engine: torch (default), openvino or onnxruntime (CPU, ONNX graph cached next to the "
                         "checkpoint), auto = openvino on x86 CPUs where installed, else torch")
@@ -152,6 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--onnx", required=True, help="output .onnx file")
     p.add_argument("--opset", type=int, default=18)
     p.add_argument("--tolerance", type=_ranged(float, 0.0, low_open=True), default=1e-3, help="max |logit diff| allowed in the parity check")
+
+    p = sub.add_parser("quantize", help="int8 model for --engine openvino --precision int8, calibrated with NNCF")
+    p.add_argument("--checkpoint", required=True, help="checkpoint .pt or run folder")
+    p.add_argument("--data", required=True, help="validation CSV/folder with masks: calibration tiles and the Dice check")
+    p.add_argument("--n-tiles", type=POSITIVE_INT, default=300, help="calibration tiles (default 300)")
+    p.add_argument("--tile", type=_ranged(int, 32), default=224)
 
     p = sub.add_parser("cache", help="decode a training set once into the disk store ahead of a run")
     p.add_argument("--data", required=True, help="training CSV or images/+masks/ folder")
@@ -302,6 +308,16 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from buildseg.inference.quantize import quantize
+
+    result = quantize(args.checkpoint, args.data, args.n_tiles, args.tile)
+    print(f"wrote {result.path} (int8, calibrated on {result.n_calibration} tiles)")
+    print(f"competition Dice on the validation tiles: fp32 {result.dice_fp32:.4f}, int8 {result.dice_int8:.4f} "
+          f"(change {result.dice_int8 - result.dice_fp32:+.4f})")
+    return 0
+
+
 def cmd_cache(args: argparse.Namespace) -> int:
     from buildseg.data.store import DecodedStore, StoreUnavailable
     from buildseg.formats.tables import load_records
@@ -331,7 +347,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"cache": cmd_cache, "train": cmd_train, "predict": cmd_predict, "evaluate": cmd_evaluate, "tune": cmd_tune, "export": cmd_export, "synth": cmd_synth, "demo": cmd_demo}
+COMMANDS = {"quantize": cmd_quantize, "cache": cmd_cache, "train": cmd_train, "predict": cmd_predict, "evaluate": cmd_evaluate, "tune": cmd_tune, "export": cmd_export, "synth": cmd_synth, "demo": cmd_demo}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

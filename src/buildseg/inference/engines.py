@@ -129,15 +129,29 @@ def torch_engine(model: SegmentationModel, device: torch.device, precision: str,
     return run
 
 
-def openvino_engine(model: SegmentationModel, precision: str, folder: Path) -> Callable[[torch.Tensor], torch.Tensor]:
+def int8_path(model: SegmentationModel, folder: Path) -> Path:
+    """Where ``buildseg quantize`` puts the int8 OpenVINO model of ``model``."""
+    return folder / f"{model_key(model)}.int8.xml"
+
+
+def openvino_engine(model: SegmentationModel, precision: str, folder: Path,
+                    checkpoint: Path | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
     import openvino as ov
 
     if precision == "bf16" and not cpu_has_native_bf16():
         log.warning("this CPU has no native bf16 (AVX512-BF16/AMX): OpenVINO emulates it, usually slower than fp32")
     core = ov.Core()
     core.set_property({"CACHE_DIR": str(folder / "openvino")})
-    config = {"INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32", "PERFORMANCE_HINT": "LATENCY"}
-    compiled = core.compile_model(core.read_model(str(cached_onnx(model, folder))), "CPU", config)
+    if precision == "int8":
+        source = int8_path(model, folder)
+        if not source.is_file():
+            raise BuildsegError(f"no int8 model for {checkpoint or 'this model'}: calibrate one first with "
+                                f"`buildseg quantize --checkpoint {checkpoint or 'CKPT'} --data VAL`")
+        config = {"PERFORMANCE_HINT": "LATENCY"}
+    else:
+        source = cached_onnx(model, folder)
+        config = {"INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32", "PERFORMANCE_HINT": "LATENCY"}
+    compiled = core.compile_model(core.read_model(str(source)), "CPU", config)
     pad = _PadSmall(model)
 
     def run(images: torch.Tensor) -> torch.Tensor:
@@ -166,12 +180,16 @@ def build_engine(name: str, model: SegmentationModel, device: torch.device, prec
                  checkpoint: Path | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
     """The logits function of ``model`` on engine ``name`` (already resolved, not ``auto``)."""
     if name == "torch":
+        if precision == "int8":
+            raise BuildsegError("int8 runs on --engine openvino (after `buildseg quantize`); torch runs fp32/bf16/fp16")
         return torch_engine(model, device, precision, channels_last)
     if precision == "fp16":
         raise BuildsegError(f"--engine {name} runs fp32 or bf16 on the CPU; fp16 is for CUDA GPUs (--engine torch)")
     folder = cache_folder(checkpoint)
     if name == "openvino":
-        return openvino_engine(model, precision, folder)
+        return openvino_engine(model, precision, folder, checkpoint)
+    if precision == "int8":
+        raise BuildsegError("int8 runs on --engine openvino (after `buildseg quantize`)")
     if precision == "bf16":
         raise BuildsegError("--engine onnxruntime runs fp32 only here; use --engine openvino for bf16")
     return onnxruntime_engine(model, folder)

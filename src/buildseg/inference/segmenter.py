@@ -81,7 +81,7 @@ class Segmenter:
         if not models:
             raise BuildsegError("a Segmenter needs at least one model")
         self.device = resolve_device(str(device)) if not isinstance(device, torch.device) else device
-        self.precision = resolve_precision(precision, self.device)
+        self.precision = "int8" if precision == "int8" else resolve_precision(precision, self.device)
         transforms(tta)  # validates the mode
         self.tta = tta
         self.channels_last = channels_last
