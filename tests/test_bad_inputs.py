@@ -92,6 +92,11 @@ def csv_with(rows_maker, header=("img_id", "img_path"), encoding="utf-8"):
     return make
 
 
+def _file(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
 def _corrupt_png(w, tmp):
     (tmp / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\nthis is not a png")
     return [("ok", str(w["root"] / "img" / "t0.png")), ("bad", "bad.png")]
@@ -237,8 +242,7 @@ CASES: dict[str, Case] = {
     "predict truncated png": predict_case(csv_with(_truncated_png), fragments=["cut.png", "corrupt"]),
     "predict csv without columns": predict_case(csv_with(lambda w, t: [("a", "b")], header=("id", "path")),
                                                 fragments=["data.csv", "no 'img_id' column"]),
-    "predict csv empty": predict_case(lambda w, t: (t / "data.csv").write_text("") and None or t / "data.csv",
-                                      fragments=["data.csv", "is empty"]),
+    "predict csv empty": predict_case(lambda w, t: _file(t / "data.csv", b""), fragments=["data.csv", "is empty"]),
     "predict csv header only": predict_case(csv_with(lambda w, t: []), fragments=["data.csv", "no rows"]),
     "predict csv duplicate ids": predict_case(csv_with(lambda w, t: _ok_rows(w, t) + [("t0", "x.png")]),
                                               fragments=["data.csv", "'t0'", "more than once"]),
@@ -258,8 +262,7 @@ CASES: dict[str, Case] = {
     "checkpoint missing": ckpt_case(lambda w, t: t / "none.pt", ["none.pt", "not found"]),
     "checkpoint from another tool": ckpt_case(_foreign_checkpoint, ["other.pt", "not a buildseg checkpoint"]),
     "checkpoint pickle runs code": ckpt_case(_pickle_checkpoint, ["evil.pt", "weights_only"]),
-    "checkpoint random bytes": ckpt_case(lambda w, t: (t / "junk.pt").write_bytes(os.urandom(300)) and t / "junk.pt",
-                                         ["junk.pt", "damaged"]),
+    "checkpoint random bytes": ckpt_case(lambda w, t: _file(t / "junk.pt", os.urandom(300)), ["junk.pt", "damaged"]),
     "checkpoint folder without pt": ckpt_case(lambda w, t: (t / "empty_run").mkdir() or t / "empty_run",
                                               ["empty_run", "no checkpoints"]),
     # GeoTIFF
