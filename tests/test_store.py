@@ -107,8 +107,8 @@ def test_two_processes_building_at_once_make_one_valid_store(synth_data, tmp_pat
 def test_full_disk_falls_back_to_decoding_with_a_warning(records, tmp_path, monkeypatch, caplog):
     import buildseg.data.store as store_module
 
-    def full(path, array):
-        Path(path).write_bytes(b"\\x93NUMPY partial")
+    def full(handle, array):
+        handle.write(b"\\x93NUMPY partial")  # half an entry, then the disk is full
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(store_module.np, "save", full)

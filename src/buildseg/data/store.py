@@ -34,8 +34,10 @@ from typing import Sequence
 import numpy as np
 from tqdm import tqdm
 
+from buildseg.atomic import atomic_open
 from buildseg.formats.images import image_size, read_image
 from buildseg.formats.tables import Record
+from buildseg.runtime import user_cache_dir
 
 log = logging.getLogger("buildseg")
 STORE_VERSION = 1
@@ -47,8 +49,7 @@ class StoreUnavailable(Exception):
 
 
 def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "buildseg" / "decoded"
+    return user_cache_dir("decoded")
 
 
 def _mask_source(record: Record) -> str:
@@ -183,12 +184,8 @@ class DecodedStore:
 
 
 def _save_atomic(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npy")
-    try:
-        np.save(tmp, array)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_open(path, "wb") as handle:
+        np.save(handle, array)
 
 
 def open_store(records: Sequence[Record], in_chans: int, mode: str, cache_dir: str | None, ram_fraction: float,

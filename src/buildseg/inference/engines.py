@@ -29,6 +29,7 @@ import torch
 
 from buildseg.errors import BuildsegError
 from buildseg.models.factory import SegmentationModel
+from buildseg.runtime import user_cache_dir
 from buildseg.runtime.device import autocast, cpu_has_native_bf16
 
 log = logging.getLogger("buildseg")
@@ -70,8 +71,7 @@ def model_key(model: SegmentationModel) -> str:
 def cache_folder(checkpoint: Path | None) -> Path:
     if checkpoint is not None and os.access(checkpoint.parent, os.W_OK):
         return checkpoint.parent / ".buildseg-engines"
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "buildseg" / "engines"
+    return user_cache_dir("engines")
 
 
 def cached_onnx(model: SegmentationModel, folder: Path) -> Path:
