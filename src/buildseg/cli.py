@@ -123,6 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--geojson", help="GeoTIFF input: also write building polygons (with area) here")
     p.add_argument("--block", type=_ranged(int, 64), default=2048, help="GeoTIFF input: pixels per processing block")
     p.add_argument("--simplify", type=_ranged(float, 0.0), default=0.0, help="GeoTIFF input: polygon simplification tolerance (CRS units)")
+    p.add_argument("--gsd", type=_ranged(float, 0.0, low_open=True),
+                   help="GeoTIFF input: metres per pixel to predict at (default: the GSD the model was trained at)")
+    p.add_argument("--native-resolution", action="store_true",
+                   help="GeoTIFF input: predict at the raster's own pixel size, ignoring the training GSD")
+    p.add_argument("--bands", help="GeoTIFF input: 1-based bands to read, e.g. 1,2,3 (default: the training bands)")
     p.add_argument("--stretch", default="percentile", choices=["percentile", "none"],
                    help="GeoTIFF input that is not 8-bit: per-band 2-98 percentile stretch to 0-255 (default), or clip")
     p.add_argument("--no-progress", action="store_true")
@@ -220,7 +225,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from buildseg.inference.predict import predict_records
     from buildseg.inference.segmenter import Segmenter
 
+    from buildseg.config import coerce
+
     geotiff = Path(args.data).suffix.lower() in (".tif", ".tiff") and Path(args.data).is_file()
+    if not geotiff and (args.gsd or args.bands or args.native_resolution):
+        raise BuildsegError("--gsd, --bands and --native-resolution apply to a GeoTIFF input; --data is not one")
     if geotiff and args.empty_vote:
         raise BuildsegError("--empty-vote blanks whole tiles (CSV/folder input); a GeoTIFF scene is not a tile: drop --empty-vote")
     records = None if geotiff else load_records(args.data)  # bad data fails before the models load
@@ -235,8 +244,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
         if geotiff:
             from buildseg.inference.geotiff import predict_geotiff
 
+            gsd = None if args.native_resolution else args.gsd or segmenter.input.get("gsd")
+            bands = coerce(args.bands, "list[int] | None", "data.bands", "--bands") if args.bands else segmenter.input.get("bands")
             result = predict_geotiff(segmenter, args.data, args.out, args.geojson, block=args.block, simplify=args.simplify,
-                                     stretch=args.stretch)
+                                     stretch=args.stretch, gsd=gsd, bands=bands)
             print(f"wrote {result.mask_path} (CRS {result.crs or 'none: pixel coordinates'})")
             if result.geojson_path:
                 print(f"wrote {result.geojson_path}: {result.n_polygons} building polygons (area in {result.area_unit or 'n/a'})")

@@ -37,6 +37,15 @@ class DataConfig:
     cache: str = "auto"  # decoded-image store: auto (ram if it fits cache_ram_fraction, else disk) | disk | ram | none
     cache_dir: str | None = None  # default ~/.cache/buildseg/decoded ($XDG_CACHE_HOME)
     cache_ram_fraction: float = 0.25
+    # GeoTIFF scenes + vector footprints (used when labels is set; data.train then lists the scenes)
+    labels: list[str] | None = None  # footprint files: GeoJSON, GPKG, Shapefile, GeoParquet, ...
+    labels_layer: str | None = None  # layer name in a multi-layer file (GeoPackage)
+    all_touched: bool = False  # rasterise every pixel a polygon touches (default: pixel centres inside)
+    gsd: float | None = None  # metres per pixel to resample every scene to; default: each scene's own
+    bands: list[int] | None = None  # 1-based raster bands to read; default 1..in_chans (in_chans follows bands)
+    positive_fraction: float = 0.5  # share of training windows centred on a building (rest drawn building-free)
+    max_nodata: float = 0.2  # windows with a larger nodata share are never used
+    val_region: str | None = None  # "minx,miny,maxx,maxy" in the scenes' CRS, or a vector file: held out
 
 
 @dataclass
@@ -141,6 +150,10 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data.num_workers": _at_least(-1),
     "data.cache": _choice("auto", "disk", "ram", "none"),
     "data.cache_ram_fraction": _between(0.0, 1.0, closed_high=True),
+    "data.gsd": ((lambda v: v > 0), "> 0 metres per pixel"),
+    "data.bands": ((lambda v: len(v) > 0 and all(b >= 1 for b in v)), "1-based band numbers, e.g. 1,2,3"),
+    "data.positive_fraction": _between(0.0, 1.0, closed_high=True),
+    "data.max_nodata": _between(0.0, 1.0),
     "model.arch": ((lambda v: v in ("unet", "seed_unet") or v.startswith("smp.")), "unet, seed_unet or smp.<Name>"),
     "model.in_chans": _at_least(1),
     "model.decoder_channels": ((lambda v: len(v) > 0 and all(c >= 1 for c in v)), "a non-empty list of positive ints"),
@@ -222,6 +235,18 @@ def _scalar(value: Any, kind: str) -> Any:
     return value  # Any
 
 
+def _list_items(value: Any, item: str) -> list[Any]:
+    """The items of a list value: YAML lists as they are; for numbers, strings split on commas
+    and spaces too (``--bands 1,2,3``, ``decoder_channels: 32 16 8``). A string for a list of
+    strings (file paths) is one item: a path may contain spaces or commas."""
+    items = list(value) if isinstance(value, (list, tuple)) else [value] if isinstance(value, str) else None
+    if items is None:
+        raise _Invalid
+    if item == "str":
+        return items
+    return [piece for v in items for piece in (v.replace(",", " ").split() if isinstance(v, str) else [v])]
+
+
 def coerce(value: Any, annotation: str, key: str, source: str) -> Any:
     """``value`` converted to the declared type ``annotation`` (a dataclass field's), checked
     against the key's rule; a :class:`BuildsegError` naming source, key and value otherwise."""
@@ -234,11 +259,7 @@ def coerce(value: Any, annotation: str, key: str, source: str) -> Any:
     try:
         if kind.startswith("list["):
             item = kind[5:-1]
-            items = value
-            if isinstance(value, str):
-                items = [v for v in value.replace(",", " ").split()]
-            if not isinstance(items, (list, tuple)):
-                raise _Invalid
+            items = _list_items(value, item)
             result: Any = [_scalar(v, item) for v in items]
         else:
             result = _scalar(value, kind)

@@ -29,7 +29,7 @@ import numpy as np
 
 from buildseg.atomic import atomic_open
 from buildseg.errors import BuildsegError
-from buildseg.formats.stretch import Stretch, fit_stretch
+from buildseg.formats.rasters import check_bands, open_raster, raster_stretch, read_window, require_rasterio, scene_grid
 from buildseg.inference.segmenter import Segmenter
 
 log = logging.getLogger("buildseg")
@@ -44,41 +44,6 @@ class GeoResult:
     area_unit: str | None
 
 
-STRETCHES = ("percentile", "none")
-
-
-def raster_stretch(src, bands: list[int], mode: str = "percentile", percentiles: tuple[float, float] = (2.0, 98.0),
-                   sample: int = 1024) -> Stretch | None:
-    """The 2-98 percentile stretch per band, from a decimated read of the whole raster.
-
-    None for 8-bit rasters and for ``mode="none"`` (values are then clipped to 0-255).
-    Nodata pixels (the raster's mask), non-finite values and pixels that are 0 in every
-    band (fill) are left out of the percentiles.
-    """
-    if mode not in STRETCHES:
-        raise BuildsegError(f"unknown stretch {mode!r}; use {' or '.join(STRETCHES)}")
-    if mode == "none" or all(src.dtypes[b - 1] == "uint8" for b in bands):
-        return None
-    scale = max(1, -(-max(src.height, src.width) // sample))
-    shape = (len(bands), -(-src.height // scale), -(-src.width // scale))
-    data = src.read(bands, out_shape=shape, masked=True)
-    fitted = fit_stretch(np.ma.getdata(data), np.ma.getmaskarray(data).any(axis=0), percentiles)
-    if fitted is None:
-        log.warning("%s has no valid pixels to stretch: values are clipped to 0-255", src.name)
-        return None
-    log.info("stretching %s band values %s..%s to 0..255", Path(src.name).name,
-             np.round(fitted.low, 2).tolist(), np.round(fitted.high, 2).tolist())
-    return fitted
-
-
-def _to_uint8(block: np.ndarray, stretch: Stretch | None) -> np.ndarray:
-    if stretch is not None:
-        return stretch.apply(block)
-    if block.dtype == np.uint8:
-        return block
-    return np.clip(block, 0, 255).astype(np.uint8)
-
-
 def predict_geotiff(
     segmenter: Segmenter,
     src_path: str | Path,
@@ -88,49 +53,54 @@ def predict_geotiff(
     margin: int = 64,
     simplify: float = 0.0,
     stretch: str = "percentile",
+    gsd: float | None = None,
+    bands: list[int] | None = None,
 ) -> GeoResult:
-    try:
-        import rasterio
-        from rasterio.windows import Window
-    except ImportError:
-        raise BuildsegError("GeoTIFF input needs the geo extra: pip install 'buildseg[geo]'") from None
+    """Predict a raster block by block into a mask GeoTIFF on the raster's own grid.
+
+    ``gsd`` (metres per pixel): each block is read resampled to it, predicted, and the
+    probabilities are resampled back to the raster's pixels, so a model trained at 0.5 m
+    applies to 0.3 m imagery. ``bands``: the 1-based bands to read (default 1..in_chans).
+    Nodata pixels (mask, nodata value, alpha, all-zero fill) are never buildings.
+    """
+    import cv2
+    from rasterio.windows import Window
+
     src_path, mask_path = Path(src_path), Path(mask_path)
-    if not src_path.is_file():
-        raise BuildsegError(f"GeoTIFF not found: {src_path}")
-    try:
-        src = rasterio.open(src_path)
-    except rasterio.errors.RasterioIOError as exc:
-        raise BuildsegError(f"cannot open {src_path} as a raster: {' '.join(str(exc).split())[:200]}") from None
-    with src:
-        if src.count < segmenter.in_chans:
-            raise BuildsegError(f"{src_path} has {src.count} bands but the model expects {segmenter.in_chans}")
+    bands = list(bands) if bands else list(range(1, segmenter.in_chans + 1))
+    if len(bands) != segmenter.in_chans:
+        raise BuildsegError(f"--bands {','.join(map(str, bands))} gives {len(bands)} channels but the model expects "
+                            f"{segmenter.in_chans}")
+    with open_raster(src_path) as src:
+        check_bands(src, bands, src_path)
         if src.crs is None:
             warnings.warn(f"{src_path} has no CRS: the mask keeps its pixel grid and polygons are in pixel coordinates")
+        grid = scene_grid(src, gsd, src_path)
+        if grid.resampled:
+            log.info("predicting %s at %g m per pixel (resampled x%.3g), written back on its own grid", src_path.name,
+                     gsd, 1 / grid.step_x)
         profile = dict(driver="GTiff", height=src.height, width=src.width, count=1, dtype="uint8", crs=src.crs,
                        transform=src.transform, compress="deflate", tiled=True, blockxsize=256, blockysize=256)
-        bands = list(range(1, segmenter.in_chans + 1))
-        try:
-            scaling = raster_stretch(src, bands, stretch)
-        except rasterio.errors.RasterioIOError as exc:
-            raise BuildsegError(f"cannot read {src_path}: the file is damaged ({' '.join(str(exc).split())[:160]}); "
-                                "re-export it") from None
+        scaling = raster_stretch(src, bands, stretch)
         polygons, border_polygons = [], []
         mask_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = mask_path.with_name(f".{mask_path.name}.tmp")
         try:
-            with rasterio.open(tmp, "w", **profile) as dst:
+            with require_rasterio().open(tmp, "w", **profile) as dst:
                 for y in range(0, src.height, block):
                     for x in range(0, src.width, block):
                         h, w = min(block, src.height - y), min(block, src.width - x)
-                        ctx = Window(x - margin, y - margin, w + 2 * margin, h + 2 * margin)
-                        try:
-                            raw = src.read(bands, window=ctx, boundless=True, fill_value=0)
-                        except rasterio.errors.RasterioIOError as exc:
-                            raise BuildsegError(f"cannot read {src_path} at pixels x={x}, y={y} ({w}x{h}): the file is "
-                                                f"damaged there ({' '.join(str(exc).split())[:160]}); re-export it") from None
-                        image = _to_uint8(raw, scaling).transpose(1, 2, 0)
-                        prob = segmenter.predict_proba(np.ascontiguousarray(image))[margin : margin + h, margin : margin + w]
-                        mask = segmenter.finish(prob)
+                        size = (h + 2 * margin, w + 2 * margin)
+                        rows, cols = max(1, round(size[0] / grid.step_y)), max(1, round(size[1] / grid.step_x))
+                        image, valid = read_window(src, bands, grid, (y - margin) / grid.step_y, (x - margin) / grid.step_x,
+                                                   rows, cols, scaling)
+                        prob = segmenter.predict_proba(image)
+                        if grid.resampled:
+                            prob = cv2.resize(prob, (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
+                            valid = cv2.resize(valid.astype(np.uint8), (size[1], size[0]), interpolation=cv2.INTER_NEAREST) > 0
+                        inner = (slice(margin, margin + h), slice(margin, margin + w))
+                        mask = segmenter.finish(np.ascontiguousarray(prob[inner]))
+                        mask[~valid[inner]] = 0
                         window = Window(x, y, w, h)
                         dst.write(mask[None], window=window)
                         if geojson_path is not None and mask.any():

@@ -105,6 +105,7 @@ class Segmenter:
         self.empty_vote = int(empty_vote)  # >0: tile is empty if at least this many models predict it empty
         self.engine = resolve_engine(engine, self.device)
         paths = list(checkpoints) if checkpoints is not None else [None] * len(self.models)
+        self.input: dict = {}  # what the models were trained on: {"gsd": metres or None, "bands": [...]}
         self.runners = [build_engine(self.engine, m, self.device, self.precision, channels_last, p)
                         for m, p in zip(self.models, paths)]
 
@@ -120,7 +121,7 @@ class Segmenter:
         ds_ensemble: bool | None = None,
         **kwargs,
     ) -> "Segmenter":
-        models, paths, stored = [], [], None
+        models, paths, stored, inputs = [], [], None, []
         for p in checkpoint_paths(path):
             model, payload = load_model(p)
             if ds_ensemble is not None:
@@ -128,12 +129,18 @@ class Segmenter:
             models.append(model)
             paths.append(p)
             stored = stored or payload.get("postprocess")
+            inputs.append(payload.get("input") or {})
+        if any(i != inputs[0] for i in inputs):
+            raise BuildsegError(f"the ensemble's checkpoints were trained on different inputs ({inputs}): "
+                                "combine models trained at the same --gsd and --bands")
         post = PostProcess.from_dict(stored)
         if threshold is not None:
             post = replace(post, threshold=float(threshold))
         if min_area is not None:
             post = replace(post, min_area=int(min_area))
-        return cls(models, device=device, precision=precision, tta=tta, postprocess=post, checkpoints=paths, **kwargs)
+        segmenter = cls(models, device=device, precision=precision, tta=tta, postprocess=post, checkpoints=paths, **kwargs)
+        segmenter.input = inputs[0]
+        return segmenter
 
     # -- probabilities -----------------------------------------------------------------
     @torch.no_grad()

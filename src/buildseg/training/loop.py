@@ -35,8 +35,8 @@ from buildseg.runtime.checkpoint import FORMAT, load_checkpoint, rng_state, save
 from buildseg.runtime.device import autocast, resolve_device, resolve_precision, seed_everything
 from buildseg.training.logs import RunLog
 from buildseg.training.schedule import Progress, make_optimizer, make_scheduler
-from buildseg.training.setup import (build_data, build_training_model, card_from_config, environment_info,
-                                     loss_schedule, resume_config, wrap_for_training)
+from buildseg.training.setup import (build_data, build_training_model, card_from_config, check_bands_config,
+                                     environment_info, input_bands, loss_schedule, resume_config, wrap_for_training)
 from buildseg.training.signals import StopFlag
 from buildseg.training.validate import validate
 
@@ -67,6 +67,7 @@ class Trainer:
             raise BuildsegError("no training data: pass --data CSV|DIR (or data.train in the config)")
         if not t.out:
             raise BuildsegError("no run folder: pass --out RUN_DIR (or train.out in the config)")
+        check_bands_config(config)
         self.dist = init_distributed(t.device)
         self.device = device_for(self.dist, resolve_device(t.device))
         self.precision = resolve_precision(t.precision, self.device)
@@ -75,6 +76,7 @@ class Trainer:
         seed_everything(t.seed, t.deterministic)
         data = build_data(config, self.dist, self.device)
         self.train_set, self.val_set, self.sampler, self.loader = data.train_set, data.val_set, data.sampler, data.loader
+        self.scenes = data.scenes
         self.card = card_from_config(config)
         self.model: SegmentationModel = build_training_model(
             config, self.card, "none" if payload else config.model.weights, self.dist, self.device)
@@ -302,6 +304,8 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self.config.save(self.run_dir / "config.yaml")
             (self.run_dir / "environment.json").write_text(json.dumps(environment_info(), indent=2))
+            if self.scenes is not None:  # per-scene grid and stretch: what prediction will apply
+                (self.run_dir / "scenes.json").write_text(json.dumps(self.scenes, indent=2))
         barrier(self.dist)
         t = self.config.train
         log.info("training %s/%s on %s (%s%s), %d train crops/epoch, %d val tiles", self.card.arch, self.card.encoder,
@@ -326,6 +330,7 @@ class Trainer:
             "bad_epochs": self.bad_epochs, "history": self.history, "epoch_loss": list(self.epoch_loss),
             "rng": rng_state(), "config": self.config.to_dict(),
             "postprocess": {"threshold": self.config.train.threshold, "min_area": 0}, "buildseg_version": __version__,
+            "input": {"gsd": self.config.data.gsd, "bands": input_bands(self.config)},  # GeoTIFF prediction reads alike
         }
 
     def _restore(self, payload: dict[str, Any]) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from buildseg import __version__
 from buildseg.config import Config, config_from_dict
@@ -39,15 +39,48 @@ def card_from_config(config: Config) -> ModelCard:
 
 @dataclass
 class TrainingData:
-    train_set: TrainCropDataset
-    val_set: GridTileDataset
+    train_set: Dataset  # TrainCropDataset or GeoWindowDataset
+    val_set: Dataset  # GridTileDataset or GeoGridDataset: items (image, mask, valid)
     sampler: EpochSampler
     loader: DataLoader
+    scenes: list[dict] | None = None  # GeoTIFF scenes: grid, stretch, footprints (written to RUN/scenes.json)
 
 
-def build_data(config: Config, dist: DistInfo, device: torch.device) -> TrainingData:
-    """Training crops (sharded over ranks) and the validation grid of held-out images."""
+def input_bands(config: Config) -> list[int]:
+    """The raster bands the model reads: ``data.bands``, else 1..in_chans."""
+    return list(config.data.bands) if config.data.bands else list(range(1, config.model.in_chans + 1))
+
+
+def check_bands_config(config: Config) -> None:
+    """``in_chans`` follows ``--bands``; a contradiction between the two is an error."""
+    bands = config.data.bands
+    if not bands or len(bands) == config.model.in_chans:
+        return
+    if config.model.in_chans != 3:
+        raise BuildsegError(f"--bands {','.join(map(str, bands))} gives {len(bands)} channels but --in-chans is "
+                            f"{config.model.in_chans}; drop --in-chans (it follows --bands)")
+    config.model.in_chans = len(bands)
+    log.info("in_chans = %d (from --bands %s)", len(bands), ",".join(map(str, bands)))
+
+
+def _datasets(config: Config, dist: DistInfo):
+    """(train_set, val_set, description): GeoTIFF scenes + footprints, or the competition records."""
     d, t = config.data, config.train
+    if d.labels:
+        from buildseg.data.geo import GeoGridDataset, GeoWindowDataset, prepare_geo_data
+
+        bands = input_bands(config)
+        geo = prepare_geo_data(d.train, d.labels, bands, d.gsd, d.labels_layer, d.val, d.val_region, d.val_fraction,
+                               d.val_tile, t.seed)
+        train_set = GeoWindowDataset(geo.scenes, bands, d.crop_size, d.crops_per_image * len(geo.scenes), d.augment,
+                                     t.seed, d.positive_fraction, d.max_nodata, d.all_touched)
+        val_set = GeoGridDataset(geo.scenes, bands, d.val_tile, d.max_nodata, d.all_touched)
+        if len(val_set) == 0:
+            raise BuildsegError(f"the validation area has no {d.val_tile}px tile with at most {d.max_nodata:.0%} nodata; "
+                                "enlarge --val-region, lower --val-tile or raise --max-nodata")
+        return train_set, val_set, geo.describe()
+    if d.bands:
+        raise BuildsegError("--bands selects raster bands of GeoTIFF scenes (with --labels); for PNG/CSV data use --in-chans")
     records = load_records(d.train, require_masks=True)
     if d.val:
         train_records, val_records = records, load_records(d.val, require_masks=True)
@@ -59,7 +92,15 @@ def build_data(config: Config, dist: DistInfo, device: torch.device) -> Training
     store = open_store(train_records, in_chans, d.cache, d.cache_dir, d.cache_ram_fraction,
                        progress=dist.is_main and t.progress)
     train_set = TrainCropDataset(train_records, d.crop_size, d.crops_per_image, d.augment, t.seed, in_chans, store)
-    val_set = GridTileDataset(val_records, d.val_tile, in_chans)
+    if dist.is_main:
+        log.info("crops from %s", f"the {store.mode} store" if store else "decoding each image per crop")
+    return train_set, GridTileDataset(val_records, d.val_tile, in_chans), None
+
+
+def build_data(config: Config, dist: DistInfo, device: torch.device) -> TrainingData:
+    """Training samples (sharded over ranks) and the validation grid of held-out images."""
+    d, t = config.data, config.train
+    train_set, val_set, scenes = _datasets(config, dist)
     sampler = EpochSampler(train_set, t.seed, dist.rank, dist.world_size)
     workers = default_workers(d.num_workers)
     prefetch = 4 if workers else None
@@ -69,12 +110,11 @@ def build_data(config: Config, dist: DistInfo, device: torch.device) -> Training
         generator=torch.Generator().manual_seed(t.seed),  # keeps the global RNG (dropout) independent of loader restarts
     )
     if dist.is_main:
-        log.info("loader: %d workers (of %d cores), prefetch %s batches each, pin_memory %s, crops from %s",
-                 workers, os.cpu_count() or 1, prefetch or 0, device.type == "cuda",
-                 f"the {store.mode} store" if store else "decoding each image per crop")
+        log.info("loader: %d workers (of %d cores), prefetch %s batches each, pin_memory %s",
+                 workers, os.cpu_count() or 1, prefetch or 0, device.type == "cuda")
     if len(loader) == 0:
         raise BuildsegError(f"the training set yields no batch ({len(train_set)} samples, batch size {t.batch_size})")
-    return TrainingData(train_set, val_set, sampler, loader)
+    return TrainingData(train_set, val_set, sampler, loader, scenes)
 
 
 def build_training_model(config: Config, card: ModelCard, weights: str, dist: DistInfo,

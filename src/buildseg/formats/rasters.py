@@ -1,0 +1,182 @@
+"""GeoTIFF scenes: opening with clear errors, the per-band stretch, and windows on a target grid.
+
+Shared by training (``data/geo.py``) and prediction (``inference/geotiff.py``), so both read a
+scene the same way: the same bands, the same 2-98 percentile stretch (:func:`raster_stretch`,
+fitted once per scene from a decimated read), the same resampling to a ground sample distance.
+
+A scene's *grid* is its pixel grid resampled to ``gsd`` metres per pixel (or its own pixels when
+no GSD is asked for). Windows are given in grid pixels and read with rasterio's windowed,
+resampled reads (bilinear for images, nearest for the validity mask), so a 0.25 m orthophoto is
+seen at 0.5 m without ever being loaded or warped whole. Needs the ``geo`` extra.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from buildseg.errors import BuildsegError
+from buildseg.formats.stretch import Stretch, fit_stretch
+
+log = logging.getLogger("buildseg")
+
+STRETCHES = ("percentile", "none")
+MAX_UPSAMPLING = 4.0  # a GSD finer than a quarter of the scene's pixel invents detail
+
+
+def require_rasterio():
+    try:
+        import rasterio
+    except ImportError:
+        raise BuildsegError("GeoTIFF input needs the geo extra: pip install 'buildseg[geo]'") from None
+    return rasterio
+
+
+def _short(exc: Exception) -> str:
+    return " ".join(str(exc).split())[:200]
+
+
+def open_raster(path: str | Path):
+    """A rasterio dataset; a one-line error for a missing or unreadable file."""
+    rasterio = require_rasterio()
+    path = Path(path)
+    if not path.is_file():
+        raise BuildsegError(f"GeoTIFF not found: {path}")
+    try:
+        return rasterio.open(path)
+    except rasterio.errors.RasterioIOError as exc:
+        raise BuildsegError(f"cannot open {path} as a raster: {_short(exc)}") from None
+
+
+def check_bands(src, bands: list[int], path: str | Path) -> None:
+    if max(bands) > src.count:
+        raise BuildsegError(f"{path} has {src.count} band(s) but bands {','.join(map(str, bands))} were asked for; "
+                            f"choose bands between 1 and {src.count} (--bands)")
+
+
+def raster_stretch(src, bands: list[int], mode: str = "percentile", percentiles: tuple[float, float] = (2.0, 98.0),
+                   sample: int = 1024) -> Stretch | None:
+    """The 2-98 percentile stretch per band, from a decimated read of the whole raster.
+
+    None for 8-bit rasters and for ``mode="none"`` (values are then clipped to 0-255).
+    Nodata pixels (the raster's mask), non-finite values and pixels that are 0 in every
+    band (fill) are left out of the percentiles. Deterministic: training and prediction
+    that call it on the same scene get the same mapping.
+    """
+    if mode not in STRETCHES:
+        raise BuildsegError(f"unknown stretch {mode!r}; use {' or '.join(STRETCHES)}")
+    if mode == "none" or all(src.dtypes[b - 1] == "uint8" for b in bands):
+        return None
+    scale = max(1, -(-max(src.height, src.width) // sample))
+    shape = (len(bands), -(-src.height // scale), -(-src.width // scale))
+    try:
+        data = src.read(bands, out_shape=shape, masked=True)
+    except require_rasterio().errors.RasterioIOError as exc:
+        raise BuildsegError(f"cannot read {src.name}: the file is damaged ({_short(exc)}); re-export it") from None
+    fitted = fit_stretch(np.ma.getdata(data), np.ma.getmaskarray(data).any(axis=0), percentiles)
+    if fitted is None:
+        log.warning("%s has no valid pixels to stretch: values are clipped to 0-255", src.name)
+        return None
+    log.info("stretching %s band values %s..%s to 0..255", Path(src.name).name,
+             np.round(fitted.low, 2).tolist(), np.round(fitted.high, 2).tolist())
+    return fitted
+
+
+def to_uint8(block: np.ndarray, stretch: Stretch | None) -> np.ndarray:
+    """(bands, H, W) raster values -> uint8 through the stretch, or clipped when there is none."""
+    if stretch is not None:
+        return stretch.apply(block)
+    if block.dtype == np.uint8:
+        return block
+    return np.clip(np.nan_to_num(block.astype(np.float32)), 0, 255).astype(np.uint8)
+
+
+def metres_per_unit(crs) -> float | None:
+    """Metres per CRS unit for a projected CRS (1 for metres, 0.3048 for feet); None otherwise."""
+    if crs is None or not crs.is_projected:
+        return None
+    factor = crs.linear_units_factor[1] if hasattr(crs, "linear_units_factor") else None
+    if factor:
+        return float(factor)
+    return 1.0 if (crs.linear_units or "").lower() in ("metre", "meter", "m") else None
+
+
+@dataclass(frozen=True)
+class SceneGrid:
+    """A scene's pixel grid resampled by ``step`` source pixels per grid pixel (per axis)."""
+
+    height: int  # grid pixels
+    width: int
+    step_y: float  # source pixels per grid pixel
+    step_x: float
+    gsd: float | None  # metres per grid pixel, when known
+
+    @property
+    def resampled(self) -> bool:
+        return abs(self.step_x - 1.0) > 1e-9 or abs(self.step_y - 1.0) > 1e-9
+
+    def source_window(self, row: float, col: float, height: float, width: float):
+        """The rasterio Window (source pixels) under grid pixels [row, row+height) x [col, col+width)."""
+        from rasterio.windows import Window
+
+        return Window(col * self.step_x, row * self.step_y, width * self.step_x, height * self.step_y)
+
+    def transform(self, src_transform, row: float = 0.0, col: float = 0.0):
+        """The affine transform of the grid, with its origin at grid pixel (row, col)."""
+        from affine import Affine
+
+        return src_transform * Affine.translation(col * self.step_x, row * self.step_y) * Affine.scale(self.step_x, self.step_y)
+
+
+def scene_grid(src, gsd: float | None, path: str | Path) -> SceneGrid:
+    """The grid of ``src`` at ``gsd`` metres per pixel (its own pixels when ``gsd`` is None).
+
+    Errors name the scene: no CRS or a geographic CRS with a GSD (pixel sizes in degrees are
+    not metres; reproject with ``gdalwarp -t_srs EPSG:<utm zone>``), and a GSD that would
+    upsample more than 4x.
+    """
+    if gsd is None:
+        unit = metres_per_unit(src.crs)
+        native = abs(src.transform.a) * unit if unit else None
+        return SceneGrid(src.height, src.width, 1.0, 1.0, native)
+    unit = metres_per_unit(src.crs)
+    if unit is None:
+        what = "no CRS" if src.crs is None else f"a geographic CRS ({src.crs.to_string()})"
+        raise BuildsegError(f"{path} has {what}, so its pixel size is not in metres and --gsd {gsd:g} cannot apply; "
+                            "reproject it to a projected CRS (gdalwarp -t_srs EPSG:<UTM zone>) or drop --gsd")
+    pixel_x, pixel_y = abs(src.transform.a) * unit, abs(src.transform.e) * unit
+    finest = min(pixel_x, pixel_y)
+    if finest / gsd > MAX_UPSAMPLING:
+        raise BuildsegError(f"{path} has {finest:g} m pixels: --gsd {gsd:g} would upsample it {finest / gsd:.1f}x "
+                            f"(at most {MAX_UPSAMPLING:g}x); use --gsd >= {finest / MAX_UPSAMPLING:g} or finer imagery")
+    step_x, step_y = gsd / pixel_x, gsd / pixel_y
+    return SceneGrid(max(1, int(round(src.height / step_y))), max(1, int(round(src.width / step_x))), step_y, step_x, gsd)
+
+
+def read_window(src, bands: list[int], grid: SceneGrid, row: int, col: int, height: int, width: int,
+                stretch: Stretch | None) -> tuple[np.ndarray, np.ndarray]:
+    """(H, W, bands) uint8 image and (H, W) bool validity of a grid window.
+
+    Outside the raster is invalid and 0. Invalid are also the raster's nodata pixels (its
+    mask: nodata value, alpha band or internal mask) and pixels that are 0 in every band
+    (fill). Invalid pixels are set to 0.
+    """
+    rasterio = require_rasterio()
+    from rasterio.enums import Resampling
+
+    window = grid.source_window(row, col, height, width)
+    shape = (len(bands), height, width)
+    try:
+        raw = src.read(bands, window=window, out_shape=shape, boundless=True, fill_value=0,
+                       resampling=Resampling.bilinear if grid.resampled else Resampling.nearest)
+        masks = src.read_masks(bands, window=window, out_shape=shape, boundless=True, resampling=Resampling.nearest)
+    except rasterio.errors.RasterioIOError as exc:
+        raise BuildsegError(f"cannot read {src.name} at grid pixels row={row}, col={col}: the file is damaged "
+                            f"there ({_short(exc)}); re-export it") from None
+    valid = (masks > 0).all(axis=0) & np.isfinite(raw).all(axis=0) & (raw != 0).any(axis=0)
+    image = to_uint8(raw, stretch)
+    image[:, ~valid] = 0
+    return np.ascontiguousarray(image.transpose(1, 2, 0)), valid

@@ -1,0 +1,112 @@
+"""Building footprints from vector files (GeoJSON, GeoPackage, Shapefile, GeoParquet, FlatGeobuf, ...).
+
+Read with geopandas through pyogrio (GeoParquet through pyarrow). Only polygonal geometry is
+kept; invalid polygons (self-intersections, bow-ties, as digitised by hand or exported from
+OSM) are repaired with shapely's ``make_valid`` and counted, and their polygonal parts kept.
+Reprojection to each scene's CRS happens in ``data/geo.py``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from buildseg.errors import BuildsegError
+
+log = logging.getLogger("buildseg")
+
+PARQUET = (".parquet", ".geoparquet")
+
+
+@dataclass
+class Footprints:
+    """Polygons (a shapely array) in one CRS (a pyproj CRS, or None when the files have none)."""
+
+    geometries: np.ndarray
+    crs: object | None
+    n_repaired: int
+    sources: list[str]
+
+    def to_crs(self, crs) -> np.ndarray:
+        """The polygons in ``crs`` (unchanged when either CRS is unknown or they are equal)."""
+        if crs is None or self.crs is None or len(self.geometries) == 0:
+            return self.geometries
+        import geopandas as gpd
+
+        series = gpd.GeoSeries(self.geometries, crs=self.crs)
+        if series.crs == crs:
+            return self.geometries
+        return np.asarray(series.to_crs(crs).values, dtype=object)
+
+
+def _read_one(path: Path, layer: str | None):
+    try:
+        import geopandas as gpd
+    except ImportError:
+        raise BuildsegError("vector labels need the geo extra: pip install 'buildseg[geo]'") from None
+    if not path.exists():
+        raise BuildsegError(f"labels file not found: {path}")
+    try:
+        if path.suffix.lower() in PARQUET:
+            return gpd.read_parquet(path)
+        return gpd.read_file(path, layer=layer, engine="pyogrio")
+    except Exception as exc:  # pyogrio/pyarrow raise many types; all mean "cannot read this file"
+        detail = " ".join(str(exc).split())[:200]
+        hint = f" (is --labels-layer {layer!r} a layer of it?)" if layer else ""
+        raise BuildsegError(f"cannot read labels {path}: {detail}{hint}") from None
+
+
+def _polygonal(geometries: np.ndarray) -> np.ndarray:
+    """Only the polygonal parts: Polygons and MultiPolygons, collections reduced to theirs."""
+    import shapely
+
+    out = []
+    for geometry in geometries:
+        if geometry is None or geometry.is_empty:
+            continue
+        kind = geometry.geom_type
+        if kind in ("Polygon", "MultiPolygon"):
+            out.append(geometry)
+        elif kind == "GeometryCollection":
+            parts = [g for g in shapely.get_parts(geometry) if g.geom_type in ("Polygon", "MultiPolygon")]
+            if parts:
+                out.append(shapely.union_all(parts))
+    return np.asarray(out, dtype=object)
+
+
+def read_footprints(paths: Sequence[str | Path], layer: str | None = None) -> Footprints:
+    """All polygons of ``paths``, in the CRS of the first file (the others reprojected to it)."""
+    import shapely
+
+    if not paths:
+        raise BuildsegError("no labels given: --labels needs at least one vector file")
+    parts, crs, repaired = [], None, 0
+    for raw in paths:
+        path = Path(raw)
+        frame = _read_one(path, layer)
+        if crs is None:
+            crs = frame.crs
+        elif frame.crs is not None and frame.crs != crs:
+            frame = frame.to_crs(crs)
+        geometries = np.asarray(frame.geometry.values, dtype=object)
+        present = np.array([g is not None for g in geometries], dtype=bool)
+        invalid = present.copy()
+        invalid[present] = ~shapely.is_valid(geometries[present])
+        if invalid.any():
+            geometries = geometries.copy()
+            geometries[invalid] = shapely.make_valid(geometries[invalid])
+            repaired += int(invalid.sum())
+        polygons = _polygonal(geometries)
+        if len(polygons) == 0:
+            kinds = sorted({g.geom_type for g in geometries if g is not None})
+            raise BuildsegError(f"labels {path} has no polygons (found {', '.join(kinds) or 'no geometries'}); "
+                                "footprints must be Polygon or MultiPolygon features")
+        parts.append(polygons)
+    geometries = np.concatenate(parts)
+    log.info("labels: %d footprints from %d file(s)%s", len(geometries), len(paths),
+             f", {repaired} invalid geometries repaired (make_valid)" if repaired else "")
+    return Footprints(geometries, crs, repaired, [str(p) for p in paths])
