@@ -365,7 +365,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
-    for noisy in ("timm", "PIL", "matplotlib"):
+    for noisy in ("timm", "PIL", "matplotlib", "pyogrio", "fiona", "rasterio"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
         return COMMANDS[args.command](args)

@@ -103,6 +103,7 @@ class Scene:
     grid: SceneGrid
     stretch: Stretch | None
     polygons: np.ndarray  # footprints in the scene's CRS that meet the scene
+    valid_rows: tuple[int, int] = (0, 0)  # grid rows [first, last) that hold valid pixels
     held_out: object | None = None  # shapely geometry (scene CRS) that training windows avoid
     val_region: object | None = None  # shapely geometry (scene CRS) to validate on; None: not a validation scene
     train: bool = True
@@ -211,6 +212,7 @@ class GeoWindowDataset(Dataset):
         return self.length
 
     def _draw(self, rng: np.random.Generator, scene: Scene, positive: bool) -> tuple[int, int]:
+        """A window over a random footprint (positive), else a uniformly random one."""
         c, grid = self.crop_size, scene.grid
         high_r, high_c = max(0, grid.height - c), max(0, grid.width - c)
         if positive and len(scene.polygons):
@@ -219,29 +221,37 @@ class GeoWindowDataset(Dataset):
             col, row = ~scene.grid_transform() * (rng.uniform(minx, maxx), rng.uniform(miny, maxy))
             r, k = int(row) - int(rng.integers(c)), int(col) - int(rng.integers(c))
             return min(max(r, 0), high_r), min(max(k, 0), high_c)
-        r, k = int(rng.integers(high_r + 1)), int(rng.integers(high_c + 1))
-        if not positive:
-            for _ in range(8):  # prefer a window without buildings
-                if len(scene.footprints_in(scene.window_box(r, k, c, c))) == 0:
-                    break
-                r, k = int(rng.integers(high_r + 1)), int(rng.integers(high_c + 1))
-        return r, k
+        return int(rng.integers(high_r + 1)), int(rng.integers(high_c + 1))
 
     def window(self, key: tuple[int, int] | int) -> tuple[Window, np.ndarray, np.ndarray, int]:
-        """The sample's window, its image and validity, and the sample's seed."""
+        """The sample's window, its image and validity, and the sample's seed.
+
+        Candidates are redrawn while they touch the held-out area or hold too much nodata;
+        a negative sample also redraws (for half of its draws) while its window holds a
+        footprint, and falls back to the first acceptable window otherwise.
+        """
         epoch, index = key if isinstance(key, tuple) else (0, key)
         sample_seed = int(np.random.SeedSequence([self.seed, epoch, index, 7]).generate_state(1)[0])
         rng = np.random.default_rng(sample_seed)
         s = int(rng.choice(len(self.scenes), p=self.weights))
         scene, c = self.scenes[s], self.crop_size
         positive = bool(rng.random() < self.positive_fraction)
+        fallback = None
         for attempt in range(DRAWS):
             row, col = self._draw(rng, scene, positive and attempt < DRAWS // 2)
-            if scene.held_out is not None and scene.held_out.intersects(scene.window_box(row, col, c, c)):
+            box = scene.window_box(row, col, c, c)
+            if scene.held_out is not None and scene.held_out.intersection(box).area > 0:
+                continue
+            if not positive and attempt < DRAWS // 2 and len(scene.footprints_in(box)):
+                fallback = fallback or (row, col)
                 continue
             image, valid = self.reader.read(s, row, col, c)
             if 1.0 - valid.mean() <= self.max_nodata:
                 return Window(s, row, col, c), image, valid, sample_seed
+        if fallback is not None:
+            image, valid = self.reader.read(s, *fallback, c)
+            if 1.0 - valid.mean() <= self.max_nodata:
+                return Window(s, *fallback, c), image, valid, sample_seed
         raise BuildsegError(f"{scene.path}: no {c}x{c} window with at most {self.max_nodata:.0%} nodata outside the "
                             f"validation area in {DRAWS} draws; lower --crop-size or raise --max-nodata")
 
@@ -343,7 +353,17 @@ def _prepare_scene(spec: SceneSpec, footprints: Footprints, bands: list[int], gs
                                     f"{_bbox_text(labels_box.bounds)} vs scene bbox {_bbox_text(src.bounds)} (both in "
                                     f"{crs_text}); check that the labels' CRS is declared correctly")
             polygons = polygons[tree.query(bounds, predicate="intersects")]
-        return Scene(spec.path, src.crs, src.transform, grid, stretch, polygons)
+        return Scene(spec.path, src.crs, src.transform, grid, stretch, polygons, _valid_rows(src, grid))
+
+
+def _valid_rows(src, grid: SceneGrid, sample: int = 512) -> tuple[int, int]:
+    """Grid rows [first, last) holding valid pixels, from a decimated read of the raster's mask."""
+    height = min(src.height, sample)
+    rows = src.dataset_mask(out_shape=(height, min(src.width, sample))).any(axis=1).nonzero()[0]
+    if len(rows) == 0:
+        raise BuildsegError(f"{src.name} holds no valid pixels (all nodata); leave it out of the scenes")
+    scale = grid.height / height
+    return int(rows[0] * scale), min(grid.height, int(np.ceil((rows[-1] + 1) * scale)))
 
 
 def _total_bounds(polygons: np.ndarray) -> tuple[float, float, float, float]:
@@ -380,11 +400,13 @@ def _assign_validation(scenes: list[Scene], specs: list[SceneSpec], val_scenes: 
         for scene in random.Random(seed).sample(scenes, count):
             scene.train, scene.val_region = False, _whole(scene)
         return
-    scene = scenes[0]  # one scene: hold out its bottom strip
-    strip = min(scene.grid.height // 2, max(val_tile, int(round(val_fraction * scene.grid.height))))
-    top = scene.grid.height - strip
-    scene.held_out = scene.val_region = scene.window_box(top, 0, strip, scene.grid.width)
-    log.info("one scene: validating on its bottom %d rows (grid pixels %d..%d)", strip, top, scene.grid.height)
+    scene = scenes[0]  # one scene: hold out the bottom strip of its valid rows
+    first, last = scene.valid_rows
+    strip = min((last - first) // 2, max(2 * val_tile, int(round(val_fraction * (last - first)))))
+    top = last - strip
+    scene.held_out = scene.val_region = scene.window_box(top, 0, scene.grid.height - top, scene.grid.width)
+    log.info("one scene: validating on its bottom %d valid rows (grid rows %d..%d); --val-region chooses another "
+             "area", strip, top, last)
 
 
 @dataclass
