@@ -7,12 +7,15 @@ fitted once per scene from a decimated read), the same resampling to a ground sa
 A scene's *grid* is its pixel grid resampled to ``gsd`` metres per pixel (or its own pixels when
 no GSD is asked for). Windows are given in grid pixels and read with rasterio's windowed,
 resampled reads (bilinear for images, nearest for the validity mask), so a 0.25 m orthophoto is
-seen at 0.5 m without ever being loaded or warped whole. Needs the ``geo`` extra.
+seen at 0.5 m without ever being loaded or warped whole. GDAL's block cache is bounded to
+256 MB per process, so memory stays flat with scene size (benchmarks/geo_memory.py). Needs the
+``geo`` extra.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +30,12 @@ STRETCHES = ("percentile", "none")
 MAX_UPSAMPLING = 4.0  # a GSD finer than a quarter of the scene's pixel invents detail
 
 
+GDAL_CACHE_MB = 256  # GDAL's default is 5% of RAM *per process*: 16 loader workers would hold 16 x 1.2 GB
+
+
 def require_rasterio():
+    """rasterio, with GDAL's block cache bounded (``GDAL_CACHEMAX`` in the environment overrides)."""
+    os.environ.setdefault("GDAL_CACHEMAX", str(GDAL_CACHE_MB))
     try:
         import rasterio
     except ImportError:
