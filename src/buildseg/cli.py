@@ -132,10 +132,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GeoTIFF input that is not 8-bit: per-band 2-98 percentile stretch to 0-255 (default), or clip")
     p.add_argument("--no-progress", action="store_true")
 
-    p = sub.add_parser("evaluate", help="score a submission CSV with the competition Dice")
-    p.add_argument("--pred", required=True, help="submission CSV img_id,mask_rle")
-    p.add_argument("--truth", required=True, help="truth CSV: img_id,mask_rle (224x224) or a dataset CSV with img_path")
+    p = sub.add_parser("evaluate", help="score predictions: competition Dice and building F1")
+    p.add_argument("--pred", required=True, help="submission CSV img_id,mask_rle, or footprints (vector file / mask GeoTIFF)")
+    p.add_argument("--truth", required=True, help="truth CSV: img_id,mask_rle (224x224) or a dataset CSV with img_path; "
+                   "or footprints (any vector file geopandas reads, or a mask GeoTIFF)")
     p.add_argument("--shape", type=int, nargs=2, metavar=("H", "W"), help="mask size for a bare truth CSV")
+    p.add_argument("--iou", type=_ranged(float, 0.0, 1.0, low_open=True, high_open=False), default=0.5,
+                   help="IoU a predicted building needs to match a true one (default 0.5, as SpaceNet)")
+    p.add_argument("--details", help="write one row per building (side, area, matched building, IoU) to this CSV")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
 
     p = sub.add_parser("tune", help="search threshold x min-area x empty rule for the competition Dice; store it in the checkpoint")
@@ -267,15 +271,28 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from buildseg.evaluation import evaluate_csv
+    from buildseg.evaluation import evaluate_csv, evaluate_vectors, is_footprint_file
 
-    summary = evaluate_csv(args.pred, args.truth, tuple(args.shape) if args.shape else None)
+    vectors = [is_footprint_file(args.pred), is_footprint_file(args.truth)]
+    if any(vectors) and not all(vectors):
+        raise BuildsegError(f"--pred {args.pred} and --truth {args.truth} must both be CSVs or both footprints "
+                            "(vector files or mask GeoTIFFs)")
+    if all(vectors):
+        summary = evaluate_vectors(args.pred, args.truth, args.iou, args.details)
+    else:
+        summary = evaluate_csv(args.pred, args.truth, tuple(args.shape) if args.shape else None, args.iou, args.details)
     if args.json:
         print(json.dumps(summary))
-    else:
+        return 0
+    if "dice" in summary:
         print(f"competition Dice {summary['dice']:.4f} over {summary['n_scored']} of {summary['n']} images "
-              f"(both-empty dropped); IoU {summary['iou']:.4f}, precision {summary['precision']:.4f}, "
-              f"recall {summary['recall']:.4f}, empty-tile FP rate {summary['empty_fp_rate']:.3f}")
+              f"(both-empty dropped); IoU {summary['iou']:.4f}, pixel precision {summary['pixel_precision']:.4f}, "
+              f"pixel recall {summary['pixel_recall']:.4f}, empty-tile FP rate {summary['empty_fp_rate']:.3f}")
+    print(f"buildings (IoU >= {args.iou:g}): F1 {summary['f1']:.4f}, precision {summary['precision']:.4f}, "
+          f"recall {summary['recall']:.4f}; {summary['n_matched']} matched of {summary['n_true']} true and "
+          f"{summary['n_pred']} predicted, mean IoU of matches {summary['mean_iou']:.3f}")
+    if args.details:
+        print(f"per-building table: {args.details}")
     return 0
 
 

@@ -77,6 +77,8 @@ def run_demo(out: Path, minutes: float = 4.0, encoder: str = "resnet18") -> dict
     print()
     print(f"competition Dice on {summary['n']} synthetic test tiles: {summary['dice']:.4f} "
           f"({summary['n_scored']} scored; empty-tile FP rate {summary['empty_fp_rate']:.3f})")
+    print(f"buildings (IoU >= 0.5): F1 {summary['f1']:.4f}, precision {summary['precision']:.4f}, "
+          f"recall {summary['recall']:.4f} ({summary['n_matched']} of {summary['n_true']} matched)")
     print(f"prediction speed: {stats.img_per_s:.1f} img/s")
     print(f"submission: {submission}")
     print(f"curves:     {result.run_dir / 'curves.png'}")

@@ -1,4 +1,14 @@
-"""Scoring a submission CSV against a truth CSV with the competition metric."""
+"""Scoring predictions against truth: the competition Dice (pixels) and building-level F1.
+
+* CSV against CSV (``evaluate_csv``): per-image pixel counts for the competition Dice, and
+  per-image connected components for the building F1 (``instance_metrics``).
+* Footprints against footprints (``evaluate_vectors``): any file geopandas reads, or a mask
+  GeoTIFF (its buildings polygonised), reprojected to the truth's CRS; building F1 only.
+
+JSON keys: ``dice``, ``n_scored``, ``iou``, ``micro_iou``, ``empty_fp_rate``, ``pixel_precision``,
+``pixel_recall`` (pixels) and ``f1``, ``precision``, ``recall``, ``n_true``, ``n_pred``,
+``n_matched``, ``mean_iou``, ``iou_threshold`` (buildings).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +20,8 @@ import numpy as np
 from buildseg.errors import BuildsegError, RleError
 from buildseg.formats import rle
 from buildseg.formats.images import image_size
-from buildseg.formats.tables import load_records, read_csv_rows, read_rle_table
+from buildseg.formats.tables import load_records, read_csv_rows, read_rle_table, write_atomic_csv
+from buildseg.instance_metrics import IOU_THRESHOLD, InstanceCounts, Match, match_masks, match_polygons
 from buildseg.metrics import image_counts, summarize
 
 log = logging.getLogger("buildseg")
@@ -31,8 +42,33 @@ def truth_masks(truth_csv: str | Path, shape: tuple[int, int] | None = None) -> 
     return {k: (v, size) for k, v in table.items()}
 
 
-def evaluate_csv(pred_csv: str | Path, truth_csv: str | Path, shape: tuple[int, int] | None = None) -> dict:
-    """Competition Dice and companions; every truth id must have a prediction."""
+DETAILS_HEADER = ("image", "side", "building", "area", "matched_building", "iou")
+
+
+def _detail_rows(image: str, areas_true: np.ndarray, areas_pred: np.ndarray, matches: list[Match]) -> list[tuple]:
+    """One row per building: its side, index, area, partner and IoU (empty when unmatched)."""
+    by_true = {m.truth: m for m in matches}
+    by_pred = {m.pred: m for m in matches}
+    rows = []
+    for side, areas, lookup, partner in (("truth", areas_true, by_true, "pred"), ("pred", areas_pred, by_pred, "truth")):
+        for k, area in enumerate(areas):
+            m = lookup.get(k)
+            rows.append((image, side, k, round(float(area), 3), "" if m is None else getattr(m, partner),
+                         "" if m is None else round(m.iou, 4)))
+    return rows
+
+
+def _pixel_keys(summary: dict) -> dict:
+    """Pixel precision/recall renamed: ``precision``/``recall`` are the building-level ones."""
+    summary = dict(summary)
+    summary["pixel_precision"] = summary.pop("precision")
+    summary["pixel_recall"] = summary.pop("recall")
+    return summary
+
+
+def evaluate_csv(pred_csv: str | Path, truth_csv: str | Path, shape: tuple[int, int] | None = None,
+                 iou_threshold: float = IOU_THRESHOLD, details: str | Path | None = None) -> dict:
+    """Competition Dice and building F1 per image; every truth id must have a prediction."""
     truth = truth_masks(truth_csv, shape)
     pred = read_rle_table(pred_csv)
     missing = [k for k in truth if k not in pred]
@@ -42,6 +78,7 @@ def evaluate_csv(pred_csv: str | Path, truth_csv: str | Path, shape: tuple[int, 
     if extra:
         log.warning("%s has %d ids that are not in the truth; ignored", pred_csv, extra)
     counts = np.zeros((len(truth), 3), dtype=np.int64)
+    buildings, rows = InstanceCounts(), []
     for i, (img_id, (truth_rle, size)) in enumerate(truth.items()):
         try:
             g = rle.decode(truth_rle, size, img_id=img_id)
@@ -52,4 +89,53 @@ def evaluate_csv(pred_csv: str | Path, truth_csv: str | Path, shape: tuple[int, 
         except RleError as exc:
             raise BuildsegError(f"{pred_csv}: {exc}") from None
         counts[i] = image_counts(p, g)
-    return summarize(counts)
+        result = match_masks(p, g, iou_threshold)
+        buildings += result.counts
+        if details is not None:
+            rows += _detail_rows(img_id, np.bincount(result.truth_labels.ravel())[1:],
+                                 np.bincount(result.pred_labels.ravel())[1:], result.matches)
+    if details is not None:
+        write_atomic_csv(details, DETAILS_HEADER, rows)
+    return {**_pixel_keys(summarize(counts)), **buildings.summary(), "iou_threshold": iou_threshold}
+
+
+VECTOR_SUFFIXES = (".gpkg", ".geojson", ".json", ".shp", ".fgb", ".parquet", ".geoparquet", ".gml", ".kml")
+RASTER_SUFFIXES = (".tif", ".tiff")
+
+
+def is_footprint_file(path: str | Path) -> bool:
+    return Path(path).suffix.lower() in VECTOR_SUFFIXES + RASTER_SUFFIXES
+
+
+def footprints_of(path: str | Path, crs=None):
+    """(polygons, crs) of a vector file, or of a mask GeoTIFF's buildings (8-connected
+    components polygonised); reprojected to ``crs`` when given."""
+    from buildseg.formats.vectors import read_footprints
+
+    path = Path(path)
+    if path.suffix.lower() in RASTER_SUFFIXES:
+        from buildseg.formats.rasters import open_raster
+        from buildseg.footprints.polygons import mask_polygons
+
+        with open_raster(path) as src:
+            mask = src.read(1) > 0
+            polygons, source_crs = mask_polygons(mask.astype(np.uint8), src.transform), src.crs
+        if crs is not None and source_crs is not None and source_crs != crs and polygons:
+            import geopandas as gpd
+
+            polygons = list(gpd.GeoSeries(polygons, crs=source_crs).to_crs(crs).values)
+        return np.asarray(polygons, dtype=object), crs or source_crs
+    footprints = read_footprints([path], allow_empty=True)
+    return footprints.to_crs(crs), crs or footprints.crs
+
+
+def evaluate_vectors(pred: str | Path, truth: str | Path, iou_threshold: float = IOU_THRESHOLD,
+                     details: str | Path | None = None) -> dict:
+    """Building F1 of predicted footprints against truth footprints, in the truth's CRS."""
+    truth_polys, crs = footprints_of(truth)
+    pred_polys, _ = footprints_of(pred, crs)
+    counts, matches = match_polygons(pred_polys, truth_polys, iou_threshold)
+    if details is not None:
+        areas = (np.array([g.area for g in truth_polys]), np.array([g.area for g in pred_polys]))
+        write_atomic_csv(details, DETAILS_HEADER, _detail_rows(Path(pred).name, *areas, matches))
+    return {**counts.summary(), "iou_threshold": iou_threshold}

@@ -78,8 +78,11 @@ def _polygonal(geometries: np.ndarray) -> np.ndarray:
     return np.asarray(out, dtype=object)
 
 
-def read_footprints(paths: Sequence[str | Path], layer: str | None = None) -> Footprints:
-    """All polygons of ``paths``, in the CRS of the first file (the others reprojected to it)."""
+def read_footprints(paths: Sequence[str | Path], layer: str | None = None, allow_empty: bool = False) -> Footprints:
+    """All polygons of ``paths``, in the CRS of the first file (the others reprojected to it).
+
+    A file without polygons is an error for labels; ``allow_empty`` accepts it (a prediction
+    of an area without buildings)."""
     import shapely
 
     if not paths:
@@ -101,7 +104,7 @@ def read_footprints(paths: Sequence[str | Path], layer: str | None = None) -> Fo
             geometries[invalid] = shapely.make_valid(geometries[invalid])
             repaired += int(invalid.sum())
         polygons = _polygonal(geometries)
-        if len(polygons) == 0:
+        if len(polygons) == 0 and not (allow_empty and len(frame) == 0):
             kinds = sorted({g.geom_type for g in geometries if g is not None})
             raise BuildsegError(f"labels {path} has no polygons (found {', '.join(kinds) or 'no geometries'}); "
                                 "footprints must be Polygon or MultiPolygon features")

@@ -1,0 +1,1 @@
+"""Building footprints as vectors: polygons from masks, seams, simplification, GIS writers."""
