@@ -279,6 +279,24 @@ def test_early_stopping_stops_after_patience(synth_data, tmp_path, monkeypatch):
     assert result.best_dice == 0.5 and [r["val_dice"] for r in result.history] == [0.5, 0.4, 0.45]
 
 
+def test_monitor_f1_picks_best_pt_by_building_f1(synth_data, tmp_path, monkeypatch):
+    from buildseg.training import loop
+
+    scores = iter([(0.6, 0.2), (0.5, 0.7), (0.7, 0.4)])  # (dice, f1) per validation
+    real = loop.validate
+
+    def fixed_scores(*args, **kwargs):
+        summary = real(*args, **kwargs)
+        assert {"f1", "building_precision", "building_recall", "mean_iou"} <= set(summary)
+        dice, f1 = next(scores)
+        return {**summary, "dice": dice, "f1": f1}
+
+    monkeypatch.setattr(loop, "validate", fixed_scores)
+    result = train(tiny_config(synth_data, tmp_path / "run", epochs=3, monitor="f1"))
+    assert result.best_dice == 0.7 and [r["val_f1"] for r in result.history] == [0.2, 0.7, 0.4]
+    assert len(torch.load(tmp_path / "run" / "best.pt", weights_only=False)["history"]) == 2  # saved at the 2nd validation
+
+
 def _no_batch_norm(trainer):
     """Batch statistics differ between batches of 4 and 8; without them the two are comparable."""
     for name, module in list(trainer.model.named_modules()):

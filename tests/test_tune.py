@@ -5,6 +5,7 @@ from buildseg.cli import main
 from buildseg.inference.postprocess import PostProcess, apply
 from buildseg.inference.segmenter import Segmenter
 from buildseg.inference.tune import default_row, search
+from buildseg.instance_metrics import InstanceCounts, match_masks
 from buildseg.metrics import Scoreboard
 from buildseg.training.loop import train
 from conftest import tiny_config
@@ -32,6 +33,19 @@ def test_search_scores_equal_applying_the_postprocess_tile_by_tile():
         expected = board.summary()
         assert row.summary["dice"] == pytest.approx(expected["dice"], nan_ok=True)
         assert row.summary["n_scored"] == expected["n_scored"]
+        buildings = InstanceCounts()
+        for p, t in zip(probs, truths):
+            buildings += match_masks(apply(p, row.post), t).counts
+        assert row.summary["f1"] == pytest.approx(buildings.summary()["f1"])
+
+
+def test_search_by_f1_sorts_by_building_f1():
+    rng = np.random.default_rng(1)
+    probs = [blobs(rng) for _ in range(20)]
+    truths = [(blobs(rng) > 0.6) for _ in range(20)]
+    rows = search(probs, truths, thresholds=(0.4, 0.6), min_areas=(0, 5, 30), empty_max_probs=(0.0, 0.8), objective="f1")
+    f1 = [r.summary["f1"] for r in rows]
+    assert f1 == sorted(f1, reverse=True)
 
 
 def test_search_beats_the_default_on_specks_over_empty_tiles():

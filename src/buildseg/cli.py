@@ -153,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", default="torch", choices=["auto", "torch", "openvino", "onnxruntime"],
                    help="inference engine: torch (default), openvino or onnxruntime (CPU, ONNX graph cached next to the "
                         "checkpoint), auto = openvino on x86 CPUs where installed, else torch")
+    p.add_argument("--objective", default="dice", choices=["dice", "f1"],
+                   help="what the best setting maximises: competition Dice or building F1 at IoU 0.5 (default dice)")
     p.add_argument("--no-save", action="store_true", help="print only; do not write the setting into the checkpoint")
     p.add_argument("--json", help="also write all results to this JSON file")
 
@@ -217,7 +219,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = apply_overrides(base, overrides, {k: flag_name(k) for k in overrides if k != "loss"})
     result = train(config, resume=args.resume)
     if int(os.environ.get("RANK", "0")) == 0:
-        print(f"best val Dice {result.best_dice:.4f} after {result.epochs_done} epochs (stopped by {result.stopped_by})")
+        print(f"best val {'building F1' if config.train.monitor == 'f1' else 'Dice'} {result.best_dice:.4f} after {result.epochs_done} epochs (stopped by {result.stopped_by})")
         print(f"checkpoints: {result.run_dir / 'best.pt'}  {result.run_dir / 'last.pt'}")
         print(f"curves: {result.run_dir / 'curves.png'}")
     return 0
@@ -312,8 +314,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
                                           engine=args.engine)
     dataset = GridTileDataset(records, args.tile, segmenter.in_chans)
     probs, truths = predict_tiles(segmenter, dataset, args.batch_size)
-    rows = search(probs, truths)
-    print(f"{len(dataset)} validation tiles, {len(rows)} settings\n")
+    rows = search(probs, truths, objective=args.objective)
+    print(f"{len(dataset)} validation tiles, {len(rows)} settings, best by {args.objective}\n")
     print(format_table(rows, default_row(probs, truths)))
     best = rows[0].post
     if args.json:

@@ -92,6 +92,7 @@ class TrainConfig:
     deterministic: bool = False
     max_nonfinite: int = 20  # abort after this many non-finite losses in a row
     threshold: float = 0.5  # for validation Dice
+    monitor: str = "dice"  # dice | f1 (building F1 at IoU 0.5): what best.pt and early stopping follow
     sync_bn: bool = False  # SyncBatchNorm across GPUs under torchrun (timm's converter keeps fused activations)
     progress: bool = True
     tensorboard: bool = True  # scalars in RUN/tensorboard when the tensorboard package is installed
@@ -182,6 +183,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.early_stopping": _at_least(1),
     "train.max_nonfinite": _at_least(1),
     "train.threshold": _open_unit(),
+    "train.monitor": _choice("dice", "f1"),
 }
 
 _TRUE = ("true", "yes", "on", "1")

@@ -1,9 +1,12 @@
-"""``buildseg tune``: choose threshold x min-area x empty rule for the competition Dice.
+"""``buildseg tune``: choose threshold x min-area x empty rule for the competition Dice or
+the building F1 (``--objective dice|f1``).
 
 Validation tiles are predicted once; the search then works on the stored probabilities.
 For each threshold the connected components of every tile are labelled once, so each
 min-area value is a lookup, and the "empty if max probability < t" rule only rewrites a
-tile's counts (tp, fp -> 0; fn -> tp + fn). The best setting is stored in the checkpoint,
+tile's counts (tp, fp -> 0; fn -> tp + fn). Building F1: the (truth, prediction) component
+pairs and their IoUs are found once per threshold; a min-area drops predicted components
+and their pairs before the one-to-one matching. The best setting is stored in the checkpoint,
 where ``predict`` and :class:`Segmenter` pick it up unless overridden.
 """
 
@@ -19,6 +22,7 @@ from torch.utils.data import DataLoader
 from buildseg.data.datasets import GridTileDataset
 from buildseg.inference.postprocess import PostProcess
 from buildseg.inference.segmenter import Segmenter
+from buildseg.instance_metrics import InstanceCounts, greedy_match, label_buildings, mask_pairs
 from buildseg.metrics import summarize
 
 THRESHOLDS = tuple(np.round(np.arange(0.30, 0.801, 0.05), 2))
@@ -52,20 +56,43 @@ def _component_counts(pred: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, 
     return area, hits
 
 
+def _building_counts(prob: np.ndarray, truth_labels: tuple[np.ndarray, int], threshold: float,
+                     min_areas: Sequence[int]) -> np.ndarray:
+    """(len(min_areas), 4): n_true, n_pred, n_matched, IoU sum of one tile per min-area."""
+    t_labels, n_t = truth_labels
+    p_labels, n_p = label_buildings(prob > threshold)
+    pairs = mask_pairs(t_labels, n_t, p_labels, n_p)
+    area = np.bincount(p_labels.ravel(), minlength=n_p + 1)[1:]
+    out = np.zeros((len(min_areas), 4))
+    for k, min_area in enumerate(min_areas):
+        keep = area >= max(min_area, 1)
+        matches = greedy_match([q for q in pairs if keep[q[1]]])
+        out[k] = (n_t, int(keep.sum()), len(matches), sum(m.iou for m in matches))
+    return out
+
+
+OBJECTIVES = ("dice", "f1")
+
+
 def search(
     probs: Sequence[np.ndarray],
     truths: Sequence[np.ndarray],
     thresholds: Sequence[float] = THRESHOLDS,
     min_areas: Sequence[int] = MIN_AREAS,
     empty_max_probs: Sequence[float] = EMPTY_MAX_PROBS,
+    objective: str = "dice",
 ) -> list[TuneRow]:
-    """Every combination scored with the competition Dice, best first."""
+    """Every combination scored with the competition Dice and the building F1, best first by ``objective``."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective {objective!r}: use one of {OBJECTIVES}")
     truth_sizes = np.array([t.sum() for t in truths], dtype=np.int64)
+    truth_labels = [label_buildings(t) for t in truths]
     max_probs = np.array([float(p.max()) if p.size else 0.0 for p in probs])
     rows = []
     for threshold in thresholds:
         comps = [_component_counts(p > threshold, t) for p, t in zip(probs, truths)]
-        for min_area in min_areas:
+        buildings = np.stack([_building_counts(p, tl, threshold, min_areas) for p, tl in zip(probs, truth_labels)])
+        for m, min_area in enumerate(min_areas):
             tp = np.array([int(hits[area >= max(min_area, 1)].sum()) for area, hits in comps])
             pred = np.array([int(area[area >= max(min_area, 1)].sum()) for area, _ in comps])
             for empty_p in empty_max_probs:
@@ -73,19 +100,26 @@ def search(
                 tp_e = np.where(empty, 0, tp)
                 fp_e = np.where(empty, 0, pred - tp)
                 fn_e = truth_sizes - tp_e
+                b = buildings[:, m].copy()
+                b[empty, 1:] = 0  # an emptied tile predicts no building
+                n_true, n_pred, n_matched, iou_sum = b.sum(axis=0)
+                summary = summarize(np.stack([tp_e, fp_e, fn_e], axis=1))
+                building = InstanceCounts(int(n_true), int(n_pred), int(n_matched), float(iou_sum)).summary()
+                summary.update(f1=building["f1"], building_precision=building["precision"],
+                               building_recall=building["recall"])
                 post = PostProcess(threshold=float(threshold), min_area=int(min_area), empty_max_prob=float(empty_p))
-                rows.append(TuneRow(post, summarize(np.stack([tp_e, fp_e, fn_e], axis=1))))
-    rows.sort(key=lambda r: (-np.nan_to_num(r.summary["dice"], nan=-1.0), r.post.min_area, r.post.empty_max_prob))
+                rows.append(TuneRow(post, summary))
+    rows.sort(key=lambda r: (-np.nan_to_num(r.summary[objective], nan=-1.0), r.post.min_area, r.post.empty_max_prob))
     return rows
 
 
 def format_table(rows: list[TuneRow], default: TuneRow, top: int = 5) -> str:
-    lines = ["| setting | threshold | min_area | empty if max prob < | Dice | n scored | empty-tile FP rate |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| setting | threshold | min_area | empty if max prob < | Dice | building F1 | n scored | empty-tile FP rate |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, row in [("default", default)] + [(f"#{i + 1}", r) for i, r in enumerate(rows[:top])]:
         s = row.summary
         lines.append(f"| {name} | {row.post.threshold:.2f} | {row.post.min_area} | {row.post.empty_max_prob:.2f} | "
-                     f"{s['dice']:.4f} | {s['n_scored']} | {s['empty_fp_rate']:.3f} |")
+                     f"{s['dice']:.4f} | {s['f1']:.4f} | {s['n_scored']} | {s['empty_fp_rate']:.3f} |")
     return "\n".join(lines)
 
 

@@ -15,7 +15,7 @@ log = logging.getLogger("buildseg")
 # event keys written to TensorBoard, under the tag "<group>/<key>"
 _SCALARS = {
     "step": ("train", ("loss", "lr", "img_s", "data_wait")),
-    "epoch": ("epoch", ("train_loss", "val_dice", "val_iou", "val_empty_fp_rate", "train_img_s", "data_wait", "lr")),
+    "epoch": ("epoch", ("train_loss", "val_dice", "val_iou", "val_f1", "val_empty_fp_rate", "train_img_s", "data_wait", "lr")),
 }
 
 
@@ -101,6 +101,9 @@ def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
     ax_loss.legend()
     dice = [row.get("val_dice", math.nan) for row in history]
     ax_dice.plot(epochs, dice, marker="o", color="tab:green", label="val competition Dice")
+    f1 = [row.get("val_f1", math.nan) for row in history]
+    if not all(math.isnan(v) for v in f1):
+        ax_dice.plot(epochs, f1, marker="s", color="tab:purple", label="val building F1 (IoU 0.5)")
     ax_dice.set_xlabel("epoch")
     ax_dice.set_ylim(0, 1)
     ax_dice.legend()

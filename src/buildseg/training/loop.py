@@ -47,7 +47,7 @@ __all__ = ["Trainer", "TrainResult", "train", "resume_config"]
 @dataclass
 class TrainResult:
     run_dir: Path
-    best_dice: float
+    best_dice: float  # the best monitored score: competition Dice, or building F1 with --monitor f1
     epochs_done: int
     history: list[dict[str, Any]] = field(default_factory=list)
     stopped_by: str = "epochs"
@@ -267,6 +267,8 @@ class Trainer:
             "epoch": self.epoch + 1, "partial": partial, "step": self.progress.step,
             "train_loss": self.epoch_loss[0] / self.epoch_loss[1] if self.epoch_loss[1] else math.nan,
             "val_dice": summary["dice"], "val_iou": summary["iou"], "val_n_scored": summary["n_scored"],
+            "val_f1": summary["f1"], "val_building_precision": summary["building_precision"],
+            "val_building_recall": summary["building_recall"],
             "val_empty_fp_rate": summary["empty_fp_rate"], "lr": self.optimizer.param_groups[0]["lr"],
             "train_img_s": self.seen / max(train_seconds, 1e-9), "train_seconds": train_seconds,
             "val_seconds": time.monotonic() - started, "nonfinite_skipped": self.nonfinite_total,
@@ -276,9 +278,10 @@ class Trainer:
         self.log.event({"kind": "epoch", **record})
         self.log.write_history(self.history)
         if self.dist.is_main:
-            log.info("epoch %d%s: loss %.4f, val Dice %.4f (%d scored of %d tiles), %.1f img/s, %.0f%% waiting for data",
-                     record["epoch"], " (partial)" if partial else "", record["train_loss"], summary["dice"],
-                     summary["n_scored"], summary["n"], record["train_img_s"], 100 * record["data_wait"])
+            log.info("epoch %d%s: loss %.4f, val Dice %.4f (%d scored of %d tiles), building F1 %.4f, %.1f img/s, "
+                     "%.0f%% waiting for data", record["epoch"], " (partial)" if partial else "", record["train_loss"],
+                     summary["dice"], summary["n_scored"], summary["n"], summary["f1"], record["train_img_s"],
+                     100 * record["data_wait"])
             if record["data_wait"] > 0.3 and train_seconds > 10:
                 log.warning("the loader, not the model, bounds the step rate: %.0f%% of the training time waited for "
                             "data; raise --num-workers or use --cache disk|ram", 100 * record["data_wait"])
@@ -286,8 +289,9 @@ class Trainer:
         return record
 
     def _after_validation(self, record: dict[str, Any]) -> None:
-        """best.pt on improvement, last.pt always; early stopping counts validations without one."""
-        dice = record["val_dice"]
+        """best.pt on improvement of the monitored score (``--monitor dice|f1``), last.pt always;
+        early stopping counts validations without one."""
+        dice = record["val_f1" if self.config.train.monitor == "f1" else "val_dice"]
         improved = dice > self.best_dice if not math.isnan(dice) else self.best_dice < 0
         if improved:
             self.best_dice, self.bad_epochs = (0.0 if math.isnan(dice) else dice), 0
@@ -297,7 +301,7 @@ class Trainer:
         patience = self.config.train.early_stopping
         if patience and self.bad_epochs >= patience and self.stopped_by is None:
             self.stopped_by = "early_stopping"
-            log.info("no Dice improvement in %d validations: early stop", self.bad_epochs)
+            log.info("no %s improvement in %d validations: early stop", self.config.train.monitor, self.bad_epochs)
 
     def _write_run_files(self) -> None:
         if self.dist.is_main:

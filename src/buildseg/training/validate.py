@@ -1,4 +1,6 @@
-"""Validation: predict grid tiles, count tp/fp/fn per tile, score with the competition Dice.
+"""Validation: predict grid tiles, count tp/fp/fn and buildings per tile, score with the
+competition Dice and the building F1 (IoU >= 0.5; buildings cut by a tile border count as
+the parts inside each tile).
 
 Under torchrun every rank scores its own share of the tiles and the counts are summed, so
 the score is the same as on one process.
@@ -12,6 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from buildseg.data.datasets import GridTileDataset
+from buildseg.instance_metrics import InstanceCounts, match_masks
 from buildseg.metrics import summarize
 from buildseg.distributed import DistInfo, all_reduce
 from buildseg.runtime.device import autocast
@@ -29,10 +32,11 @@ def tile_counts(
     dist_info: DistInfo = DistInfo(),
     num_workers: int = 0,
 ) -> np.ndarray:
-    """(n_tiles, 3) int64 tp, fp, fn counts, identical on every rank."""
+    """(n_tiles, 7) float64: pixel tp, fp, fn and buildings n_true, n_pred, n_matched, matched
+    IoU sum per tile, identical on every rank."""
     was_training = model.training
     model.eval()
-    counts = torch.zeros((len(dataset), 3), dtype=torch.float64)
+    counts = torch.zeros((len(dataset), 7), dtype=torch.float64)
     indices = list(range(dist_info.rank, len(dataset), dist_info.world_size))
     loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         generator=torch.Generator())  # does not draw from the global RNG
@@ -50,13 +54,21 @@ def tile_counts(
             h, w = valid[k].tolist()
             p, g = pred[k, 0, :h, :w], truth[k, 0, :h, :w]
             tp = int((p & g).sum())
-            counts[indices[position]] = torch.tensor([tp, int(p.sum()) - tp, int(g.sum()) - tp], dtype=torch.float64)
+            b = match_masks(p.numpy(), g.numpy()).counts
+            counts[indices[position]] = torch.tensor([tp, int(p.sum()) - tp, int(g.sum()) - tp, b.n_true, b.n_pred,
+                                                      b.n_matched, b.iou_sum], dtype=torch.float64)
             position += 1
     model.train(was_training)
-    return all_reduce(counts, dist_info).numpy().astype(np.int64)
+    return all_reduce(counts, dist_info).numpy()
 
 
 def validate(model, dataset, device, precision, batch_size, threshold=0.5, channels_last=True, dist_info=DistInfo(), num_workers=0):
-    """Summary dict (``dice``, ``n_scored``, ``iou``, ...) over the validation tiles."""
+    """Summary dict over the validation tiles: the pixel metrics (``dice``, ``n_scored``,
+    ``iou``, ...) and the building ones (``f1``, ``building_precision``, ``building_recall``,
+    ``mean_iou``)."""
     counts = tile_counts(model, dataset, device, precision, batch_size, threshold, channels_last, dist_info, num_workers)
-    return summarize(counts)
+    n_true, n_pred, n_matched, iou_sum = counts[:, 3:].sum(axis=0)
+    buildings = InstanceCounts(int(n_true), int(n_pred), int(n_matched), float(iou_sum)).summary()
+    return {**summarize(counts[:, :3].astype(np.int64)), "f1": buildings["f1"],
+            "building_precision": buildings["precision"], "building_recall": buildings["recall"],
+            "mean_iou": buildings["mean_iou"]}
