@@ -56,23 +56,35 @@ def write_big_scene(folder: Path, size: int, tile: int = 1024) -> tuple[Path, Pa
     return raster, labels, len(polygons)
 
 
+def peak_mb() -> float:
+    """This process's peak resident memory (VmHWM: reset by exec, unlike ru_maxrss, which
+    keeps the high-water mark of the parent that forked it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def measure(raster: str, labels: str, windows: int, crop: int) -> dict:
     """Runs in its own process: prepare, draw windows, report peak RSS."""
     import torch  # noqa: F401  (the training process has it loaded)
 
     from buildseg.data.geo import GeoWindowDataset, prepare_geo_data
 
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    base = peak_mb()
     start = time.perf_counter()
     geo = prepare_geo_data(raster, [labels], [1, 2, 3])
     prepared = time.perf_counter() - start
-    after_prepare = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    after_prepare = peak_mb()
     dataset = GeoWindowDataset(geo.scenes, [1, 2, 3], crop_size=crop, samples_per_epoch=windows)
     start = time.perf_counter()
     for i in range(windows):
         dataset[(0, i)]
     rate = windows / (time.perf_counter() - start)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_mb()
     return {"base_mb": base, "prepare_mb": after_prepare, "peak_mb": peak, "prepare_s": prepared, "windows_per_s": rate}
 
 

@@ -145,9 +145,9 @@ def test_train_then_predict_with_gsd_bands_and_the_same_stretch(fine_scene, scen
     calls = []
     real = geotiff.read_window
 
-    def spy(src, bands, grid, *args):
+    def spy(src, bands, grid, *args, **kwargs):
         calls.append(grid)
-        return real(src, bands, grid, *args)
+        return real(src, bands, grid, *args, **kwargs)
 
     monkeypatch.setattr(geotiff, "read_window", spy)
     out = tmp_path / "fine_mask.tif"

@@ -99,8 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="predict a test CSV/folder into a submission CSV")
     p.add_argument("--checkpoint", action="append", required=True, help="checkpoint .pt or run folder; repeat to ensemble")
-    p.add_argument("--data", required=True, help="test CSV (img_id,img_path) or folder with images/")
-    p.add_argument("--out", required=True, help="submission CSV to write (for a GeoTIFF input: the mask GeoTIFF)")
+    p.add_argument("--data", required=True, help="test CSV (img_id,img_path) or folder with images/; a GeoTIFF; or "
+                   "many scenes: a folder of GeoTIFFs or a CSV with a 'path' column")
+    p.add_argument("--out", required=True, help="submission CSV to write (GeoTIFF input: the mask COG; many scenes: "
+                   "the output folder)")
     p.add_argument("--threshold", type=PROBABILITY, help="probability threshold (default: the checkpoint's, else 0.5)")
     p.add_argument("--min-area", type=_ranged(int, 0), help="remove components smaller than this many pixels")
     p.add_argument("--tta", default="none", choices=["none", "flip", "d4"])
@@ -120,9 +122,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--masks-dir", help="also write PNG masks here")
     p.add_argument("--overlays-dir", help="also write overlay PNGs here")
     p.add_argument("--skip-bad", action="store_true", help="write -1 for unreadable images instead of stopping")
-    p.add_argument("--geojson", help="GeoTIFF input: also write building polygons (with area) here")
+    p.add_argument("--footprints", help="GeoTIFF input: also write building footprints here; the format follows the "
+                   "extension: .gpkg, .parquet, .fgb, .geojson")
+    p.add_argument("--geojson", help="GeoTIFF input: footprints as GeoJSON (same as --footprints FILE.geojson)")
+    p.add_argument("--format", default="gpkg", choices=["gpkg", "parquet", "fgb", "geojson"],
+                   help="many scenes: footprint layer format (default gpkg)")
     p.add_argument("--block", type=_ranged(int, 64), default=2048, help="GeoTIFF input: pixels per processing block")
-    p.add_argument("--simplify", type=_ranged(float, 0.0), default=0.0, help="GeoTIFF input: polygon simplification tolerance (CRS units)")
+    p.add_argument("--simplify", type=_ranged(float, 0.0), default=None,
+                   help="GeoTIFF input: footprint simplification tolerance in CRS units (default: one pixel; 0: off)")
+    p.add_argument("--min-area-m2", type=_ranged(float, 0.0), default=0.0,
+                   help="GeoTIFF input: drop footprints smaller than this ground area")
+    p.add_argument("--regularize", action="store_true",
+                   help="GeoTIFF input: right-angle footprints (buildingregulariser)")
     p.add_argument("--gsd", type=_ranged(float, 0.0, low_open=True),
                    help="GeoTIFF input: metres per pixel to predict at (default: the GSD the model was trained at)")
     p.add_argument("--native-resolution", action="store_true",
@@ -225,20 +236,41 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _geo_settings(args: argparse.Namespace, segmenter) -> dict[str, Any]:
+    """GSD and bands for GeoTIFF prediction: the flags, else what the checkpoint was trained on."""
+    from buildseg.config import coerce
+
+    gsd = None if args.native_resolution else args.gsd or segmenter.input.get("gsd")
+    bands = coerce(args.bands, "list[int] | None", "data.bands", "--bands") if args.bands else segmenter.input.get("bands")
+    return {"block": args.block, "simplify": args.simplify, "stretch": args.stretch, "gsd": gsd, "bands": bands,
+            "min_area_m2": args.min_area_m2, "regularize": args.regularize}
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from buildseg.distributed import cleanup, init_distributed
     from buildseg.formats.tables import load_records
     from buildseg.inference.predict import predict_records
+    from buildseg.inference.scenes import is_scene_collection
     from buildseg.inference.segmenter import Segmenter
 
-    from buildseg.config import coerce
-
     geotiff = Path(args.data).suffix.lower() in (".tif", ".tiff") and Path(args.data).is_file()
-    if not geotiff and (args.gsd or args.bands or args.native_resolution):
-        raise BuildsegError("--gsd, --bands and --native-resolution apply to a GeoTIFF input; --data is not one")
-    if geotiff and args.empty_vote:
+    many = not geotiff and is_scene_collection(args.data)
+    if not (geotiff or many) and (args.gsd or args.bands or args.native_resolution or args.footprints or args.geojson):
+        raise BuildsegError("--gsd, --bands, --native-resolution, --footprints and --geojson apply to GeoTIFF input; "
+                            f"--data {args.data} is not a GeoTIFF or a folder/list of them")
+    if (geotiff or many) and args.empty_vote:
         raise BuildsegError("--empty-vote blanks whole tiles (CSV/folder input); a GeoTIFF scene is not a tile: drop --empty-vote")
-    records = None if geotiff else load_records(args.data)  # bad data fails before the models load
+    if args.footprints and args.geojson:
+        raise BuildsegError("give either --footprints or --geojson (the same thing, GeoJSON only), not both")
+    scenes = None
+    if many:
+        from buildseg.data.geo import list_scenes
+
+        scenes = [s.path for s in list_scenes(args.data)]
+        missing = [s for s in scenes if not s.is_file()]
+        if missing:
+            raise BuildsegError(f"scene not found: {missing[0]} (listed in {args.data})")
+    records = None if (geotiff or many) else load_records(args.data)  # bad data fails before the models load
     dist = init_distributed(args.device)
     device = str(dist.device) if dist.device.type == "cuda" else args.device  # each rank on its LOCAL_RANK GPU
     try:
@@ -247,16 +279,24 @@ def cmd_predict(args: argparse.Namespace) -> int:
             min_area=args.min_area, ds_ensemble=args.ds_ensemble, window=args.window, overlap=args.overlap,
             empty_vote=args.empty_vote, engine=args.engine,
         )
+        if many:
+            from buildseg.inference.scenes import SceneSettings, predict_scenes
+
+            settings = SceneSettings(**_geo_settings(args, segmenter), format=args.format)
+            summary = predict_scenes(segmenter, scenes, args.out, settings, dist, progress=not args.no_progress)
+            if dist.is_main:
+                print(f"{summary['predicted']} scenes predicted, {summary['skipped']} already done; merged layer "
+                      f"{summary['merged']} ({summary['n_footprints']} footprints); manifest {Path(args.out) / 'manifest.json'}")
+            return 0
         if geotiff:
             from buildseg.inference.geotiff import predict_geotiff
 
-            gsd = None if args.native_resolution else args.gsd or segmenter.input.get("gsd")
-            bands = coerce(args.bands, "list[int] | None", "data.bands", "--bands") if args.bands else segmenter.input.get("bands")
-            result = predict_geotiff(segmenter, args.data, args.out, args.geojson, block=args.block, simplify=args.simplify,
-                                     stretch=args.stretch, gsd=gsd, bands=bands)
+            result = predict_geotiff(segmenter, args.data, args.out, args.footprints or args.geojson,
+                                     progress=not args.no_progress, **_geo_settings(args, segmenter))
             print(f"wrote {result.mask_path} (CRS {result.crs or 'none: pixel coordinates'})")
-            if result.geojson_path:
-                print(f"wrote {result.geojson_path}: {result.n_polygons} building polygons (area in {result.area_unit or 'n/a'})")
+            if result.footprints_path:
+                print(f"wrote {result.footprints_path}: {result.n_polygons} building footprints (area in "
+                      f"{result.area_unit or 'CRS units'})")
             return 0
         _, stats = predict_records(
             segmenter, records, args.out, batch_size=args.batch_size, num_workers=args.num_workers,

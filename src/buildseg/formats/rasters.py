@@ -164,13 +164,15 @@ def scene_grid(src, gsd: float | None, path: str | Path) -> SceneGrid:
     return SceneGrid(max(1, int(round(src.height / step_y))), max(1, int(round(src.width / step_x))), step_y, step_x, gsd)
 
 
-def read_window(src, bands: list[int], grid: SceneGrid, row: int, col: int, height: int, width: int,
-                stretch: Stretch | None) -> tuple[np.ndarray, np.ndarray]:
+def read_window(src, bands: list[int], grid: SceneGrid, row: float, col: float, height: int, width: int,
+                stretch: Stretch | None, fill_is_nodata: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """(H, W, bands) uint8 image and (H, W) bool validity of a grid window.
 
     Outside the raster is invalid and 0. Invalid are also the raster's nodata pixels (its
-    mask: nodata value, alpha band or internal mask) and pixels that are 0 in every band
-    (fill). Invalid pixels are set to 0.
+    mask: nodata value, alpha band or internal mask), non-finite values and, with
+    ``fill_is_nodata``, pixels that are 0 in every band (an undeclared fill border; training
+    counts them as nodata, prediction does not, since a black roof can be 0 too). Invalid
+    pixels are set to 0.
     """
     rasterio = require_rasterio()
     from rasterio.enums import Resampling
@@ -184,7 +186,9 @@ def read_window(src, bands: list[int], grid: SceneGrid, row: int, col: int, heig
     except rasterio.errors.RasterioIOError as exc:
         raise BuildsegError(f"cannot read {src.name} at grid pixels row={row}, col={col}: the file is damaged "
                             f"there ({_short(exc)}); re-export it") from None
-    valid = (masks > 0).all(axis=0) & np.isfinite(raw).all(axis=0) & (raw != 0).any(axis=0)
+    valid = (masks > 0).all(axis=0) & np.isfinite(raw).all(axis=0)
+    if fill_is_nodata:
+        valid &= (raw != 0).any(axis=0)
     image = to_uint8(raw, stretch)
     image[:, ~valid] = 0
     return np.ascontiguousarray(image.transpose(1, 2, 0)), valid

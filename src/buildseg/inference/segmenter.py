@@ -106,6 +106,7 @@ class Segmenter:
         self.engine = resolve_engine(engine, self.device)
         paths = list(checkpoints) if checkpoints is not None else [None] * len(self.models)
         self.input: dict = {}  # what the models were trained on: {"gsd": metres or None, "bands": [...]}
+        self.checkpoint_paths: list[Path] = [p for p in (checkpoints or []) if p is not None]
         self.runners = [build_engine(self.engine, m, self.device, self.precision, channels_last, p)
                         for m, p in zip(self.models, paths)]
 
