@@ -265,7 +265,7 @@ def test_ensemble_of_two_different_checkpoints_is_the_mean_of_their_probabilitie
     # the same holds through the sliding window, and member_probas gives each model's own map
     both.window = 48
     members = both.member_probas(image)
-    np.testing.assert_allclose(np.mean(members, axis=0), both.predict_proba(image), atol=1e-6)
+    np.testing.assert_allclose(np.mean(members, axis=0)[0], both.predict_proba(image), atol=1e-6)  # (K, H, W) maps
 
 
 def test_empty_vote_is_honoured_by_predict_and_large_images():

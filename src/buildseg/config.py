@@ -62,6 +62,7 @@ class ModelConfig:
     deep_supervision: bool = True  # with ds_ensemble: 0.539 vs 0.504 without, in the ablation (benchmarks/README.md)
     ds_weights: list[float] | None = None  # default 1, 0.5, 0.25, ...
     ds_ensemble: bool = True
+    targets: list[str] = field(default_factory=lambda: ["footprint"])  # footprint[,contact]: contact = zone between buildings
 
 
 @dataclass
@@ -116,6 +117,8 @@ class Config:
 
 
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
+TARGETS = ("footprint", "contact")
+PATH_LISTS = {"data.labels"}  # lists of file paths: a string is one path, never split on commas
 
 
 # -- value rules beyond the type: (check, what is expected) ----------------------------------
@@ -162,6 +165,8 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model.dropout": _between(0.0, 0.5, closed_high=True),
     "model.attention": _choice("scse", "none"),
     "model.upsample": _choice("nearest", "bilinear"),
+    "model.targets": ((lambda v: len(v) == len(set(v)) and v[:1] == ["footprint"] and set(v) <= set(TARGETS)),
+                      "footprint first, then optionally contact (e.g. footprint,contact)"),
     "model.ds_weights": ((lambda v: len(v) > 0 and all(w >= 0 for w in v)), "a non-empty list of weights >= 0"),
     "train.epochs": _at_least(1),
     "train.batch_size": _at_least(1),
@@ -238,16 +243,15 @@ def _scalar(value: Any, kind: str) -> Any:
 
 
 def _list_items(value: Any, item: str) -> list[Any]:
-    """The items of a list value: YAML lists as they are; for numbers, strings split on commas
-    and spaces too (``--bands 1,2,3``, ``decoder_channels: 32 16 8``). A string for a list of
-    strings (file paths) is one item: a path may contain spaces or commas."""
+    """The items of a list value: YAML lists as they are; strings split on commas and spaces
+    too (``--bands 1,2,3``, ``--targets footprint,contact``, ``decoder_channels: 32 16 8``),
+    except for lists of file paths (``item == "path"``): a path may contain spaces or commas."""
     items = list(value) if isinstance(value, (list, tuple)) else [value] if isinstance(value, str) else None
     if items is None:
         raise _Invalid
-    if item == "str":
+    if item == "path":
         return items
     return [piece for v in items for piece in (v.replace(",", " ").split() if isinstance(v, str) else [v])]
-
 
 def coerce(value: Any, annotation: str, key: str, source: str) -> Any:
     """``value`` converted to the declared type ``annotation`` (a dataclass field's), checked
@@ -261,7 +265,7 @@ def coerce(value: Any, annotation: str, key: str, source: str) -> Any:
     try:
         if kind.startswith("list["):
             item = kind[5:-1]
-            items = _list_items(value, item)
+            items = _list_items(value, item if key not in PATH_LISTS else "path")
             result: Any = [_scalar(v, item) for v in items]
         else:
             result = _scalar(value, kind)

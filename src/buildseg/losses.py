@@ -274,3 +274,39 @@ class DeepSupervisionLoss(nn.Module):
         if hasattr(self.base, "parts"):
             self.base.parts = parts  # log the final head's parts
         return total
+
+
+class TargetsLoss(nn.Module):
+    """The loss of a model with several targets (``card.targets``): the footprint loss on
+    channel 0 plus ``extra_weight`` times the same loss on every other channel (e.g. the
+    contact zone between buildings), each with deep supervision.
+
+    ``base`` is the footprint's loss, so the loop logs its parts as for one target.
+    """
+
+    def __init__(self, footprint: DeepSupervisionLoss, extra: DeepSupervisionLoss, channels: int,
+                 extra_weight: float = 0.5) -> None:
+        super().__init__()
+        self.footprint = footprint
+        self.extra = extra
+        self.channels = channels
+        self.extra_weight = extra_weight
+
+    @property
+    def base(self) -> nn.Module:
+        return self.footprint.base
+
+    @staticmethod
+    def _channel(outputs: torch.Tensor | Sequence[torch.Tensor], c: int):
+        if isinstance(outputs, torch.Tensor):
+            return outputs[:, c : c + 1]
+        return [o[:, c : c + 1] for o in outputs]
+
+    def forward(self, outputs: torch.Tensor | Sequence[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
+        if target.ndim != 4 or target.shape[1] != self.channels:
+            raise BuildsegError(f"the targets have shape {tuple(target.shape)}; the model predicts {self.channels} "
+                                "channels (one per target)")
+        total = self.footprint(self._channel(outputs, 0), target[:, :1])
+        for c in range(1, self.channels):
+            total = total + self.extra_weight * self.extra(self._channel(outputs, c), target[:, c : c + 1])
+        return total

@@ -21,6 +21,7 @@ from torch.utils.data import Dataset, Sampler
 from torch.utils.data.distributed import DistributedSampler
 
 from buildseg.data.augment import train_transform
+from buildseg.data.targets import target_stack
 from buildseg.formats.images import read_image
 from buildseg.formats.tables import Record
 
@@ -70,8 +71,10 @@ class TrainCropDataset(Dataset):
         seed: int = 0,
         in_chans: int = 3,
         store: "DecodedStore | None" = None,
+        targets: Sequence[str] = ("footprint",),
     ) -> None:
         self.records = list(records)
+        self.targets = list(targets)
         self.crop_size = crop_size
         self.crops_per_image = int(crops_per_image) if crops_per_image > 0 else self.auto_crops(self.records, crop_size)
         self.seed = seed
@@ -120,6 +123,8 @@ class TrainCropDataset(Dataset):
         self.transform.set_random_seed(sample_seed)
         out = self.transform(image=image, mask=mask)
         image_t, mask_t = to_tensors(out["image"], out["mask"])
+        if self.targets != ["footprint"]:
+            mask_t = torch.from_numpy(target_stack(out["mask"], self.targets))
         return image_t, mask_t
 
 

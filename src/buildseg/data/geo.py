@@ -42,6 +42,7 @@ from torch.utils.data import Dataset
 
 from buildseg.data.augment import train_transform
 from buildseg.data.datasets import grid_offsets, to_tensors
+from buildseg.data.targets import target_stack
 from buildseg.errors import BuildsegError
 from buildseg.formats.rasters import SceneGrid, check_bands, open_raster, raster_stretch, read_window, scene_grid
 from buildseg.formats.stretch import Stretch
@@ -134,15 +135,19 @@ class Scene:
             self._tree = STRtree(self.polygons)
         return self.polygons[self._tree.query(box, predicate="intersects")]
 
-    def rasterize(self, row: int, col: int, height: int, width: int, all_touched: bool) -> np.ndarray:
-        """(H, W) uint8 0/1 footprint mask of a grid window."""
+    def rasterize(self, row: int, col: int, height: int, width: int, all_touched: bool,
+                  instances: bool = False) -> np.ndarray:
+        """(H, W) footprint mask of a grid window: uint8 0/1, or int32 building ids (1..n,
+        one per polygon) with ``instances``."""
         from rasterio.features import rasterize
 
         shapes = self.footprints_in(self.window_box(row, col, height, width))
+        dtype = "int32" if instances else "uint8"
         if len(shapes) == 0:
-            return np.zeros((height, width), dtype=np.uint8)
-        return rasterize(((g, 1) for g in shapes), out_shape=(height, width), transform=self.grid_transform(row, col),
-                         fill=0, dtype="uint8", all_touched=all_touched)
+            return np.zeros((height, width), dtype=dtype)
+        values = range(1, len(shapes) + 1) if instances else [1] * len(shapes)
+        return rasterize(zip(shapes, values), out_shape=(height, width), transform=self.grid_transform(row, col),
+                         fill=0, dtype=dtype, all_touched=all_touched)
 
     def describe(self) -> dict:
         return {
@@ -193,7 +198,8 @@ class GeoWindowDataset(Dataset):
 
     def __init__(self, scenes: Sequence[Scene], bands: list[int], crop_size: int = 224, samples_per_epoch: int = 0,
                  augment: bool = True, seed: int = 0, positive_fraction: float = 0.5, max_nodata: float = 0.2,
-                 all_touched: bool = False) -> None:
+                 all_touched: bool = False, targets: Sequence[str] = ("footprint",)) -> None:
+        self.targets = list(targets)
         self.scenes = [s for s in scenes if s.train]
         if not self.scenes:
             raise BuildsegError("no scene is left for training: every scene is held out for validation")
@@ -257,12 +263,15 @@ class GeoWindowDataset(Dataset):
 
     def __getitem__(self, key: tuple[int, int] | int) -> tuple[torch.Tensor, torch.Tensor]:
         win, image, valid, sample_seed = self.window(key)
-        mask = self.scenes[win.scene].rasterize(win.row, win.col, win.size, win.size, self.all_touched)
+        contact = "contact" in self.targets
+        mask = self.scenes[win.scene].rasterize(win.row, win.col, win.size, win.size, self.all_touched, instances=contact)
         mask[~valid] = 0
         self.transform.set_random_seed(sample_seed)
         out = self.transform(image=image, mask=mask)
-        image_t, mask_t = to_tensors(out["image"], out["mask"])
-        return image_t, mask_t
+        if not contact:
+            return to_tensors(out["image"], out["mask"])
+        image_t, _ = to_tensors(out["image"], None)
+        return image_t, torch.from_numpy(target_stack(out["mask"], self.targets, instances=out["mask"]))
 
 
 class GeoGridDataset(Dataset):

@@ -114,13 +114,14 @@ def predict_geotiff(
                     rows, cols = max(1, round(size[0] / grid.step_y)), max(1, round(size[1] / grid.step_x))
                     image, valid = read_window(src, bands, grid, (y - margin) / grid.step_y, (x - margin) / grid.step_x,
                                                rows, cols, scaling, fill_is_nodata=False)
-                    prob = segmenter.predict_proba(image)
+                    maps = segmenter.predict_maps(image)  # (K, h, w): the footprint, then e.g. the contact zone
                     if grid.resampled:
-                        prob = cv2.resize(prob, (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
+                        maps = np.stack([cv2.resize(m, (size[1], size[0]), interpolation=cv2.INTER_LINEAR) for m in maps])
                         valid = cv2.resize(valid.astype(np.uint8), (size[1], size[0]), interpolation=cv2.INTER_NEAREST) > 0
                     centre = (slice(margin, margin + h), slice(margin, margin + w))
-                    prob = np.ascontiguousarray(prob[centre])
-                    mask = segmenter.finish(prob)
+                    maps = np.ascontiguousarray(maps[(slice(None), *centre)])
+                    prob = maps[0]
+                    mask = segmenter.finish(maps)
                     mask[~valid[centre]] = 0
                     window = Window(x, y, w, h)
                     dst.write(mask[None], window=window)

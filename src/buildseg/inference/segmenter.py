@@ -23,6 +23,7 @@ from buildseg.errors import BuildsegError
 from buildseg.inference import postprocess as pp_mod
 from buildseg.inference.engines import build_engine, resolve_engine
 from buildseg.inference.postprocess import PostProcess
+from buildseg.inference.split import split_mask
 from buildseg.inference.tiling import sliding_window_proba
 from buildseg.inference.tta import predict_tta, transforms
 from buildseg.models.factory import ModelCard, SegmentationModel, build_model
@@ -77,6 +78,7 @@ class Segmenter:
         empty_vote: int = 0,
         engine: str = "torch",
         checkpoints: Sequence[Path] | None = None,
+        split: bool | None = None,
     ) -> None:
         if not models:
             raise BuildsegError("a Segmenter needs at least one model")
@@ -93,6 +95,12 @@ class Segmenter:
         if len(in_chans) > 1:
             raise BuildsegError(f"ensemble members expect different channel counts {sorted(in_chans)}")
         self.in_chans = in_chans.pop()
+        targets = {tuple(getattr(m.card, "targets", ["footprint"])) for m in self.models}
+        if len(targets) > 1:
+            raise BuildsegError(f"ensemble members predict different targets {sorted(targets)}: combine models trained "
+                                "with the same --targets")
+        self.targets = list(targets.pop())
+        self.split = "contact" in self.targets if split is None else bool(split) and "contact" in self.targets
         self.postprocess = postprocess or PostProcess()
         if not 0.0 <= overlap < 1.0:
             raise BuildsegError(f"overlap {overlap} is out of range: sliding windows overlap by a fraction in [0, 1)")
@@ -144,19 +152,25 @@ class Segmenter:
         return segmenter
 
     # -- probabilities -----------------------------------------------------------------
+    # "maps" are (K, H, W) per image: one probability map per target (card.targets), the
+    # footprint first; "proba" is the footprint map alone, (H, W).
     @torch.no_grad()
     def _member_prob(self, k: int, images: torch.Tensor) -> torch.Tensor:
-        """(B, H, W) probabilities of ensemble member ``k`` on its engine."""
-        return torch.sigmoid(self.runners[k](images).float())[:, 0]
+        """(B, K, H, W) probabilities of ensemble member ``k`` on its engine."""
+        return torch.sigmoid(self.runners[k](images).float())
 
     @torch.no_grad()
     def member_probs(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """Per-model (B, H, W) probabilities of a uint8 (B, C, H, W) batch, TTA applied, on CPU."""
+        """Per-model (B, K, H, W) maps of a uint8 (B, C, H, W) batch, TTA applied, on CPU."""
         return [predict_tta(lambda x, k=k: self._member_prob(k, x), images, self.tta).cpu() for k in range(len(self.models))]
 
-    def predict_proba_batch(self, images: torch.Tensor) -> torch.Tensor:
-        """Mean probability over the ensemble, (B, H, W) float32 on CPU."""
+    def predict_maps_batch(self, images: torch.Tensor) -> torch.Tensor:
+        """Mean maps over the ensemble, (B, K, H, W) float32 on CPU."""
         return torch.stack(self.member_probs(images)).mean(0)
+
+    def predict_proba_batch(self, images: torch.Tensor) -> torch.Tensor:
+        """Mean footprint probability over the ensemble, (B, H, W) float32 on CPU."""
+        return self.predict_maps_batch(images)[:, 0]
 
     def _as_tensor(self, image: np.ndarray) -> torch.Tensor:
         if image.ndim == 2:
@@ -171,7 +185,7 @@ class Segmenter:
         return to_tensors(image, None)[0]
 
     def member_probas(self, image: np.ndarray | torch.Tensor, batch_size: int = 4) -> list[np.ndarray]:
-        """Per-model HxW probabilities of one HxWxC image (or a CxHxW uint8 tensor); images
+        """Per-model (K, H, W) maps of one HxWxC image (or a CxHxW uint8 tensor); images
         larger than ``window`` go through the sliding window, model by model."""
         tensor = image if isinstance(image, torch.Tensor) else self._as_tensor(image)
         if max(tensor.shape[-2:]) <= self.window:
@@ -184,27 +198,37 @@ class Segmenter:
             members.append(sliding_window_proba(one, tensor, self.window, self.overlap, batch_size).numpy())
         return members
 
-    def predict_proba(self, image: np.ndarray, batch_size: int = 4) -> np.ndarray:
-        """HxW probabilities (ensemble mean); images larger than ``window`` go through the sliding window."""
+    def predict_maps(self, image: np.ndarray, batch_size: int = 4) -> np.ndarray:
+        """(K, H, W) maps (ensemble mean); images larger than ``window`` go through the sliding window."""
         tensor = self._as_tensor(image)
         if max(tensor.shape[-2:]) <= self.window:
-            return self.predict_proba_batch(tensor[None])[0].numpy()
-        return sliding_window_proba(self.predict_proba_batch, tensor, self.window, self.overlap, batch_size).numpy()
+            return self.predict_maps_batch(tensor[None])[0].numpy()
+        return sliding_window_proba(self.predict_maps_batch, tensor, self.window, self.overlap, batch_size).numpy()
+
+    def predict_proba(self, image: np.ndarray, batch_size: int = 4) -> np.ndarray:
+        """(H, W) footprint probabilities (ensemble mean)."""
+        return self.predict_maps(image, batch_size)[0]
 
     # -- masks -------------------------------------------------------------------------
     def finish(self, prob: np.ndarray, member_probs: Sequence[np.ndarray] | None = None) -> np.ndarray:
-        """Post-process one probability map (and apply the k-of-n empty vote)."""
+        """Post-process one probability map, (H, W) or (K, H, W) maps: the empty vote, the
+        threshold and area rules, and, for models with a contact channel (unless
+        ``split=False``), the watershed that cuts touching buildings apart."""
+        footprint = prob[0] if prob.ndim == 3 else prob
         if self.empty_vote and member_probs is not None:
             empty = sum(
-                int(pp_mod.apply(p, self.postprocess).sum() == 0) for p in member_probs
+                int(pp_mod.apply(p[0] if p.ndim == 3 else p, self.postprocess).sum() == 0) for p in member_probs
             )
             if empty >= self.empty_vote:
-                return np.zeros(prob.shape, dtype=np.uint8)
-        return pp_mod.apply(prob, self.postprocess)
+                return np.zeros(footprint.shape, dtype=np.uint8)
+        mask = pp_mod.apply(footprint, self.postprocess)
+        if self.split and prob.ndim == 3 and mask.any():
+            mask = split_mask(mask, footprint, prob[self.targets.index("contact")])
+        return mask
 
     def predict(self, image: np.ndarray) -> np.ndarray:
         """HxW uint8 0/1 building mask of an HxWxC uint8 image (the empty vote applied)."""
         if not self.empty_vote:
-            return self.finish(self.predict_proba(image))
+            return self.finish(self.predict_maps(image))
         members = self.member_probas(image)
         return self.finish(np.mean(members, axis=0), members)

@@ -36,19 +36,22 @@ def sliding_window_proba(
     overlap: float = 0.25,
     batch_size: int = 4,
 ) -> torch.Tensor:
-    """Probability map (H, W) of a (C, H, W) image, window by window."""
+    """Probability map of a (C, H, W) image, window by window: (H, W), or (K, H, W) when
+    ``predict_prob`` returns K maps per window ((B, K, h, w))."""
     _, height, width = image.shape
     wh, ww = min(window, height), min(window, width)
     weights = gaussian_weights(wh, ww)
-    acc = torch.zeros((height, width), dtype=torch.float32)
-    norm = torch.zeros((height, width), dtype=torch.float32)
+    acc = norm = None
     boxes = [(y, x) for y in window_starts(height, wh, overlap) for x in window_starts(width, ww, overlap)]
     for i in range(0, len(boxes), batch_size):
         chunk = boxes[i : i + batch_size]
         batch = torch.stack([image[:, y : y + wh, x : x + ww] for y, x in chunk])
         probs = predict_prob(batch).float().cpu()
+        if acc is None:
+            acc = torch.zeros((*probs.shape[1:-2], height, width), dtype=torch.float32)
+            norm = torch.zeros((height, width), dtype=torch.float32)
         for (y, x), prob in zip(chunk, probs):
-            acc[y : y + wh, x : x + ww] += prob * weights
+            acc[..., y : y + wh, x : x + ww] += prob * weights
             norm[y : y + wh, x : x + ww] += weights
     return acc / norm
 

@@ -7,7 +7,8 @@ the output always has the input's size. Padding is ``reflect`` (the image contin
 naturally into the margin) where the margin is smaller than the image, else zeros.
 
 Training with deep supervision returns ``[final, aux...]``; everything else returns one
-logit tensor (B,1,H,W). With ``ds_ensemble`` the inference output is the logit of the
+logit tensor (B,C,H,W), one channel per target (``card.targets``: the footprint first, then
+e.g. the contact zone between buildings). With ``ds_ensemble`` the inference output is the logit of the
 mean sigmoid over all heads (upsampled), the notes' "deep supervision ensemble".
 """
 
@@ -42,6 +43,11 @@ class ModelCard:
     ds_ensemble: bool = False
     mean: list[float] = field(default_factory=list)
     std: list[float] = field(default_factory=list)
+    targets: list[str] = field(default_factory=lambda: ["footprint"])  # one output channel each, in this order
+
+    @property
+    def out_channels(self) -> int:
+        return len(self.targets)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -124,14 +130,15 @@ def build_net(card: ModelCard, weights: str = "none") -> nn.Module:
         from buildseg.models.unet import UNet
 
         encoder = create_encoder(card.encoder, card.in_chans, weights)
-        return UNet(encoder, card.decoder_channels, card.norm, card.dropout, card.attention, card.upsample, card.deep_supervision)
+        return UNet(encoder, card.decoder_channels, card.norm, card.dropout, card.attention, card.upsample, card.deep_supervision,
+                    card.out_channels)
     if card.arch == "seed_unet":
         from buildseg.models.seed_unet import SeedUNet
 
         if card.deep_supervision:
             raise BuildsegError("seed_unet has a single head: deep supervision needs arch unet")
         encoder = create_encoder(card.encoder, card.in_chans, weights, last_only=True)
-        return SeedUNet(encoder, batch_norm=card.norm == "batch", dropout=card.dropout)
+        return SeedUNet(encoder, batch_norm=card.norm == "batch", dropout=card.dropout, out_channels=card.out_channels)
     if card.arch.startswith("smp."):
         from buildseg.models.smp_adapter import build_smp
 

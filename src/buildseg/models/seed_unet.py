@@ -32,7 +32,7 @@ def double_conv(in_ch: int, out_ch: int, batch_norm: bool, dropout: float) -> nn
 
 
 class SeedUNet(nn.Module):
-    def __init__(self, encoder: nn.Module, batch_norm: bool = True, dropout: float = 0.0) -> None:
+    def __init__(self, encoder: nn.Module, batch_norm: bool = True, dropout: float = 0.0, out_channels: int = 1) -> None:
         super().__init__()
         self.encoder = encoder
         self.stride = int(encoder.feature_info.reduction()[-1])
@@ -40,7 +40,7 @@ class SeedUNet(nn.Module):
         self.entry = double_conv(top, 64, batch_norm, dropout)
         self.down = nn.ModuleList(double_conv(a, b, batch_norm, dropout) for a, b in ((64, 128), (128, 256), (256, 512)))
         self.up = nn.ModuleList(double_conv(a + b, b, batch_norm, dropout) for a, b in ((512, 256), (256, 128), (128, 64)))
-        self.head = nn.Conv2d(64, 1, 1)
+        self.head = nn.Conv2d(64, out_channels, 1)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         deep = self.encoder(x)[-1]

@@ -40,7 +40,7 @@ def build_smp(card, weights: str) -> nn.Module:
             encoder_name=f"tu-{card.encoder}",
             encoder_weights="imagenet" if str(weights).lower() == "imagenet" else None,
             in_channels=card.in_chans,
-            classes=1,
+            classes=card.out_channels,
         )
     except (KeyError, ValueError) as exc:
         raise BuildsegError(f"segmentation_models_pytorch cannot build {name!r} with encoder {card.encoder!r}: {exc}") from None

@@ -66,6 +66,7 @@ class UNet(nn.Module):
         attention: str | None = None,
         upsample: str = "nearest",
         deep_supervision: bool = False,
+        out_channels: int = 1,
     ) -> None:
         super().__init__()
         if not 0.0 <= dropout <= 0.5:
@@ -90,8 +91,9 @@ class UNet(nn.Module):
         self.blocks = nn.ModuleList(
             DecoderBlock(i, s, o, norm, dropout, attention, upsample) for i, s, o in zip(ins, skips, decoder_channels)
         )
-        self.head = nn.Conv2d(decoder_channels[-1], 1, 1)
-        self.aux_heads = nn.ModuleList(nn.Conv2d(c, 1, 1) for c in decoder_channels[:-1]) if deep_supervision else None
+        self.head = nn.Conv2d(decoder_channels[-1], out_channels, 1)
+        self.aux_heads = (nn.ModuleList(nn.Conv2d(c, out_channels, 1) for c in decoder_channels[:-1])
+                          if deep_supervision else None)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         features = self.encoder(x)

@@ -25,7 +25,7 @@ from buildseg.data.datasets import EpochSampler, GridTileDataset, TrainCropDatas
 from buildseg.distributed import DistInfo
 from buildseg.errors import BuildsegError
 from buildseg.formats.tables import load_records
-from buildseg.losses import DeepSupervisionLoss, parse_loss
+from buildseg.losses import DeepSupervisionLoss, TargetsLoss, parse_loss
 from buildseg.models.factory import ModelCard, SegmentationModel, build_model
 from buildseg.runtime.device import default_workers
 
@@ -73,7 +73,7 @@ def _datasets(config: Config, dist: DistInfo):
         geo = prepare_geo_data(d.train, d.labels, bands, d.gsd, d.labels_layer, d.val, d.val_region, d.val_fraction,
                                d.val_tile, t.seed)
         train_set = GeoWindowDataset(geo.scenes, bands, d.crop_size, d.crops_per_image * len(geo.scenes), d.augment,
-                                     t.seed, d.positive_fraction, d.max_nodata, d.all_touched)
+                                     t.seed, d.positive_fraction, d.max_nodata, d.all_touched, config.model.targets)
         val_set = GeoGridDataset(geo.scenes, bands, d.val_tile, d.max_nodata, d.all_touched)
         if len(val_set) == 0:
             raise BuildsegError(f"the validation area has no {d.val_tile}px tile with at most {d.max_nodata:.0%} nodata; "
@@ -91,7 +91,8 @@ def _datasets(config: Config, dist: DistInfo):
     in_chans = config.model.in_chans
     store = open_store(train_records, in_chans, d.cache, d.cache_dir, d.cache_ram_fraction,
                        progress=dist.is_main and t.progress)
-    train_set = TrainCropDataset(train_records, d.crop_size, d.crops_per_image, d.augment, t.seed, in_chans, store)
+    train_set = TrainCropDataset(train_records, d.crop_size, d.crops_per_image, d.augment, t.seed, in_chans, store,
+                                 config.model.targets)
     if dist.is_main:
         log.info("crops from %s", f"the {store.mode} store" if store else "decoding each image per crop")
     return train_set, GridTileDataset(val_records, d.val_tile, in_chans), None
@@ -148,16 +149,23 @@ def wrap_for_training(model: nn.Module, dist: DistInfo, device: torch.device) ->
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
-def loss_schedule(config: Config) -> list[DeepSupervisionLoss]:
+def loss_schedule(config: Config) -> list[torch.nn.Module]:
     """[loss] or [loss, switch_loss]; both parsed now, so a typo fails before training."""
     t = config.train
-    criteria = [DeepSupervisionLoss(parse_loss(config.loss), config.model.ds_weights)]
+    def criterion(spec) -> torch.nn.Module:
+        loss = DeepSupervisionLoss(parse_loss(spec), config.model.ds_weights)
+        targets = config.model.targets
+        if len(targets) == 1:
+            return loss
+        return TargetsLoss(loss, DeepSupervisionLoss(parse_loss(spec), config.model.ds_weights), len(targets))
+
+    criteria = [criterion(config.loss)]
     if (t.switch_loss is None) != (t.switch_loss_epoch is None):
         raise BuildsegError("a loss switch needs both --switch-loss LOSS and --switch-loss-epoch N")
     if t.switch_loss is not None:
         if t.switch_loss_epoch < 0:
             raise BuildsegError(f"--switch-loss-epoch must be >= 0, got {t.switch_loss_epoch}")
-        criteria.append(DeepSupervisionLoss(parse_loss(t.switch_loss), config.model.ds_weights))
+        criteria.append(criterion(t.switch_loss))
     return criteria
 
 
