@@ -7,7 +7,8 @@ right-angle regularisation, repair; with the attributes GIS users expect.
   staircase (a footprint file is several times smaller) and moves no edge by more than a
   pixel. 0 keeps the exact pixel outlines.
 * ``regularize``: right angles (and 45 degrees) with the ``buildingregulariser`` package
-  (``pip install 'buildseg[footprints]'``, installed by ``make``).
+  (``pip install 'buildseg[footprints]'``, installed by ``make``), its simplification at the
+  same tolerance (one pixel when ``simplify`` is 0).
 
 Every footprint carries ``area_m2`` (when the CRS is in metres; else ``area`` in CRS units),
 ``mean_prob`` (the mean predicted probability over its pixels) and ``source`` (the scene).
@@ -32,15 +33,30 @@ class FootprintOptions:
 
 
 def _regularize(polygons: np.ndarray, crs, tolerance: float) -> np.ndarray:
+    """Right-angled footprints, one per input (multi-part footprints regularised part by part)."""
     try:
         import geopandas as gpd
         from buildingregulariser import regularize_geodataframe
     except ImportError:
         raise BuildsegError("--regularize needs the buildingregulariser package: pip install 'buildseg[footprints]'") from None
-    frame = gpd.GeoDataFrame(geometry=list(polygons), crs=crs)
-    out = regularize_geodataframe(frame, simplify=tolerance > 0, simplify_tolerance=max(tolerance, 1e-9),
-                                  parallel_threshold=max(2 * tolerance, 1e-9), num_cores=1)
-    return np.asarray(out.geometry.values, dtype=object)
+    import shapely
+
+    parts, owner = shapely.get_parts(polygons, return_index=True)
+
+    def run(geometries) -> np.ndarray:
+        frame = gpd.GeoDataFrame(geometry=list(geometries), crs=crs)
+        out = regularize_geodataframe(frame, simplify=True, simplify_tolerance=tolerance,
+                                      parallel_threshold=2 * tolerance, num_cores=1)
+        return np.asarray(out.geometry.values, dtype=object)
+
+    regular = run(parts)
+    if len(regular) != len(parts):  # the package dropped or split a part: redo one by one, keeping the originals
+        regular = np.array([(lambda r: r[0] if len(r) == 1 else p)(run([p])) for p in parts], dtype=object)
+    out = np.empty(len(polygons), dtype=object)
+    for k in range(len(polygons)):
+        mine = regular[owner == k]
+        out[k] = mine[0] if len(mine) == 1 else shapely.union_all(mine)
+    return out
 
 
 def clean_footprints(parts: Sequence[Part], crs, pixel_size: float, metres_per_unit: float | None,
@@ -64,7 +80,7 @@ def clean_footprints(parts: Sequence[Part], crs, pixel_size: float, metres_per_u
     if len(polygons) and tolerance > 0 and not options.regularize:
         polygons = shapely.simplify(polygons, tolerance, preserve_topology=True)
     if len(polygons) and options.regularize:
-        polygons = _regularize(polygons, crs, tolerance)
+        polygons = _regularize(polygons, crs, tolerance if tolerance > 0 else pixel_size)
     if len(polygons):
         invalid = ~shapely.is_valid(polygons)
         polygons[invalid] = shapely.make_valid(polygons[invalid])

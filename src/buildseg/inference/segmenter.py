@@ -222,7 +222,7 @@ class Segmenter:
             if empty >= self.empty_vote:
                 return np.zeros(footprint.shape, dtype=np.uint8)
         mask = pp_mod.apply(footprint, self.postprocess)
-        if self.split and prob.ndim == 3 and mask.any():
+        if self.split and prob.ndim == 3 and len(prob) == len(self.targets) and mask.any():
             mask = split_mask(mask, footprint, prob[self.targets.index("contact")])
         return mask
 
