@@ -167,3 +167,23 @@ def test_scene_list_csv_and_parquet_format(scene_folder, tmp_path):
     assert _predict_folder(checkpoint, listing, tmp_path / "out", "--format", "parquet") == 0
     assert (tmp_path / "out" / "tile_2.parquet").is_file() and (tmp_path / "out" / "footprints.parquet").is_file()
     assert not (tmp_path / "out" / "tile_1_mask.tif").exists()
+
+
+def test_many_scenes_shared_by_two_torchrun_processes(scene_folder, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    checkpoint = write_tiny_checkpoint(tmp_path / "m.pt")
+    single = tmp_path / "single"
+    assert _predict_folder(checkpoint, scene_folder, single) == 0
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "buildseg",
+           "predict", "--checkpoint", str(checkpoint), "--data", str(scene_folder), "--out", str(out), "--block", "128",
+           "--window", "128", "--device", "cpu", "--no-progress"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(p.read_text()) for p in sorted((out / ".buildseg-done").glob("*.json"))]
+    assert len(records) == 3 and proc.stdout.count("merged layer") == 1
+    merged, reference = gpd.read_file(out / "footprints.gpkg"), gpd.read_file(single / "footprints.gpkg")
+    assert len(merged) == len(reference) and merged.geometry.geom_equals(reference.geometry).all()
