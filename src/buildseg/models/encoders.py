@@ -1,7 +1,8 @@
 """Encoders: any timm model that supports ``features_only``, built one way.
 
 Channels and strides are read from ``feature_info``; nothing is hard-coded. Weights:
-``imagenet`` downloads through timm (needs a network), a path loads a local
+``imagenet`` takes an installed weights package when there is one (``weight_packages.py``,
+no network), else downloads through timm (needs a network); a path loads a local
 .safetensors/.pth file through timm's own loader (which also adapts the first
 convolution to ``in_chans``), ``none`` is random init.
 """
@@ -100,6 +101,13 @@ def create_encoder(name: str, in_chans: int = 3, weights: str = "none", last_onl
 def _create_downloaded(name: str, kwargs: dict) -> nn.Module:
     import timm
 
+    from buildseg.models.weight_packages import package_state_dict
+
+    packaged = package_state_dict(name)  # an installed weights package: no network needed
+    if packaged is not None:
+        state, path = packaged
+        return _create_from_state(name, state, path, kwargs)
+
     try:
         return timm.create_model(name, pretrained=True, **kwargs)
     except (OSError, ConnectionError, RuntimeError, ValueError) as exc:
@@ -113,9 +121,12 @@ def _create_downloaded(name: str, kwargs: dict) -> nn.Module:
 
 
 def _create_from_file(name: str, path: Path, kwargs: dict) -> nn.Module:
+    return _create_from_state(name, _read_state_dict(path), path, kwargs)
+
+
+def _create_from_state(name: str, state: dict[str, torch.Tensor], path: Path, kwargs: dict) -> nn.Module:
     import timm
 
-    state = _read_state_dict(path)
     encoder = timm.create_model(
         name,
         pretrained=True,
