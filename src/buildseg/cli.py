@@ -143,6 +143,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GeoTIFF input that is not 8-bit: per-band 2-98 percentile stretch to 0-255 (default), or clip")
     p.add_argument("--no-progress", action="store_true")
 
+    p = sub.add_parser("report", help="one self-contained HTML page: scores, Dice histogram, worst tiles, errors")
+    p.add_argument("--pred", required=True, help="submission CSV img_id,mask_rle")
+    p.add_argument("--truth", required=True, help="truth CSV: a dataset CSV with img_path, or img_id,mask_rle with --images")
+    p.add_argument("--images", help="folder with <img_id>.png (when the truth CSV has no img_path)")
+    p.add_argument("--shape", type=int, nargs=2, metavar=("H", "W"), help="mask size when no image gives it")
+    p.add_argument("--worst", type=POSITIVE_INT, default=12, help="how many worst tiles to show (default 12)")
+    p.add_argument("--out", required=True, help="the HTML file to write")
+
     p = sub.add_parser("evaluate", help="score predictions: competition Dice and building F1")
     p.add_argument("--pred", required=True, help="submission CSV img_id,mask_rle, or footprints (vector file / mask GeoTIFF)")
     p.add_argument("--truth", required=True, help="truth CSV: img_id,mask_rle (224x224) or a dataset CSV with img_path; "
@@ -312,6 +320,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from buildseg.report import render_report
+
+    path = render_report(args.pred, args.truth, args.out, args.images, tuple(args.shape) if args.shape else None,
+                         args.worst)
+    print(f"wrote {path}")
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from buildseg.evaluation import evaluate_csv, evaluate_vectors, is_footprint_file
 
@@ -417,7 +434,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"quantize": cmd_quantize, "cache": cmd_cache, "train": cmd_train, "predict": cmd_predict, "evaluate": cmd_evaluate, "tune": cmd_tune, "export": cmd_export, "synth": cmd_synth, "demo": cmd_demo}
+COMMANDS = {"quantize": cmd_quantize, "cache": cmd_cache, "train": cmd_train, "predict": cmd_predict, "evaluate": cmd_evaluate, "report": cmd_report, "tune": cmd_tune, "export": cmd_export, "synth": cmd_synth, "demo": cmd_demo}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

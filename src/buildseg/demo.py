@@ -10,6 +10,7 @@ import numpy as np
 from buildseg.config import Config
 from buildseg.data.synth import write_dataset
 from buildseg.evaluation import evaluate_csv
+from buildseg.report import render_report
 from buildseg.formats import rle
 from buildseg.formats.images import overlay, read_rgb, write_png
 from buildseg.formats.tables import load_records, read_rle_table
@@ -74,6 +75,7 @@ def run_demo(out: Path, minutes: float = 4.0, encoder: str = "resnet18") -> dict
     print("[4/4] scoring with the competition metric")
     summary = evaluate_csv(submission, paths_truth)
     sheet = overlay_sheet(records, submission, paths_truth, out / "overlays.png")
+    report = render_report(submission, paths_truth, out / "report.html")
     print()
     print(f"competition Dice on {summary['n']} synthetic test tiles: {summary['dice']:.4f} "
           f"({summary['n_scored']} scored; empty-tile FP rate {summary['empty_fp_rate']:.3f})")
@@ -83,5 +85,6 @@ def run_demo(out: Path, minutes: float = 4.0, encoder: str = "resnet18") -> dict
     print(f"submission: {submission}")
     print(f"curves:     {result.run_dir / 'curves.png'}")
     print(f"overlays:   {sheet}")
+    print(f"report:     {report} (open it in a browser: scores, worst tiles, errors)")
     print(f"checkpoint: {result.run_dir / 'best.pt'}")
     return summary
