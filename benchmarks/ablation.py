@@ -93,7 +93,7 @@ def fmt(values: list[float], digits: int = 3) -> str:
 
 def table(results: dict, grid: dict) -> str:
     folds = list(grid["folds"])
-    lines = [f"| row | Dice (mean ± sd over folds {', '.join(folds)}) | per fold | IoU | empty-tile FP rate | train img/s | "
+    lines = [f"| row | Dice (mean ± sd over folds {', '.join(folds)}, and seeds) | per fold (and seed) | IoU | empty-tile FP rate | train img/s | "
              "images seen | train CPU min | train wall min |",
              "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
     for name, per_fold in results.items():
@@ -112,6 +112,8 @@ def main() -> None:
     parser.add_argument("--out", default="runs/ablation")
     parser.add_argument("--rows", nargs="*", help="only these row names")
     parser.add_argument("--budget", type=float, help="override budget_minutes")
+    parser.add_argument("--seeds", type=int, nargs="+", help="train every row with each of these seeds (default: the "
+                        "row's own seed); the table then shows mean ± sd over folds x seeds")
     args = parser.parse_args()
     grid_path = Path(args.grid).resolve()
     grid = yaml.safe_load(grid_path.read_text())
@@ -131,18 +133,21 @@ def main() -> None:
         if args.rows and name not in args.rows and row.get("reuse") not in args.rows:
             continue
         results[name] = {}
-        for fold, (train_csv, heldout_csv) in folds.items():
+        for fold, seed, (train_csv, heldout_csv) in [(f, s, p) for s in (args.seeds or [None]) for f, p in folds.items()]:
+            key = fold if seed is None else f"{fold}/s{seed}"
             if row.get("reuse"):
-                if (row["reuse"], fold) not in runs:
+                if (row["reuse"], key) not in runs:
                     continue
-                checkpoint, config, stats = runs[(row["reuse"], fold)]
+                checkpoint, config, stats = runs[(row["reuse"], key)]
             else:
                 overrides = {k: v for k, v in row.items() if k in ("model", "data", "train", "loss")}
                 if isinstance(overrides.get("model", {}).get("weights"), str) and overrides["model"]["weights"] not in ("none", "imagenet"):
                     overrides["model"]["weights"] = str((root / overrides["model"]["weights"]).resolve())
                 config = config_from_dict(merge(base, overrides), source=f"row {name!r}")
+                if seed is not None:
+                    config.train.seed = seed
                 config.data.train = str(train_csv)
-                config.train.out = str(out / "runs" / name.replace(" ", "_").replace("/", "-") / fold)
+                config.train.out = str(out / "runs" / name.replace(" ", "_").replace("/", "-").replace(":", "") / key.replace("/", "_"))
                 config.train.epochs = 10_000
                 config.train.time_limit = budget
                 config.train.time_limit_clock = clock
@@ -154,10 +159,10 @@ def main() -> None:
                 images = sum(h["train_img_s"] * h["train_seconds"] for h in result.history)
                 stats = {"img_s": images / max(train_seconds, 1e-9), "images": images, "minutes": minutes, "cpu_minutes": cpu_minutes}
                 checkpoint = Path(config.train.out) / "best.pt"
-                runs[(name, fold)] = (checkpoint, config, stats)
+                runs[(name, key)] = (checkpoint, config, stats)
             summary = evaluate(checkpoint, config, train_csv, heldout_csv, row.get("eval", {}))
-            results[name][fold] = {**summary, **stats}
-            print(f"{name} / {fold}: Dice {summary['dice']:.4f} ({summary['n_scored']} of {summary['n']} tiles), "
+            results[name][key] = {**summary, **stats}
+            print(f"{name} / {key}: Dice {summary['dice']:.4f} ({summary['n_scored']} of {summary['n']} tiles), "
                   f"post {summary['post']}", flush=True)
             text = table(results, grid)
             (out / "ablation.md").write_text(text + "\n")

@@ -199,3 +199,37 @@ def test_four_channel_images_train_and_predict_end_to_end(tmp_path):
     assert main(["predict", "--checkpoint", str(tmp_path / "run"), "--data", str(tmp_path / "ds"), "--out", str(out),
                  "--no-progress", "--num-workers", "0", "--device", "cpu"]) == 0
     assert len(out.read_text().splitlines()) == 5
+
+
+def test_named_augmentations_and_scale(tmp_path):
+    """Every augmentation name builds and runs; "scale" cuts crop x s windows resized to the crop."""
+    from buildseg.data.augment import AUGMENTATIONS
+    from buildseg.data.datasets import TrainCropDataset
+    from buildseg.data.synth import write_dataset
+    from buildseg.formats.tables import load_records
+
+    write_dataset(tmp_path, n_train=2, train_size=256, n_test=1, test_size=64, seed=0, progress=False)
+    records = load_records(tmp_path / "train.csv", require_masks=True)
+    plain = TrainCropDataset(records, 64, 4, augment=False, seed=1)
+    scaled = TrainCropDataset(records, 64, 4, augment=True, seed=1, augmentations=AUGMENTATIONS, scale_range=(2.0, 2.0))
+    for i in range(4):
+        image, mask = scaled[(0, i)]
+        assert image.shape == (3, 64, 64) and mask.shape == (1, 64, 64) and set(mask.unique().tolist()) <= {0, 1}
+    # a fixed scale of 2: the crop shows a 128 px window of the image, halved
+    import cv2
+
+    image, mask, _ = scaled.crop((0, 0))
+    record = records[0]
+    from buildseg.formats.images import read_image
+
+    full = read_image(record.image_path, 3)
+    found = False
+    for y in range(0, 256 - 128 + 1):
+        for x in range(0, 256 - 128 + 1):
+            if np.array_equal(cv2.resize(full[y : y + 128, x : x + 128], (64, 64), interpolation=cv2.INTER_AREA), image):
+                found = True
+                break
+        if found:
+            break
+    assert found
+    assert plain.crop((0, 0))[0].shape == (64, 64, 3)

@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 import yaml
 
+from buildseg.data.augment import AUGMENTATIONS
 from buildseg.errors import BuildsegError
 
 
@@ -33,6 +34,8 @@ class DataConfig:
     crops_per_image: int = 0  # random crops per training image per epoch; 0: image area / crop area
     val_tile: int = 224
     augment: bool = True
+    augmentations: list[str] = field(default_factory=lambda: ["d4", "colour"])  # see data/augment.py for the names
+    scale_range: list[float] = field(default_factory=lambda: [0.6, 1.6])  # with "scale": crop x s, s log-uniform in it
     num_workers: int = -1  # -1: from the CPU count (per process under torchrun), at most 16
     cache: str = "auto"  # decoded-image store: auto (ram if it fits cache_ram_fraction, else disk) | disk | ram | none
     cache_dir: str | None = None  # default ~/.cache/buildseg/decoded ($XDG_CACHE_HOME)
@@ -154,6 +157,8 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data.num_workers": _at_least(-1),
     "data.cache": _choice("auto", "disk", "ram", "none"),
     "data.cache_ram_fraction": _between(0.0, 1.0, closed_high=True),
+    "data.augmentations": ((lambda v: set(v) <= set(AUGMENTATIONS)), "names from " + ", ".join(AUGMENTATIONS)),
+    "data.scale_range": ((lambda v: len(v) == 2 and 0.25 <= v[0] <= v[1] <= 4.0), "two factors lo hi in [0.25, 4]"),
     "data.gsd": ((lambda v: v > 0), "> 0 metres per pixel"),
     "data.bands": ((lambda v: len(v) > 0 and all(b >= 1 for b in v)), "1-based band numbers, e.g. 1,2,3"),
     "data.positive_fraction": _between(0.0, 1.0, closed_high=True),

@@ -1,28 +1,55 @@
-"""Training augmentation (albumentations): D4 flips and quarter turns, mild colour.
+"""Training augmentation (albumentations), chosen by name (``data.augmentations``).
 
-Crops are cut by the dataset at the image's own resolution (no resizing of 1024 tiles):
-the test tiles of the competition are 224x224 crops at the same 0.5 m/px, so scale must
-not change. Images smaller than the crop are zero-padded (mask padded with background).
+Crops are cut by the dataset at the image's own resolution, then augmented. The names:
+
+* ``d4``: flips and quarter turns (any orientation is as likely as any other from above);
+* ``colour``: mild brightness/contrast and hue/saturation jitter (RGB only);
+* ``hsv``: stronger hue/saturation/value shifts, for sensors and seasons not seen in training;
+* ``gamma``: random gamma (haze, exposure);
+* ``clahe``: local contrast equalisation, now and then;
+* ``blur``: a Gaussian blur or a sharpening (resampled and over-sharpened products);
+* ``jpeg``: JPEG artefacts (quality 40-90: web tiles, compressed archives);
+* ``scale``: random ground sample distance, applied by the dataset before the crop is cut
+  (a window of ``crop x s`` px resized to ``crop``, ``s`` log-uniform in ``data.scale_range``),
+  so buildings are seen larger and smaller than in the training imagery (sources range from
+  0.3 m to 1 m per pixel).
+
+The photometric ones apply to 3-band (RGB) input only. The ablation (benchmarks/README.md)
+decides the defaults.
 """
 
 from __future__ import annotations
 
 import albumentations as A
 
+AUGMENTATIONS = ("d4", "colour", "hsv", "gamma", "clahe", "blur", "jpeg", "scale")
+PHOTOMETRIC = {"colour", "hsv", "gamma", "clahe", "blur", "jpeg"}
 
-def train_transform(augment: bool = True, colour: bool = True) -> A.Compose:
-    """Augmentation of a crop (the crop itself is cut by the dataset, before this): D4 flips
-    and quarter turns; colour jitter only for RGB (``colour``), where it is defined."""
+
+def train_transform(augment: bool = True, colour: bool = True, names: tuple[str, ...] | list[str] = ("d4", "colour")
+                    ) -> A.Compose:
+    """The albumentations pipeline for a crop (``scale`` is the dataset's, not listed here)."""
     steps: list[A.BasicTransform] = []
-    if augment:
-        steps += [
-            A.HorizontalFlip(p=0.5),
-            A.VerticalFlip(p=0.5),
-            A.RandomRotate90(p=0.5),
-        ]
-    if augment and colour:
+    if not augment:
+        return A.Compose(steps)
+    names = set(names)
+    if not colour:
+        names -= PHOTOMETRIC
+    if "d4" in names:
+        steps += [A.HorizontalFlip(p=0.5), A.VerticalFlip(p=0.5), A.RandomRotate90(p=0.5)]
+    if "colour" in names:
         steps += [
             A.RandomBrightnessContrast(brightness_limit=0.15, contrast_limit=0.15, p=0.5),
             A.HueSaturationValue(hue_shift_limit=5, sat_shift_limit=10, val_shift_limit=5, p=0.3),
         ]
+    if "hsv" in names:
+        steps.append(A.HueSaturationValue(hue_shift_limit=12, sat_shift_limit=25, val_shift_limit=20, p=0.5))
+    if "gamma" in names:
+        steps.append(A.RandomGamma(gamma_limit=(70, 150), p=0.4))
+    if "clahe" in names:
+        steps.append(A.CLAHE(clip_limit=(1.0, 3.0), p=0.15))
+    if "blur" in names:
+        steps.append(A.OneOf([A.GaussianBlur(blur_limit=(3, 5), p=1.0), A.Sharpen(alpha=(0.1, 0.3), p=1.0)], p=0.3))
+    if "jpeg" in names:
+        steps.append(A.ImageCompression(quality_range=(40, 90), p=0.3))
     return A.Compose(steps)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Iterator, Sequence
 
+import cv2
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
@@ -72,15 +73,18 @@ class TrainCropDataset(Dataset):
         in_chans: int = 3,
         store: "DecodedStore | None" = None,
         targets: Sequence[str] = ("footprint",),
+        augmentations: Sequence[str] = ("d4", "colour"),
+        scale_range: Sequence[float] = (0.6, 1.6),
     ) -> None:
         self.records = list(records)
         self.targets = list(targets)
+        self.scale_range = tuple(scale_range) if augment and "scale" in augmentations else None
         self.crop_size = crop_size
         self.crops_per_image = int(crops_per_image) if crops_per_image > 0 else self.auto_crops(self.records, crop_size)
         self.seed = seed
         self.in_chans = in_chans
         self.store = store
-        self.transform = train_transform(augment, colour=in_chans == 3)
+        self.transform = train_transform(augment, colour=in_chans == 3, names=augmentations)
         self.masks = MaskCache()
 
     @staticmethod
@@ -95,9 +99,10 @@ class TrainCropDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records) * self.crops_per_image
 
-    def _window(self, rng: np.random.Generator, height: int, width: int) -> tuple[int, int]:
-        y = int(rng.integers(0, max(0, height - self.crop_size) + 1))
-        x = int(rng.integers(0, max(0, width - self.crop_size) + 1))
+    def _window(self, rng: np.random.Generator, height: int, width: int, size: int | None = None) -> tuple[int, int]:
+        size = size or self.crop_size
+        y = int(rng.integers(0, max(0, height - size) + 1))
+        x = int(rng.integers(0, max(0, width - size) + 1))
         return y, x
 
     def crop(self, key: tuple[int, int] | int) -> tuple[np.ndarray, np.ndarray, int]:
@@ -106,17 +111,23 @@ class TrainCropDataset(Dataset):
         r = index % len(self.records)
         sample_seed = int(np.random.SeedSequence([self.seed, epoch, index]).generate_state(1)[0])
         rng = np.random.default_rng(sample_seed)
-        c = self.crop_size
+        c = out = self.crop_size
+        if self.scale_range is not None:  # a window of c*s px, resized to c: another ground sample distance
+            low, high = np.log(self.scale_range[0]), np.log(self.scale_range[1])
+            c = max(8, int(round(out * float(np.exp(rng.uniform(low, high))))))
         if self.store is not None:
-            y, x = self._window(rng, *self.store.shapes[r])
+            y, x = self._window(rng, *self.store.shapes[r], size=c)
             image, mask = self.store.window(r, y, x, c, c)
         else:
             record = self.records[r]
             full = read_image(record.image_path, self.in_chans)
-            y, x = self._window(rng, *full.shape[:2])
+            y, x = self._window(rng, *full.shape[:2], size=c)
             image = full[y : y + c, x : x + c]
             mask = self.masks.get(record, full.shape[:2])[y : y + c, x : x + c]
-        return _pad_to(image, c), _pad_to(mask, c), sample_seed
+        image, mask = _pad_to(image, c), _pad_to(mask, c)
+        if c != out:
+            image, mask = _resize(image, out, cv2.INTER_AREA if c > out else cv2.INTER_LINEAR), _resize(mask, out, cv2.INTER_NEAREST)
+        return image, mask, sample_seed
 
     def __getitem__(self, key: tuple[int, int] | int) -> tuple[torch.Tensor, torch.Tensor]:
         image, mask, sample_seed = self.crop(key)
@@ -126,6 +137,11 @@ class TrainCropDataset(Dataset):
         if self.targets != ["footprint"]:
             mask_t = torch.from_numpy(target_stack(out["mask"], self.targets))
         return image_t, mask_t
+
+
+def _resize(array: np.ndarray, size: int, interpolation: int) -> np.ndarray:
+    out = cv2.resize(array, (size, size), interpolation=interpolation)
+    return out[:, :, None] if array.ndim == 3 and out.ndim == 2 else out
 
 
 def _pad_to(array: np.ndarray, size: int) -> np.ndarray:

@@ -198,7 +198,8 @@ class GeoWindowDataset(Dataset):
 
     def __init__(self, scenes: Sequence[Scene], bands: list[int], crop_size: int = 224, samples_per_epoch: int = 0,
                  augment: bool = True, seed: int = 0, positive_fraction: float = 0.5, max_nodata: float = 0.2,
-                 all_touched: bool = False, targets: Sequence[str] = ("footprint",)) -> None:
+                 all_touched: bool = False, targets: Sequence[str] = ("footprint",),
+                 augmentations: Sequence[str] = ("d4", "colour")) -> None:
         self.targets = list(targets)
         self.scenes = [s for s in scenes if s.train]
         if not self.scenes:
@@ -212,7 +213,8 @@ class GeoWindowDataset(Dataset):
         self.positive_fraction = positive_fraction
         self.max_nodata = max_nodata
         self.all_touched = all_touched
-        self.transform = train_transform(augment, colour=len(bands) == 3)
+        # "scale" does not apply: scenes are read at one ground sample distance (--gsd)
+        self.transform = train_transform(augment, colour=len(bands) == 3, names=augmentations)
 
     def __len__(self) -> int:
         return self.length
