@@ -87,3 +87,21 @@ def test_tune_cli_stores_the_best_setting_for_predict(synth_data, tmp_path, caps
     assert main(["tune", "--checkpoint", str(tmp_path / "run"), "--data", str(synth_data / "test_truth.csv"),
                  "--tile", "64"]) == 0
     assert ckpt.stat().st_mtime_ns != before and "best.pt" in capsys.readouterr().out
+
+
+def test_train_cli_tunes_at_the_end_and_stores_it_in_best_pt(synth_data, tmp_path, capsys):
+    import torch
+
+    run = tmp_path / "run"
+    args = ["train", "--data", str(synth_data / "train.csv"), "--out", str(run), "--encoder", "resnet18", "--weights",
+            "none", "--epochs", "1", "--batch-size", "2", "--crop-size", "64", "--val-tile", "64", "--crops-per-image", "2",
+            "--decoder-channels", "8", "8", "8", "8", "8", "--num-workers", "0", "--no-progress", "--no-tensorboard",
+            "--precision", "fp32"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "post-processing tuned on the validation tiles" in out and "empty-tile FP rate" in out
+    post = torch.load(run / "best.pt", weights_only=False)["postprocess"]
+    assert set(post) >= {"threshold", "min_area", "empty_max_prob"}
+    assert main(args[:4] + [str(tmp_path / "run2")] + args[5:] + ["--no-tune-at-end"]) == 0
+    assert "post-processing tuned" not in capsys.readouterr().out
+    assert torch.load(tmp_path / "run2" / "best.pt", weights_only=False)["postprocess"] == {"threshold": 0.5, "min_area": 0}

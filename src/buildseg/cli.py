@@ -231,16 +231,23 @@ def cmd_train(args: argparse.Namespace) -> int:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
                "-m", "buildseg", *_without_nproc(sys.argv[1:])]
         return subprocess.call(cmd)
-    from buildseg.training.loop import resume_config, train
+    from buildseg.pipeline import train_and_tune
+    from buildseg.training.loop import resume_config
 
     base = resume_config(args.resume) if args.resume else load_config(args.config)
     overrides = overrides_from(args)
     config = apply_overrides(base, overrides, {k: flag_name(k) for k in overrides if k != "loss"})
-    result = train(config, resume=args.resume)
+    result, tuned = train_and_tune(config, resume=args.resume)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"best val {'building F1' if config.train.monitor == 'f1' else 'Dice'} {result.best_dice:.4f} after {result.epochs_done} epochs (stopped by {result.stopped_by})")
         print(f"checkpoints: {result.run_dir / 'best.pt'}  {result.run_dir / 'last.pt'}")
         print(f"curves: {result.run_dir / 'curves.png'}")
+        if tuned is not None:
+            p, a, b = tuned.post, tuned.before, tuned.after
+            print(f"post-processing tuned on the validation tiles and stored in best.pt: threshold {p.threshold:.2f}, "
+                  f"min_area {p.min_area}, empty if max prob < {p.empty_max_prob:.2f}; Dice {a['dice']:.4f} -> "
+                  f"{b['dice']:.4f}, building F1 {a['f1']:.4f} -> {b['f1']:.4f}, empty-tile FP rate "
+                  f"{a['empty_fp_rate']:.3f} -> {b['empty_fp_rate']:.3f}")
     return 0
 
 

@@ -97,6 +97,7 @@ class TrainConfig:
     max_nonfinite: int = 20  # abort after this many non-finite losses in a row
     threshold: float = 0.5  # for validation Dice
     monitor: str = "dice"  # dice | f1 (building F1 at IoU 0.5): what best.pt and early stopping follow
+    tune_at_end: bool = True  # search threshold x min-area x empty rule on the validation tiles; stored in best.pt
     sync_bn: bool = False  # SyncBatchNorm across GPUs under torchrun (timm's converter keeps fused activations)
     progress: bool = True
     tensorboard: bool = True  # scalars in RUN/tensorboard when the tensorboard package is installed

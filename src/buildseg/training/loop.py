@@ -52,6 +52,7 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     stopped_by: str = "epochs"
     nonfinite_skipped: int = 0
+    val_set: Any = field(default=None, repr=False)  # the validation tiles, for tuning after training
 
 
 class Trainer:
@@ -123,7 +124,7 @@ class Trainer:
         self._check_replicas()
         barrier(self.dist)
         return TrainResult(self.run_dir, self.best_dice, self.epoch, self.history, self.stopped_by or "epochs",
-                           self.nonfinite_total)
+                           self.nonfinite_total, self.val_set)
 
     def _train_epoch(self) -> None:
         t = self.config.train
@@ -278,9 +279,10 @@ class Trainer:
         self.log.event({"kind": "epoch", **record})
         self.log.write_history(self.history)
         if self.dist.is_main:
-            log.info("epoch %d%s: loss %.4f, val Dice %.4f (%d scored of %d tiles), building F1 %.4f, %.1f img/s, "
-                     "%.0f%% waiting for data", record["epoch"], " (partial)" if partial else "", record["train_loss"],
-                     summary["dice"], summary["n_scored"], summary["n"], summary["f1"], record["train_img_s"],
+            log.info("epoch %d%s: loss %.4f, val Dice %.4f (%d scored of %d tiles), empty-tile FP rate %.2f, "
+                     "building F1 %.4f, %.1f img/s, %.0f%% waiting for data", record["epoch"],
+                     " (partial)" if partial else "", record["train_loss"], summary["dice"], summary["n_scored"],
+                     summary["n"], summary["empty_fp_rate"], summary["f1"], record["train_img_s"],
                      100 * record["data_wait"])
             if record["data_wait"] > 0.3 and train_seconds > 10:
                 log.warning("the loader, not the model, bounds the step rate: %.0f%% of the training time waited for "
