@@ -250,3 +250,16 @@ def test_bad_geo_inputs_fail_with_one_clear_line(case, scene, tmp_path, capsys):
     for fragment in fragments:
         assert fragment in line, (fragment, line)
     assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_labels_layer_of_a_geopackage(scene, tmp_path):
+    frame = gpd.read_file(scene.labels)
+    path = tmp_path / "two_layers.gpkg"
+    frame.iloc[:0].to_file(path, layer="roads_empty")
+    frame.to_file(path, layer="buildings")
+    geo = prepare_geo_data(str(scene.raster), [str(path)], BANDS, layer="buildings")
+    assert len(geo.scenes[0].polygons) == len(frame)
+    from buildseg.errors import BuildsegError
+
+    with pytest.raises(BuildsegError, match="--labels-layer 'nope'"):
+        prepare_geo_data(str(scene.raster), [str(path)], BANDS, layer="nope")
