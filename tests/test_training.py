@@ -423,3 +423,26 @@ def test_kill_9_after_a_timed_checkpoint_resumes_mid_epoch_exactly(synth_data, t
     result = train(_resume_config(synth_data, tmp_path / "killed", save_every), resume=tmp_path / "killed")
     assert result.epochs_done == 3
     _assert_same_weights(tmp_path / "straight" / "last.pt", tmp_path / "killed" / "last.pt")
+
+
+def test_encoder_lr_scale_and_a_time_based_one_cycle(synth_data, tmp_path):
+    from buildseg.training.schedule import make_optimizer, one_cycle
+
+    config = tiny_config(synth_data, tmp_path / "run", encoder_lr_scale=0.1, lr=1e-3)
+    from buildseg.models import build_model
+    from buildseg.training.setup import card_from_config
+
+    model = build_model(card_from_config(config))
+    optimizer = make_optimizer(config, model)
+    encoder_ids = {id(p) for p in model.net.encoder.parameters()}
+    for group in optimizer.param_groups:
+        in_encoder = {id(p) in encoder_ids for p in group["params"]}
+        assert len(in_encoder) == 1
+        assert group["lr"] == pytest.approx(1e-4 if in_encoder.pop() else 1e-3)
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(model.parameters()))
+    # one cycle over the run's fraction: 1/25 at the start, the peak at 30%, ~0 at the end
+    assert one_cycle(0.0) == pytest.approx(1 / 25) and one_cycle(0.3) == pytest.approx(1.0)
+    assert one_cycle(1.0) == pytest.approx(1 / 25e4) and one_cycle(0.15) < one_cycle(0.29) and one_cycle(0.5) > one_cycle(0.9)
+    result = train(tiny_config(synth_data, tmp_path / "oc", scheduler="onecycle", time_limit=0.3, epochs=1000))
+    lrs = [row["lr"] for row in result.history]
+    assert result.stopped_by == "time_limit" and max(lrs) > 1e-4  # the cycle reached its peak within the time limit

@@ -76,7 +76,8 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 1e-4
     optimizer: str = "adamw"  # adamw | sgd
-    scheduler: str = "cosine"  # cosine | onecycle | plateau | none
+    scheduler: str = "cosine"  # cosine | onecycle | plateau | none (cosine and onecycle follow the time limit)
+    encoder_lr_scale: float = 1.0  # the encoder's learning rate = lr x this (e.g. 0.1 for a pretrained encoder)
     warmup_steps: int = 50
     time_limit: float | None = None  # minutes, fractional allowed; validation included
     time_limit_clock: str = "wall"  # wall | cpu (CPU time of the training process, all threads: fair on a shared machine)
@@ -181,6 +182,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.optimizer": _choice("adamw", "sgd"),
     "train.scheduler": _choice("cosine", "onecycle", "plateau", "none"),
     "train.warmup_steps": _at_least(0),
+    "train.encoder_lr_scale": ((lambda v: 0 < v <= 10), "in (0, 10]"),
     "train.time_limit": ((lambda v: v > 0), "> 0 minutes"),
     "train.time_limit_clock": _choice("wall", "cpu"),
     "train.save_every": _at_least(0),

@@ -270,7 +270,7 @@ class Trainer:
             "val_dice": summary["dice"], "val_iou": summary["iou"], "val_n_scored": summary["n_scored"],
             "val_f1": summary["f1"], "val_building_precision": summary["building_precision"],
             "val_building_recall": summary["building_recall"],
-            "val_empty_fp_rate": summary["empty_fp_rate"], "lr": self.optimizer.param_groups[0]["lr"],
+            "val_empty_fp_rate": summary["empty_fp_rate"], "lr": max(g["lr"] for g in self.optimizer.param_groups),
             "train_img_s": self.seen / max(train_seconds, 1e-9), "train_seconds": train_seconds,
             "val_seconds": time.monotonic() - started, "nonfinite_skipped": self.nonfinite_total,
             "data_wait": self.data_wait / max(train_seconds, 1e-9),
@@ -346,7 +346,11 @@ class Trainer:
             raise BuildsegError(f"cannot resume: last.pt does not match the run's config.yaml ({str(exc)[:200]})") from None
         if self.ema and payload.get("ema"):
             self.ema.load_state_dict(payload["ema"])
-        self.optimizer.load_state_dict(payload["optimizer"])
+        try:
+            self.optimizer.load_state_dict(payload["optimizer"])
+        except ValueError as exc:
+            raise BuildsegError(f"cannot resume: the optimizer state in last.pt does not fit this buildseg's parameter "
+                                f"groups ({exc}); start a new run from best.pt's weights instead") from None
         if payload.get("scheduler") and hasattr(self.scheduler, "load_state_dict"):
             self.scheduler.load_state_dict(payload["scheduler"])
         self.scaler.load_state_dict(payload["scaler"])

@@ -15,11 +15,20 @@ CLOCKS = {"wall": time.monotonic, "cpu": time.process_time}
 
 
 def make_optimizer(config: Config, model: nn.Module) -> torch.optim.Optimizer:
+    """AdamW/SGD with no weight decay on norms and biases, and the encoder's learning rate
+    scaled by ``train.encoder_lr_scale`` (a pretrained encoder often wants a smaller one than
+    the freshly initialised decoder)."""
     t = config.train
-    decay, no_decay = [], []
-    for param in model.parameters():
-        (no_decay if param.ndim <= 1 else decay).append(param)  # no decay on norms and biases
-    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    encoder = getattr(getattr(model, "net", None), "encoder", None)
+    encoder_ids = {id(p) for p in encoder.parameters()} if encoder is not None else set()
+    groups = []
+    for part, scale in (("encoder", t.encoder_lr_scale), ("decoder", 1.0)):
+        mine = [p for p in model.parameters() if (id(p) in encoder_ids) == (part == "encoder") and p.requires_grad]
+        decay = [p for p in mine if p.ndim > 1]
+        no_decay = [p for p in mine if p.ndim <= 1]  # no decay on norms and biases
+        groups += [{"params": decay, "weight_decay": t.weight_decay, "lr": t.lr * scale},
+                   {"params": no_decay, "weight_decay": 0.0, "lr": t.lr * scale}]
+    groups = [g for g in groups if g["params"]]
     if t.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=t.lr)
     if t.optimizer == "sgd":
@@ -66,18 +75,32 @@ class Progress:
         return self.now() + reserve >= self.time_limit_s
 
 
+def one_cycle(fraction: float, pct_start: float = 0.3, div: float = 25.0, final_div: float = 1e4) -> float:
+    """The one-cycle factor (Smith; torch's OneCycleLR shape) at a fraction of the run: a
+    cosine rise from 1/div to 1 over ``pct_start``, then a cosine fall to 1/(div*final_div).
+
+    By the run's fraction, not by a step count, so a time-limited run gets the whole cycle
+    (OneCycleLR with the epochs' step count would still be warming up when time runs out).
+    """
+    low, final = 1.0 / div, 1.0 / (div * final_div)
+    if fraction < pct_start:
+        return low + (1 - low) * 0.5 * (1 - math.cos(math.pi * fraction / pct_start))
+    rest = (fraction - pct_start) / (1 - pct_start)
+    return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * min(1.0, rest)))
+
+
 def make_scheduler(config: Config, optimizer, progress: Progress):
     t = config.train
     warmup = max(1, t.warmup_steps)
-    if t.scheduler == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=t.lr, total_steps=progress.total_steps + 1)
     if t.scheduler == "plateau":
         return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.5, patience=2)
-    if t.scheduler not in ("cosine", "none"):
+    if t.scheduler not in ("cosine", "onecycle", "none"):
         raise BuildsegError(f"unknown scheduler {t.scheduler!r}; use cosine, onecycle, plateau or none")
     cosine = t.scheduler == "cosine"
 
     def factor(_: int) -> float:
+        if t.scheduler == "onecycle":
+            return one_cycle(progress.fraction())
         ramp = min(1.0, (progress.step + 1) / warmup)
         return ramp * (0.5 * (1 + math.cos(math.pi * progress.fraction())) if cosine else 1.0)
 
