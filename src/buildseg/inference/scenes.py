@@ -53,16 +53,22 @@ class SceneSettings:
 
 
 def is_scene_collection(data: str | Path) -> bool:
-    """A folder of rasters (not a competition folder with images/) or a CSV with a ``path`` column."""
+    """A folder of rasters (not a competition folder with images/), or a CSV with a ``path``
+    column (no ``img_id``) whose first entry is a raster file name."""
+    import csv
+
     from buildseg.data.geo import RASTER_SUFFIXES
 
     path = Path(data)
     if path.is_dir():
         return not (path / "images").is_dir() and any(p.suffix.lower() in RASTER_SUFFIXES for p in path.iterdir())
     if path.suffix.lower() == ".csv" and path.is_file():
-        with path.open(encoding="utf-8", errors="replace") as handle:
-            header = handle.readline().strip().split(",")
-        return "path" in header and "img_path" not in header
+        with path.open(encoding="utf-8", errors="replace", newline="") as handle:
+            reader = csv.DictReader(handle)
+            first = next(reader, None)
+            columns = reader.fieldnames or []
+        return ("path" in columns and "img_id" not in columns and first is not None
+                and Path(first.get("path") or "").suffix.lower() in RASTER_SUFFIXES)
     return False
 
 
