@@ -38,7 +38,7 @@ from ablation import merge, write_fold_csvs  # noqa: E402
 
 from buildseg.config import config_from_dict  # noqa: E402
 from buildseg.data.datasets import GridTileDataset, split_records  # noqa: E402
-from buildseg.inference.tune import predict_tiles, search  # noqa: E402
+from buildseg.inference.tune import tune_segmenter  # noqa: E402
 from buildseg.footprints.clean import FootprintOptions, clean_footprints  # noqa: E402
 from buildseg.footprints.polygons import mask_parts, mask_polygons  # noqa: E402
 from buildseg.formats.tables import load_records  # noqa: E402
@@ -113,6 +113,7 @@ def main() -> None:
     parser.add_argument("--out", default="runs/instance_f1")
     parser.add_argument("--budget", type=float, default=6.0, help="CPU minutes of training per model")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--reuse", action="store_true", help="evaluate the runs' existing best.pt, train only missing ones")
     args = parser.parse_args()
     grid_path = Path(args.grid).resolve()
     grid = yaml.safe_load(grid_path.read_text())
@@ -131,13 +132,13 @@ def main() -> None:
                 config.train.epochs, config.train.time_limit = 10_000, args.budget
                 config.train.time_limit_clock, config.train.progress = "cpu", False
                 started = time.monotonic()
-                train(config)
+                if not (args.reuse and (Path(config.train.out) / "best.pt").is_file()):
+                    train(config)
                 seg = Segmenter.from_checkpoint(Path(config.train.out) / "best.pt", threshold=0.5, min_area=0)
                 # post-processing tuned for building F1 on the training side's held-out 15%, as
                 # `buildseg tune --objective f1` would (threshold, min-area, empty rule)
                 _, val = split_records(load_records(train_csv), config.data.val_fraction, config.train.seed)
-                probs, truths = predict_tiles(seg, GridTileDataset(val, 224))
-                seg.postprocess = search(probs, truths, objective="f1")[0].post
+                seg.postprocess = tune_segmenter(seg, GridTileDataset(val, 224), "f1").best
                 for evaluation, summary in score(seg, heldout_csv, regularize=len(targets) == 1).items():
                     results.setdefault(f"{model_name}: {evaluation}", []).append(summary)
                     print(f"{model_name} / {evaluation} / {fold} / seed {seed}: Dice {summary['dice']:.4f}, "

@@ -48,7 +48,7 @@ def two_houses():
     mask[10:30, 5:30] = 1
     mask[10:30, 30:55] = 1
     footprint = mask * 0.9
-    footprint[:, 29:31] = 0.6
+    footprint[10:30, 29:31] = 0.6
     contact = np.zeros(mask.shape, np.float32)
     contact[10:30, 28:32] = 0.9
     truth = np.zeros_like(mask)
@@ -135,3 +135,19 @@ def test_geo_windows_carry_the_contact_of_adjacent_polygons(tmp_path):
         assert target.shape == (2, 48, 48)
         found |= bool(target[1].any())  # the shared edge is contact: the two polygons are two buildings
     assert found
+
+
+def test_tune_contact_finds_a_threshold_that_splits():
+    """An uncalibrated contact head (values near 0.4 with a dip to 0.3 on the join): 0.5 leaves
+    nothing to split on; the search picks a threshold under the plateau and splits the houses."""
+    from buildseg.inference.postprocess import PostProcess
+    from buildseg.inference.tune import tune_contact
+
+    mask, footprint, contact, truth = two_houses()
+    contact = np.full(mask.shape, 0.42, np.float32)
+    contact[10:30, 28:32] = 0.46
+    truth_mask = separate(truth).astype(bool)
+    rows = tune_contact([np.stack([footprint, contact])], [truth_mask], PostProcess(threshold=0.5), objective="f1",
+                        thresholds=(0.5, 0.44))
+    assert rows[0].post.contact_threshold == 0.44 and rows[0].summary["f1"] == 1.0
+    assert [r for r in rows if r.post.contact_threshold == 0.5][0].summary["f1"] < 1.0

@@ -366,7 +366,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from buildseg.data.datasets import GridTileDataset
     from buildseg.formats.tables import load_records
     from buildseg.inference.segmenter import Segmenter, checkpoint_paths
-    from buildseg.inference.tune import default_row, format_table, predict_tiles, search, store_in_checkpoint
+    from buildseg.inference.tune import format_table, store_in_checkpoint, tune_segmenter
 
     paths = checkpoint_paths(args.checkpoint)  # files, checked before any prediction work
     if not args.no_save:
@@ -377,11 +377,14 @@ def cmd_tune(args: argparse.Namespace) -> int:
     segmenter = Segmenter.from_checkpoint(paths, device=args.device, precision=args.precision, tta=args.tta,
                                           engine=args.engine)
     dataset = GridTileDataset(records, args.tile, segmenter.in_chans)
-    probs, truths = predict_tiles(segmenter, dataset, args.batch_size)
-    rows = search(probs, truths, objective=args.objective)
+    tuned = tune_segmenter(segmenter, dataset, args.objective, args.batch_size)
+    rows, best = tuned.rows, tuned.best
     print(f"{len(dataset)} validation tiles, {len(rows)} settings, best by {args.objective}\n")
-    print(format_table(rows, default_row(probs, truths)))
-    best = rows[0].post
+    print(format_table(rows, tuned.default))
+    if tuned.contact_rows:
+        print("\nwatershed split of touching buildings: " + ", ".join(
+            f"contact < {r.post.contact_threshold:.1f}: {args.objective} {r.summary[args.objective]:.4f}"
+            for r in sorted(tuned.contact_rows, key=lambda r: r.post.contact_threshold)))
     if args.json:
         from buildseg.atomic import atomic_open
 
@@ -390,7 +393,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if not args.no_save:
         for path in paths:
             store_in_checkpoint(path, best)
-            print(f"stored threshold={best.threshold} min_area={best.min_area} empty_max_prob={best.empty_max_prob} in {path}")
+            print(f"stored threshold={best.threshold} min_area={best.min_area} empty_max_prob={best.empty_max_prob}"
+                  f"{f' contact_threshold={best.contact_threshold}' if tuned.contact_rows else ''} in {path}")
     return 0
 
 

@@ -28,17 +28,17 @@ class TuneOutcome:
 def tune_best(config: Config, run_dir: Path, val_set) -> TuneOutcome | None:
     """Search the post-processing for ``run_dir/best.pt`` on ``val_set`` and store it there."""
     from buildseg.inference.segmenter import Segmenter
-    from buildseg.inference.tune import default_row, predict_tiles, search, store_in_checkpoint
+    from buildseg.inference.tune import store_in_checkpoint, tune_segmenter
 
     best = Path(run_dir) / "best.pt"
     if val_set is None or len(val_set) == 0 or not best.is_file():
         return None
     t = config.train
     segmenter = Segmenter.from_checkpoint(best, device=t.device, precision=t.precision)
-    probs, truths = predict_tiles(segmenter, val_set, t.batch_size)
-    rows = search(probs, truths, objective=t.monitor)
-    store_in_checkpoint(best, rows[0].post)
-    return TuneOutcome(rows[0].post, default_row(probs, truths).summary, rows[0].summary)
+    tuned = tune_segmenter(segmenter, val_set, t.monitor, t.batch_size)
+    store_in_checkpoint(best, tuned.best)
+    after = (tuned.contact_rows or tuned.rows)[0].summary
+    return TuneOutcome(tuned.best, tuned.default.summary, after)
 
 
 def train_and_tune(config: Config, resume: str | Path | None = None):

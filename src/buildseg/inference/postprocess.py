@@ -21,6 +21,7 @@ class PostProcess:
     fill_holes: bool = False
     empty_max_prob: float = 0.0  # tile declared empty if its max probability is below this
     empty_min_area: int = 0  # tile declared empty if fewer pixels remain than this
+    contact_threshold: float = 0.5  # models with a contact channel: seeds of the watershed split are below it
 
     def to_dict(self) -> dict:
         return asdict(self)

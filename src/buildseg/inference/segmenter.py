@@ -223,7 +223,7 @@ class Segmenter:
                 return np.zeros(footprint.shape, dtype=np.uint8)
         mask = pp_mod.apply(footprint, self.postprocess)
         if self.split and prob.ndim == 3 and len(prob) == len(self.targets) and mask.any():
-            mask = split_mask(mask, footprint, prob[self.targets.index("contact")])
+            mask = split_mask(mask, footprint, prob[self.targets.index("contact")], self.postprocess.contact_threshold)
         return mask
 
     def predict(self, image: np.ndarray) -> np.ndarray:

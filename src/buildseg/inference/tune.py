@@ -36,16 +36,52 @@ class TuneRow:
     summary: dict
 
 
-def predict_tiles(segmenter: Segmenter, dataset: GridTileDataset, batch_size: int = 32) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Probabilities (float32, as predict sees them) and truth masks of every tile, cropped to its real pixels."""
+def predict_tiles(segmenter: Segmenter, dataset: GridTileDataset, batch_size: int = 32,
+                  maps: bool = False) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Probabilities (float32, as predict sees them) and truth masks of every tile, cropped to
+    its real pixels: (H, W) footprint maps, or all (K, H, W) maps with ``maps``."""
     probs, truths = [], []
     for images, masks, valid in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-        batch = segmenter.predict_proba_batch(images).numpy()
+        batch = segmenter.predict_maps_batch(images).numpy()
         for k in range(len(images)):
             h, w = valid[k].tolist()
-            probs.append(batch[k, :h, :w].copy())
+            probs.append(batch[k, :, :h, :w].copy() if maps else batch[k, 0, :h, :w].copy())
             truths.append(masks[k, 0, :h, :w].numpy().astype(bool))
     return probs, truths
+
+
+CONTACT_THRESHOLDS = (0.2, 0.3, 0.4, 0.5, 0.6)
+
+
+def tune_contact(maps: Sequence[np.ndarray], truths: Sequence[np.ndarray], post: PostProcess, objective: str = "dice",
+                 contact_index: int = 1, thresholds: Sequence[float] = CONTACT_THRESHOLDS) -> list[TuneRow]:
+    """For a model with a contact channel: the watershed's contact threshold, with the rest of
+    ``post`` fixed (the first stage's winner), best first by ``objective``. A contact head
+    trained briefly is not calibrated (its map can stay near 0.4 everywhere), so 0.5 may
+    leave no seed to split on."""
+    from dataclasses import replace
+
+    from buildseg.inference.postprocess import apply
+    from buildseg.inference.split import split_mask
+    from buildseg.instance_metrics import match_masks
+    from buildseg.metrics import image_counts
+
+    rows = []
+    for threshold in thresholds:
+        candidate = replace(post, contact_threshold=float(threshold))
+        counts, buildings = [], InstanceCounts()
+        for m, truth in zip(maps, truths):
+            mask = apply(m[0], candidate)
+            if mask.any():
+                mask = split_mask(mask, m[0], m[contact_index], candidate.contact_threshold)
+            counts.append(image_counts(mask, truth))
+            buildings += match_masks(mask, truth).counts
+        summary = summarize(np.array(counts, dtype=np.int64).reshape(-1, 3))
+        b = buildings.summary()
+        summary.update(f1=b["f1"], building_precision=b["precision"], building_recall=b["recall"])
+        rows.append(TuneRow(candidate, summary))
+    rows.sort(key=lambda r: -np.nan_to_num(r.summary[objective], nan=-1.0))
+    return rows
 
 
 def _component_counts(pred: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -137,3 +173,25 @@ def store_in_checkpoint(path, post: PostProcess) -> None:
     payload = load_checkpoint(path)
     payload["postprocess"] = post.to_dict()
     save_atomic(payload, path)
+
+
+@dataclass
+class TuneResult:
+    rows: list[TuneRow]  # stage 1 (threshold x min-area x empty rule), best first
+    default: TuneRow  # threshold 0.5, nothing removed
+    contact_rows: list[TuneRow] | None  # stage 2 for models with a contact channel, best first
+    best: PostProcess  # what to store
+
+
+def tune_segmenter(segmenter: Segmenter, dataset, objective: str = "dice", batch_size: int = 32) -> TuneResult:
+    """Both stages on ``dataset``'s tiles: the footprint post-processing, then (contact models)
+    the watershed's contact threshold."""
+    maps, truths = predict_tiles(segmenter, dataset, batch_size, maps=True)
+    probs = [m[0] for m in maps]
+    rows = search(probs, truths, objective=objective)
+    contact_rows = None
+    best = rows[0].post
+    if "contact" in segmenter.targets and segmenter.split:
+        contact_rows = tune_contact(maps, truths, best, objective, segmenter.targets.index("contact"))
+        best = contact_rows[0].post
+    return TuneResult(rows, default_row(probs, truths), contact_rows, best)
