@@ -45,16 +45,24 @@ def mask_polygons(mask: np.ndarray, transform=None) -> list:
     return [p.polygon for p in mask_parts(mask, None, transform)]
 
 
-def mask_parts(mask: np.ndarray, prob: np.ndarray | None, transform=None) -> list[Part]:
-    """One :class:`Part` per 8-connected component of ``mask`` (probabilities from ``prob``)."""
+def label_mask(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """8-connected components of a mask (the building rule of the F1 as well)."""
+    from scipy import ndimage
+
+    return ndimage.label(np.asarray(mask) > 0, structure=np.ones((3, 3), dtype=bool))
+
+
+def mask_parts(mask: np.ndarray, prob: np.ndarray | None, transform=None,
+               labelled: tuple[np.ndarray, int] | None = None) -> list[Part]:
+    """One :class:`Part` per 8-connected component of ``mask`` (probabilities from ``prob``),
+    in label order; ``labelled`` passes :func:`label_mask`'s result when the caller has it."""
     from rasterio.features import shapes
     from rasterio.transform import IDENTITY
     from scipy import ndimage
     from shapely.geometry import shape
     from shapely.ops import unary_union
 
-    mask = np.ascontiguousarray(mask, dtype=np.uint8)
-    labels, count = ndimage.label(mask > 0, structure=np.ones((3, 3), dtype=bool))
+    labels, count = labelled if labelled is not None else label_mask(mask)
     if count == 0:
         return []
     labels = labels.astype(np.int32)
@@ -74,14 +82,12 @@ def mask_parts(mask: np.ndarray, prob: np.ndarray | None, transform=None) -> lis
 
 def block_parts(mask: np.ndarray, prob: np.ndarray, transform) -> tuple[list[Part], list[Part]]:
     """(inner, border) parts of one block: border parts touch the block's edge."""
-    from scipy import ndimage
-
     inner, border = [], []
     if not mask.any():
         return inner, border
-    labels, _ = ndimage.label(mask > 0, structure=np.ones((3, 3), dtype=bool))
+    labels, count = label_mask(mask)
     edge = set(np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))) - {0}
-    for k, part in enumerate(mask_parts(mask, prob, transform), start=1):
+    for k, part in enumerate(mask_parts(mask, prob, transform, (labels, count)), start=1):
         (border if k in edge else inner).append(part)
     return inner, border
 
