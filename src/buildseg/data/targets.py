@@ -35,11 +35,10 @@ def contact_zone(instances: np.ndarray, radius: int = CONTACT_RADIUS) -> np.ndar
 
 
 def instances_of(mask: np.ndarray) -> np.ndarray:
-    """8-connected components of a binary mask as instance ids."""
-    from scipy import ndimage
+    """8-connected components of a binary mask as instance ids (the building F1's rule)."""
+    from buildseg.instance_metrics import label_buildings
 
-    labels, _ = ndimage.label(mask > 0, structure=np.ones((3, 3), dtype=bool))
-    return labels
+    return label_buildings(mask)[0]
 
 
 def target_stack(mask: np.ndarray, targets: Sequence[str], instances: np.ndarray | None = None) -> np.ndarray:

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from buildseg.instance_metrics import label_buildings
+
 
 @dataclass
 class Part:
@@ -45,24 +47,17 @@ def mask_polygons(mask: np.ndarray, transform=None) -> list:
     return [p.polygon for p in mask_parts(mask, None, transform)]
 
 
-def label_mask(mask: np.ndarray) -> tuple[np.ndarray, int]:
-    """8-connected components of a mask (the building rule of the F1 as well)."""
-    from scipy import ndimage
-
-    return ndimage.label(np.asarray(mask) > 0, structure=np.ones((3, 3), dtype=bool))
-
-
 def mask_parts(mask: np.ndarray, prob: np.ndarray | None, transform=None,
                labelled: tuple[np.ndarray, int] | None = None) -> list[Part]:
     """One :class:`Part` per 8-connected component of ``mask`` (probabilities from ``prob``),
-    in label order; ``labelled`` passes :func:`label_mask`'s result when the caller has it."""
+    in label order; ``labelled`` passes :func:`label_buildings`' result when the caller has it."""
     from rasterio.features import shapes
     from rasterio.transform import IDENTITY
     from scipy import ndimage
     from shapely.geometry import shape
     from shapely.ops import unary_union
 
-    labels, count = labelled if labelled is not None else label_mask(mask)
+    labels, count = labelled if labelled is not None else label_buildings(mask)
     if count == 0:
         return []
     labels = labels.astype(np.int32)
@@ -85,7 +80,7 @@ def block_parts(mask: np.ndarray, prob: np.ndarray, transform) -> tuple[list[Par
     inner, border = [], []
     if not mask.any():
         return inner, border
-    labels, count = label_mask(mask)
+    labels, count = label_buildings(mask)
     edge = set(np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))) - {0}
     for k, part in enumerate(mask_parts(mask, prob, transform, (labels, count)), start=1):
         (border if k in edge else inner).append(part)
