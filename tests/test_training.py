@@ -446,3 +446,35 @@ def test_encoder_lr_scale_and_a_time_based_one_cycle(synth_data, tmp_path):
     result = train(tiny_config(synth_data, tmp_path / "oc", scheduler="onecycle", time_limit=0.3, epochs=1000))
     lrs = [row["lr"] for row in result.history]
     assert result.stopped_by == "time_limit" and max(lrs) > 1e-4  # the cycle reached its peak within the time limit
+
+
+def test_frozen_encoder_norms_keep_their_statistics_and_affine(synth_data, tmp_path):
+    config = tiny_config(synth_data, tmp_path / "run", epochs=1, lr=3e-3, freeze_encoder_norms=True)
+    trainer = Trainer(config)
+    encoder = trainer.model.net.encoder
+    norms = {n: m for n, m in encoder.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}
+    before = {n: {k: v.clone() for k, v in m.state_dict().items()} for n, m in norms.items()}
+    decoder_norms = [m for n, m in trainer.model.named_modules()
+                     if isinstance(m, torch.nn.BatchNorm2d) and ".encoder." not in f".{n}."]
+    decoder_before = [m.running_mean.clone() for m in decoder_norms]
+    trainer.run()
+    assert norms and decoder_norms
+    for name, module in norms.items():
+        for key, value in module.state_dict().items():
+            assert torch.equal(value, before[name][key]), (name, key)
+    assert any(not torch.equal(m.running_mean, b) for m, b in zip(decoder_norms, decoder_before))  # the rest trains
+    assert all(not p.requires_grad for m in norms.values() for p in m.parameters())
+
+
+def test_progressive_crops_grow_to_the_full_crop(synth_data, tmp_path):
+    from buildseg.training.schedule import crop_side
+
+    assert [crop_side(f, 128, 224) for f in (0.0, 0.1, 0.25, 0.45, 0.5, 0.9)] == [128, 128, 160, 192, 224, 224]
+    assert crop_side(0.0, 256, 224) == 224
+    config = tiny_config(synth_data, tmp_path / "run", epochs=4, lr=3e-3, progressive_crop=32)
+    config.data.crops_per_image = 4
+    trainer = Trainer(config)
+    sides = []
+    trainer.model.register_forward_pre_hook(lambda _m, args: sides.append(args[0].shape[-1]) if _m.training else None)
+    trainer.run()
+    assert sides[0] == 32 and sides[-1] == 64 and sides == sorted(sides)

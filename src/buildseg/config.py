@@ -93,6 +93,8 @@ class TrainConfig:
     grad_accum: int = 1
     grad_clip: float | None = 5.0
     ema: float | None = None  # decay, e.g. 0.999; validation and best.pt then use the EMA weights
+    freeze_encoder_norms: bool = False  # keep the encoder's batch norms at their pretrained statistics and affine
+    progressive_crop: int | None = None  # side (px) of the first crops; grows to crop_size over the first half of the run
     early_stopping: int | None = None  # patience in validations on validation Dice
     seed: int = 0
     deterministic: bool = False
@@ -194,6 +196,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.grad_accum": _at_least(1),
     "train.grad_clip": ((lambda v: v > 0), "> 0 (or none)"),
     "train.ema": _open_unit(),
+    "train.progressive_crop": ((lambda v: v >= 32 and v % 32 == 0), "a multiple of 32, at least 32"),
     "train.early_stopping": _at_least(1),
     "train.max_nonfinite": _at_least(1),
     "train.threshold": _open_unit(),

@@ -34,9 +34,10 @@ from buildseg.models.factory import SegmentationModel
 from buildseg.runtime.checkpoint import FORMAT, load_checkpoint, rng_state, save_atomic, set_rng_state
 from buildseg.runtime.device import autocast, resolve_device, resolve_precision, seed_everything
 from buildseg.training.logs import RunLog
-from buildseg.training.schedule import Progress, make_optimizer, make_scheduler
+from buildseg.training.schedule import Progress, crop_side, make_optimizer, make_scheduler
 from buildseg.training.setup import (build_data, build_training_model, card_from_config, check_bands_config,
-                                     environment_info, input_bands, loss_schedule, resume_config, wrap_for_training)
+                                     environment_info, freeze_encoder_norms, input_bands, loss_schedule, resume_config,
+                                     wrap_for_training)
 from buildseg.training.signals import StopFlag
 from buildseg.training.validate import validate
 
@@ -81,6 +82,7 @@ class Trainer:
         self.card = card_from_config(config)
         self.model: SegmentationModel = build_training_model(
             config, self.card, "none" if payload else config.model.weights, self.dist, self.device)
+        self.frozen_norms = freeze_encoder_norms(self.model) if t.freeze_encoder_norms else []
         self.ema = None
         if t.ema:
             from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
@@ -130,7 +132,7 @@ class Trainer:
         t = self.config.train
         self.sampler.set_epoch(self.epoch, skip=self.batch_in_epoch * t.batch_size)
         self._pick_loss()
-        self.train_model.train()
+        self._train_mode()
         bar = tqdm(self._timed(self.loader), total=len(self.loader), desc=f"epoch {self.epoch + 1}/{t.epochs}",
                    disable=not (self.dist.is_main and t.progress), leave=False)
         for images, masks in bar:
@@ -149,7 +151,7 @@ class Trainer:
                 break
             if t.val_every and self.progress.step % t.val_every == 0:
                 self._after_validation(self._validate(partial=True))
-                self.train_model.train()
+                self._train_mode()
                 if self.stopped_by:
                     break
             elif t.save_every and time.monotonic() - self.last_save >= t.save_every * 60:
@@ -163,9 +165,29 @@ class Trainer:
             self.epoch, self.batch_in_epoch, self.epoch_loss = self.epoch + 1, 0, [0.0, 0]
         self._after_validation(record)
 
+    def _train_mode(self) -> None:
+        self.train_model.train()
+        for module in self.frozen_norms:
+            module.eval()
+
+    def _progressive_crop(self, images: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """With ``progressive_crop``: a random window of the batch, its side growing with the
+        run's fraction (schedule.crop_side). The offset is seeded by the step, so a resumed run
+        crops the same way."""
+        full = min(images.shape[-2:])
+        side = crop_side(self.progress.fraction(), self.config.train.progressive_crop, full)
+        if side >= full:
+            return images, masks
+        rng = torch.Generator().manual_seed(self.config.train.seed * 1_000_003 + self.progress.step)
+        y = int(torch.randint(0, images.shape[-2] - side + 1, (1,), generator=rng))
+        x = int(torch.randint(0, images.shape[-1] - side + 1, (1,), generator=rng))
+        return images[..., y:y + side, x:x + side], masks[..., y:y + side, x:x + side]
+
     def _step(self, images: torch.Tensor, masks: torch.Tensor, accumulate: bool) -> float | None:
         """One forward/backward; an optimizer step unless ``accumulate``. None: non-finite loss, skipped."""
         t = self.config.train
+        if t.progressive_crop:
+            images, masks = self._progressive_crop(images, masks)
         images, masks = images.to(self.device, non_blocking=True), masks.to(self.device, non_blocking=True)
         if t.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)

@@ -89,6 +89,19 @@ def one_cycle(fraction: float, pct_start: float = 0.3, div: float = 25.0, final_
     return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * min(1.0, rest)))
 
 
+def crop_side(fraction: float, start: int, full: int, ramp: float = 0.5) -> int:
+    """Progressive crop side at a fraction of the run: from ``start`` up to ``full`` over the
+    first ``ramp`` of the run, in steps of 32 (so every encoder stride divides it).
+
+    Small crops early buy more (cheaper) steps while the model learns coarse shapes; the
+    full crop later gives it the context it predicts with.
+    """
+    if start >= full:
+        return full
+    side = start + (full - start) * min(1.0, fraction / ramp)
+    return min(full, max(start, int(side) // 32 * 32))
+
+
 def make_scheduler(config: Config, optimizer, progress: Progress):
     t = config.train
     warmup = max(1, t.warmup_steps)

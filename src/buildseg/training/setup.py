@@ -142,6 +142,20 @@ def build_training_model(config: Config, card: ModelCard, weights: str, dist: Di
     return model
 
 
+def freeze_encoder_norms(model: nn.Module) -> list[nn.Module]:
+    """Freeze the encoder's batch norms (statistics and affine): small batches on a new
+    domain then cannot drag the pretrained statistics around. Returns the frozen modules,
+    which the loop puts back in eval mode after every ``train()``."""
+    encoder = getattr(getattr(model, "net", None), "encoder", None)
+    if encoder is None:
+        raise BuildsegError("train.freeze_encoder_norms needs a model with a separate encoder (unet or seed_unet)")
+    frozen = [m for m in encoder.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for module in frozen:
+        for parameter in module.parameters():
+            parameter.requires_grad_(False)
+    return frozen
+
+
 def wrap_for_training(model: nn.Module, dist: DistInfo, device: torch.device) -> nn.Module:
     if not dist.enabled:
         return model
