@@ -122,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--masks-dir", help="also write PNG masks here")
     p.add_argument("--overlays-dir", help="also write overlay PNGs here")
     p.add_argument("--skip-bad", action="store_true", help="write -1 for unreadable images instead of stopping")
+    p.add_argument("--profile", action="store_true", help="print seconds per pipeline stage (decode wait, model, "
+                   "post-processing, CSV) and the engine's threads")
     p.add_argument("--footprints", help="GeoTIFF input: also write building footprints here; the format follows the "
                    "extension: .gpkg, .parquet, .fgb, .geojson")
     p.add_argument("--geojson", help="GeoTIFF input: footprints as GeoJSON (same as --footprints FILE.geojson)")
@@ -322,6 +324,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
         cleanup(dist)
     if dist.is_main:
         print(f"wrote {args.out}: {stats.n} images, {stats.n_empty} empty, {stats.img_per_s:.1f} img/s")
+        if args.profile:
+            import torch
+
+            from buildseg.runtime.device import default_workers
+
+            print(f"engine {segmenter.engine}, precision {segmenter.precision}, torch threads "
+                  f"{torch.get_num_threads()}, loader workers {default_workers(args.num_workers)}")
+            print(stats.profile_table())
         if stats.skipped:
             print(f"skipped {len(stats.skipped)} unreadable images (written as -1): {', '.join(stats.skipped[:10])}")
     return 0

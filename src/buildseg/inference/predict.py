@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -65,10 +65,24 @@ class PredictStats:
     n_empty: int
     skipped: list[str]
     seconds: float
+    stages: dict[str, float] = field(default_factory=dict)  # seconds per pipeline stage (see profile_table)
 
     @property
     def img_per_s(self) -> float:
         return self.n / max(self.seconds, 1e-9)
+
+    def profile_table(self) -> str:
+        """Per-stage seconds, share of the wall time and ms per image: where a slow run spends
+        its time. The main thread waits for decoded images, runs the model and waits for the
+        post-processing thread at the end; post-processing + RLE overlap the model, so its
+        share is of the wall time but not part of the main thread's sum."""
+        lines = [f"{'stage':<40} {'seconds':>9} {'% of wall':>9} {'ms/img':>8}"]
+        for name, seconds in self.stages.items():
+            lines.append(f"{name:<40} {seconds:>9.2f} {100 * seconds / max(self.seconds, 1e-9):>8.1f}% "
+                         f"{1000 * seconds / max(self.n, 1):>8.2f}")
+        lines.append(f"{'wall (' + str(self.n) + ' images)':<40} {self.seconds:>9.2f} {100.0:>8.1f}% "
+                     f"{1000 * self.seconds / max(self.n, 1):>8.2f}")
+        return "\n".join(lines)
 
 
 def predict_records(
@@ -108,8 +122,18 @@ def _predict(segmenter, records, out_csv, batch_size, num_workers, masks_dir, ov
                         pin_memory=segmenter.device.type == "cuda")
     results: dict[int, str] = {}
     skipped: list[str] = []
+    stages = dict.fromkeys(("wait for decoded images (main thread)", "model (main thread)",
+                            "post-processing + RLE (background thread)", "wait for post-processing (main thread)",
+                            "write CSV"), 0.0)
 
     def finish(local_index: int, image: torch.Tensor, prob: np.ndarray, members: list[np.ndarray] | None) -> None:
+        began = time.monotonic()
+        try:
+            _finish(local_index, image, prob, members)
+        finally:
+            stages["post-processing + RLE (background thread)"] += time.monotonic() - began
+
+    def _finish(local_index: int, image: torch.Tensor, prob: np.ndarray, members: list[np.ndarray] | None) -> None:
         record = dataset.records[local_index]
         mask = segmenter.finish(prob, members)
         results[mine[local_index]] = rle.encode(mask)
@@ -125,7 +149,14 @@ def _predict(segmenter, records, out_csv, batch_size, num_workers, masks_dir, ov
     bar = tqdm(total=len(dataset), desc="predict", unit="img", disable=not progress)
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending = []
-        for items in loader:
+        batches = iter(loader)
+        while True:
+            began = time.monotonic()
+            items = next(batches, None)
+            stages["wait for decoded images (main thread)"] += time.monotonic() - began
+            if items is None:
+                break
+            began = time.monotonic()
             groups: dict[tuple[int, ...], list] = {}
             for index, image, error in items:
                 if image is None:
@@ -147,21 +178,26 @@ def _predict(segmenter, records, out_csv, batch_size, num_workers, masks_dir, ov
                 member_np = [m.numpy() for m in members] if segmenter.empty_vote else None
                 for k, (index, image) in enumerate(group):
                     pending.append(pool.submit(finish, index, image, mean[k], None if member_np is None else [m[k] for m in member_np]))
+            stages["model (main thread)"] += time.monotonic() - began
             bar.update(len(items))
             bar.set_postfix(img_s=f"{bar.n / max(1e-9, time.monotonic() - started):.1f}")
             done = [f for f in pending if f.done()]
             for f in done:
                 f.result()  # surface errors from the worker thread
             pending = [f for f in pending if not f.done()]
+        began = time.monotonic()
         for f in pending:
             f.result()
+        stages["wait for post-processing (main thread)"] += time.monotonic() - began
     bar.close()
     ordered = _gather(results, len(records), dist)
+    began = time.monotonic()
     if out_csv is not None and dist.is_main:
         write_submission(out_csv, [r.img_id for r in records], ordered)
+    stages["write CSV"] = time.monotonic() - began
     seconds = time.monotonic() - started
     n_empty = sum(1 for r in ordered if r == rle.EMPTY)
-    return ordered, PredictStats(len(records), n_empty, skipped, seconds)
+    return ordered, PredictStats(len(records), n_empty, skipped, seconds, stages)
 
 
 def _gather(results: dict[int, str], total: int, dist: DistInfo) -> list[str]:
