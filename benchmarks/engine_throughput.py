@@ -68,12 +68,18 @@ def main() -> None:
     parser.add_argument("--checkpoint", help="a trained default (lite0) model; random weights otherwise")
     parser.add_argument("--truth", help="CSV with img_path,mask_rle for the Dice change per engine")
     parser.add_argument("--calibration", help="CSV/folder with masks: int8 calibration (buildseg quantize) when nncf is installed")
+    parser.add_argument("--threads-study", action="store_true", help="also time the default model's fastest setting "
+                        "with loader workers 0/1 x engine threads 1/all: who should get the cores")
+    parser.add_argument("--models", nargs="+", choices=["default", "resnet50"], default=["default", "resnet50"])
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="engine_bench_"))
     paths = write_dataset(tmp / "data", n_train=0, n_test=args.n, test_size=224, seed=7, progress=False)
     records = load_records(paths.test_csv)
-    models = {"Unet-efficientnet_lite0 +DS (default)": args.checkpoint or random_checkpoint("efficientnet_lite0", tmp / "lite0.pt"),
-              "Unet-resnet50 +DS": random_checkpoint("resnet50", tmp / "r50.pt")}
+    models = {}
+    if "default" in args.models:
+        models["Unet-efficientnet_lite0 +DS (default)"] = args.checkpoint or random_checkpoint("efficientnet_lite0", tmp / "lite0.pt")
+    if "resnet50" in args.models:
+        models["Unet-resnet50 +DS"] = random_checkpoint("resnet50", tmp / "r50.pt")
     smp_encoders = {"Unet-efficientnet_lite0 +DS (default)": None, "Unet-resnet50 +DS": "resnet50"}
     print(f"CPU: {cpu_flags()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print(f"{args.n} synthetic 224x224 PNG tiles -> submission CSV, end to end (decode, predict, RLE, write)\n")
@@ -109,6 +115,26 @@ def main() -> None:
                   flush=True)
         if plain:
             print(f"| {label} | plain smp loop | fp32 | {plain:.1f} | | 1.00x | | |", flush=True)
+        if args.threads_study and label.endswith("(default)"):
+            threads_study(checkpoint, records, tmp, *settings(int8)[-1])
+
+
+def threads_study(checkpoint, records, tmp: Path, engine: str, precision: str) -> None:
+    """End-to-end img/s with the loader's decode workers (0: decode in the main thread) and
+    the engine's compute threads (None: all cores) varied: on 2 cores, do they fight?"""
+    print(f"\nthreads study: default model, {engine} {precision}, {len(records)} tiles")
+    print("| loader workers | engine threads | img/s | x default (1 worker, all threads) |")
+    print("|---:|---:|---:|---:|")
+    base, default_threads = None, torch.get_num_threads()
+    for workers, threads in ((1, None), (0, None), (1, 1), (0, 1)):
+        seg = Segmenter.from_checkpoint(checkpoint, device="cpu", precision=precision, engine=engine, threads=threads)
+        predict_records(seg, records[:64], tmp / "warm.csv", progress=False, num_workers=workers)
+        started = time.perf_counter()
+        predict_records(seg, records, tmp / "sub.csv", progress=False, num_workers=workers)
+        rate = len(records) / (time.perf_counter() - started)
+        base = base or rate
+        print(f"| {workers} | {threads or 'all'} | {rate:.1f} | {rate / base:.2f}x |", flush=True)
+        torch.set_num_threads(default_threads)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,20 @@ def test_engine_matches_torch_on_random_inputs(engine, checkpoints):
     torch.testing.assert_close(compiled.predict_proba_batch(batch), reference.predict_proba_batch(batch), atol=1e-4, rtol=0)
 
 
+@pytest.mark.skipif("openvino" not in AVAILABLE, reason="openvino not installed")
+@pytest.mark.parametrize("max_shapes", [0, 2])
+def test_openvino_static_and_dynamic_compiles_agree(checkpoints, monkeypatch, max_shapes):
+    """Per-shape static compiles, and the dynamic graph once max_shapes are in use."""
+    monkeypatch.setattr(engines, "MAX_STATIC_SHAPES", max_shapes)
+    reference = Segmenter.from_checkpoint(checkpoints[0], device="cpu", precision="fp32", engine="torch")
+    compiled = Segmenter.from_checkpoint(checkpoints[0], device="cpu", precision="fp32", engine="openvino")
+    rng = np.random.default_rng(1)
+    for shape in ((2, 3, 64, 64), (1, 3, 64, 64), (2, 3, 64, 96), (2, 3, 64, 64), (3, 3, 33, 65)):
+        batch = torch.from_numpy(rng.integers(0, 256, shape, dtype=np.uint8))
+        torch.testing.assert_close(compiled.predict_proba_batch(batch), reference.predict_proba_batch(batch),
+                                   atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize("engine", AVAILABLE)
 def test_the_onnx_cache_is_reused_and_rebuilt_when_the_checkpoint_changes(engine, tmp_path, monkeypatch):
     ckpt = write_tiny_checkpoint(tmp_path / "m.pt", seed=3)
@@ -92,3 +106,20 @@ def test_int8_needs_a_calibrated_model_then_follows_fp32(synth_data, tmp_path):
     assert np.abs(int8.predict_proba(image) - fp32.predict_proba(image)).mean() < 0.02
     with pytest.raises(BuildsegError, match="openvino"):
         Segmenter.from_checkpoint(ckpt, device="cpu", precision="int8", engine="torch")
+
+
+def test_auto_falls_back_to_torch_when_the_engine_fails(checkpoints, monkeypatch, caplog):
+    monkeypatch.setattr(engines, "resolve_engine", lambda name, device: "onnxruntime" if name != "torch" else "torch")
+    monkeypatch.setattr("buildseg.inference.segmenter.resolve_engine",
+                        lambda name, device: "onnxruntime" if name != "torch" else "torch")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("unsupported operator Foo")
+
+    monkeypatch.setattr(engines, "onnxruntime_engine", broken)
+    seg = Segmenter.from_checkpoint(checkpoints[0], device="cpu", precision="fp32", engine="auto")
+    assert seg.engine == "torch" and "unsupported operator Foo" in caplog.text
+    image = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    assert seg.predict_proba(image).shape == (64, 64)
+    with pytest.raises(RuntimeError, match="Foo"):  # asked for by name: the failure is the answer
+        Segmenter.from_checkpoint(checkpoints[0], device="cpu", precision="fp32", engine="onnxruntime")

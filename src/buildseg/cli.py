@@ -115,13 +115,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overlap", type=_ranged(float, 0.0, 1.0), default=0.25, help="sliding-window overlap, in [0, 1)")
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16", "int8"])
-    p.add_argument("--engine", default="torch", choices=["auto", "torch", "openvino", "onnxruntime"],
-                   help="inference engine: torch (default), openvino or onnxruntime (CPU, ONNX graph cached next to the "
-                        "checkpoint), auto = openvino on x86 CPUs where installed, else torch")
+    p.add_argument("--engine", default="auto", choices=["auto", "torch", "openvino", "onnxruntime"],
+                   help="inference engine (default auto: openvino on x86 CPUs where installed, else torch; falls back "
+                        "to torch if the model does not compile); openvino and onnxruntime cache the ONNX graph next "
+                        "to the checkpoint")
     p.add_argument("--num-workers", type=_ranged(int, -1), default=-1)
     p.add_argument("--masks-dir", help="also write PNG masks here")
     p.add_argument("--overlays-dir", help="also write overlay PNGs here")
     p.add_argument("--skip-bad", action="store_true", help="write -1 for unreadable images instead of stopping")
+    p.add_argument("--threads", type=POSITIVE_INT, help="the engine's compute threads (default: the engine's own, all "
+                   "cores this process may use)")
     p.add_argument("--profile", action="store_true", help="print seconds per pipeline stage (decode wait, model, "
                    "post-processing, CSV) and the engine's threads")
     p.add_argument("--footprints", help="GeoTIFF input: also write building footprints here; the format follows the "
@@ -171,9 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=POSITIVE_INT, default=32)
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16", "int8"])
-    p.add_argument("--engine", default="torch", choices=["auto", "torch", "openvino", "onnxruntime"],
-                   help="inference engine: torch (default), openvino or onnxruntime (CPU, ONNX graph cached next to the "
-                        "checkpoint), auto = openvino on x86 CPUs where installed, else torch")
+    p.add_argument("--engine", default="auto", choices=["auto", "torch", "openvino", "onnxruntime"],
+                   help="inference engine (default auto: openvino on x86 CPUs where installed, else torch; falls back "
+                        "to torch if the model does not compile); openvino and onnxruntime cache the ONNX graph next "
+                        "to the checkpoint")
     p.add_argument("--objective", default="dice", choices=["dice", "f1"],
                    help="what the best setting maximises: competition Dice or building F1 at IoU 0.5 (default dice)")
     p.add_argument("--no-save", action="store_true", help="print only; do not write the setting into the checkpoint")
@@ -294,7 +298,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         segmenter = Segmenter.from_checkpoint(
             args.checkpoint, device=device, precision=args.precision, tta=args.tta, threshold=args.threshold,
             min_area=args.min_area, ds_ensemble=args.ds_ensemble, window=args.window, overlap=args.overlap,
-            empty_vote=args.empty_vote, engine=args.engine,
+            empty_vote=args.empty_vote, engine=args.engine, threads=args.threads,
         )
         if many:
             from buildseg.inference.scenes import SceneSettings, predict_scenes

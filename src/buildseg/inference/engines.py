@@ -34,6 +34,7 @@ from buildseg.runtime.device import autocast, cpu_has_native_bf16
 
 log = logging.getLogger("buildseg")
 ENGINES = ("auto", "torch", "openvino", "onnxruntime")
+MAX_STATIC_SHAPES = 4  # OpenVINO compiles per input shape up to this many, then uses the dynamic graph
 EXTRAS = {"openvino": ("openvino", "cpu"), "onnxruntime": ("onnxruntime", "onnx")}
 
 
@@ -134,8 +135,8 @@ def int8_path(model: SegmentationModel, folder: Path) -> Path:
     return folder / f"{model_key(model)}.int8.xml"
 
 
-def openvino_engine(model: SegmentationModel, precision: str, folder: Path,
-                    checkpoint: Path | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+def openvino_engine(model: SegmentationModel, precision: str, folder: Path, checkpoint: Path | None = None,
+                    threads: int | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
     import openvino as ov
 
     if precision == "bf16" and not cpu_has_native_bf16():
@@ -151,21 +152,55 @@ def openvino_engine(model: SegmentationModel, precision: str, folder: Path,
     else:
         source = cached_onnx(model, folder)
         config = {"INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32", "PERFORMANCE_HINT": "LATENCY"}
-    compiled = core.compile_model(core.read_model(str(source)), "CPU", config)
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = int(threads)
+    compiled = _ShapeCompiled(core, str(source), config, MAX_STATIC_SHAPES)
     pad = _PadSmall(model)
 
     def run(images: torch.Tensor) -> torch.Tensor:
         padded, (h, w) = pad(images)
-        logits = compiled(padded.contiguous().numpy())[0]
+        logits = compiled(padded.contiguous().numpy())
         return torch.from_numpy(np.ascontiguousarray(logits[..., :h, :w]))
 
     return run
 
 
-def onnxruntime_engine(model: SegmentationModel, folder: Path) -> Callable[[torch.Tensor], torch.Tensor]:
+class _ShapeCompiled:
+    """One OpenVINO compile per input shape (up to ``max_shapes``), the dynamic graph after.
+
+    A static shape lets the CPU plugin plan memory and pick kernels once; tiles of one size
+    (the competition's 224s, a sliding window, a GeoTIFF block) hit the same compile every
+    batch. Inputs of ever-new sizes (a folder of odd images) use the one dynamic compile
+    instead of compiling again and again. OpenVINO's CACHE_DIR keeps the blobs, so the second
+    run loads them rather than compiling.
+    """
+
+    def __init__(self, core, source: str, config: dict, max_shapes: int) -> None:
+        self.core, self.source, self.config, self.max_shapes = core, source, config, max_shapes
+        self.static: dict[tuple[int, ...], object] = {}
+        self.dynamic = None
+
+    def __call__(self, array: np.ndarray) -> np.ndarray:
+        compiled = self.static.get(array.shape)
+        if compiled is None and len(self.static) < self.max_shapes:
+            graph = self.core.read_model(self.source)
+            graph.reshape({graph.inputs[0]: list(array.shape)})
+            compiled = self.static[array.shape] = self.core.compile_model(graph, "CPU", self.config)
+        if compiled is None:
+            if self.dynamic is None:
+                self.dynamic = self.core.compile_model(self.core.read_model(self.source), "CPU", self.config)
+            compiled = self.dynamic
+        return compiled(array)[0]
+
+
+def onnxruntime_engine(model: SegmentationModel, folder: Path,
+                       threads: int | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(cached_onnx(model, folder)), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = int(threads)
+    session = ort.InferenceSession(str(cached_onnx(model, folder)), options, providers=["CPUExecutionProvider"])
     pad = _PadSmall(model)
 
     def run(images: torch.Tensor) -> torch.Tensor:
@@ -177,8 +212,14 @@ def onnxruntime_engine(model: SegmentationModel, folder: Path) -> Callable[[torc
 
 
 def build_engine(name: str, model: SegmentationModel, device: torch.device, precision: str, channels_last: bool,
-                 checkpoint: Path | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The logits function of ``model`` on engine ``name`` (already resolved, not ``auto``)."""
+                 checkpoint: Path | None = None, threads: int | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The logits function of ``model`` on engine ``name`` (already resolved, not ``auto``).
+
+    ``threads``: the engine's compute threads (None: the engine's default, all cores this
+    process may use). torch's setting is process-wide (``torch.set_num_threads``).
+    """
+    if threads:
+        torch.set_num_threads(int(threads))  # also the thread count of pre/post-processing in torch
     if name == "torch":
         if precision == "int8":
             raise BuildsegError("int8 runs on --engine openvino (after `buildseg quantize`); torch runs fp32/bf16/fp16")
@@ -187,9 +228,9 @@ def build_engine(name: str, model: SegmentationModel, device: torch.device, prec
         raise BuildsegError(f"--engine {name} runs fp32 or bf16 on the CPU; fp16 is for CUDA GPUs (--engine torch)")
     folder = cache_folder(checkpoint)
     if name == "openvino":
-        return openvino_engine(model, precision, folder, checkpoint)
+        return openvino_engine(model, precision, folder, checkpoint, threads)
     if precision == "int8":
         raise BuildsegError("int8 runs on --engine openvino (after `buildseg quantize`)")
     if precision == "bf16":
         raise BuildsegError("--engine onnxruntime runs fp32 only here; use --engine openvino for bf16")
-    return onnxruntime_engine(model, folder)
+    return onnxruntime_engine(model, folder, threads)

@@ -8,6 +8,8 @@ sizes and compares with the PyTorch model in fp32.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 from pathlib import Path
 
@@ -56,11 +58,15 @@ def export_model_onnx(model, out: str | Path, opset: int = 18) -> Path:
     dims = {0: torch.export.Dim("batch", min=1, max=4096),
             2: torch.export.Dim("height", min=stride, max=16384),
             3: torch.export.Dim("width", min=stride, max=16384)}
+    chatter = io.StringIO()  # the exporter prints its progress to stdout, which is the user's output
     try:
-        torch.onnx.export(model, (example,), str(out), input_names=["image"], output_names=["logits"],
-                          dynamo=True, dynamic_shapes={"x": dims}, opset_version=opset)
+        with contextlib.redirect_stdout(chatter):
+            torch.onnx.export(model, (example,), str(out), input_names=["image"], output_names=["logits"],
+                              dynamo=True, dynamic_shapes={"x": dims}, opset_version=opset)
     except ImportError as exc:
         raise BuildsegError(f"ONNX export needs the onnx extra: pip install 'buildseg[onnx]' ({exc})") from None
+    finally:
+        log.debug("torch.onnx: %s", chatter.getvalue())
     _inline_weights(Path(out))
     return Path(out)
 

@@ -11,6 +11,7 @@ min_area, empty rules), each overridable.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
@@ -29,6 +30,8 @@ from buildseg.inference.tta import predict_tta, transforms
 from buildseg.models.factory import ModelCard, SegmentationModel, build_model
 from buildseg.runtime.checkpoint import load_checkpoint
 from buildseg.runtime.device import resolve_device, resolve_precision
+
+log = logging.getLogger("buildseg")
 
 
 def checkpoint_paths(spec: str | Path | Sequence[str | Path]) -> list[Path]:
@@ -79,6 +82,7 @@ class Segmenter:
         engine: str = "torch",
         checkpoints: Sequence[Path] | None = None,
         split: bool | None = None,
+        threads: int | None = None,
     ) -> None:
         if not models:
             raise BuildsegError("a Segmenter needs at least one model")
@@ -115,8 +119,17 @@ class Segmenter:
         paths = list(checkpoints) if checkpoints is not None else [None] * len(self.models)
         self.input: dict = {}  # what the models were trained on: {"gsd": metres or None, "bands": [...]}
         self.checkpoint_paths: list[Path] = [p for p in (checkpoints or []) if p is not None]
-        self.runners = [build_engine(self.engine, m, self.device, self.precision, channels_last, p)
-                        for m, p in zip(self.models, paths)]
+        try:
+            self.runners = [build_engine(self.engine, m, self.device, self.precision, channels_last, p, threads)
+                            for m, p in zip(self.models, paths)]
+        except Exception as exc:  # auto: a model that does not export or compile still predicts, with torch
+            if engine != "auto" or self.engine == "torch" or self.precision == "int8":
+                raise
+            log.warning("engine %s failed for this model (%s: %s); predicting with torch instead",
+                        self.engine, type(exc).__name__, (str(exc).strip().splitlines() or [""])[0][:200])
+            self.engine = "torch"
+            self.runners = [build_engine("torch", m, self.device, self.precision, channels_last, p, threads)
+                            for m, p in zip(self.models, paths)]
 
     @classmethod
     def from_checkpoint(
