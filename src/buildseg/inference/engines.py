@@ -102,10 +102,12 @@ class _PadSmall:
     needs H, W >= stride."""
 
     def __init__(self, model: SegmentationModel) -> None:
+        self.check_input = model.check_input  # the torch model's clear errors (channels, too small) on every engine
         self.stride = model.stride
         self.mean = model.mean.detach().cpu().float().view(1, -1, 1, 1)
 
     def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        self.check_input(images)
         images = images.float()
         h, w = images.shape[-2:]
         if h >= self.stride and w >= self.stride:

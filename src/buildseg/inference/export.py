@@ -59,13 +59,19 @@ def export_model_onnx(model, out: str | Path, opset: int = 18) -> Path:
             2: torch.export.Dim("height", min=stride, max=16384),
             3: torch.export.Dim("width", min=stride, max=16384)}
     chatter = io.StringIO()  # the exporter prints its progress to stdout, which is the user's output
+    quiet = [logging.getLogger(name) for name in ("onnxscript", "onnx_ir", "torch.onnx", "torch.export")]
+    levels = [logger.level for logger in quiet]
     try:
+        for logger in quiet:  # and logs every graph rewrite at INFO
+            logger.setLevel(logging.WARNING)
         with contextlib.redirect_stdout(chatter):
             torch.onnx.export(model, (example,), str(out), input_names=["image"], output_names=["logits"],
                               dynamo=True, dynamic_shapes={"x": dims}, opset_version=opset)
     except ImportError as exc:
         raise BuildsegError(f"ONNX export needs the onnx extra: pip install 'buildseg[onnx]' ({exc})") from None
     finally:
+        for logger, level in zip(quiet, levels):
+            logger.setLevel(level)
         log.debug("torch.onnx: %s", chatter.getvalue())
     _inline_weights(Path(out))
     return Path(out)
