@@ -86,6 +86,27 @@ def buildseg_default(encoder: str, batch: int, warmup: int, iters: int, compile:
     return time_steps(step, warmup, iters, batch), label
 
 
+def loop_rate(encoder: str, data: str, batch: int, steps: int) -> float:
+    """img/s of the real training loop (`buildseg train`'s Trainer: loader, augmentation,
+    deep-supervision loss, clipping, scheduler, logging) over one epoch of ``steps`` steps,
+    validation excluded: what the loop loses against the bare step of buildseg_default."""
+    import tempfile
+
+    from buildseg.formats.tables import load_records
+    from buildseg.training.loop import train
+
+    config = Config()
+    config.data.train = data
+    config.data.crop_size = 224
+    config.data.crops_per_image = max(1, -(-steps * batch // max(1, int(len(load_records(data)) * 0.85))))
+    config.model.encoder, config.model.weights = encoder, "none"
+    config.train.out = tempfile.mkdtemp(prefix="loop_rate_")
+    config.train.epochs, config.train.batch_size = 1, batch
+    config.train.progress = config.train.tensorboard = config.train.tune_at_end = False
+    history = train(config).history
+    return history[0]["train_img_s"]
+
+
 def loader_rate(data: str, batch: int, batches: int) -> tuple[float, int]:
     from torch.utils.data import DataLoader
 
@@ -116,6 +137,9 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--compile", action="store_true", help="add a torch.compile column")
+    parser.add_argument("--loop", action="store_true", help="add the real training loop's img/s (Trainer, one epoch "
+                        "on --data) and its share of the bare step's")
+    parser.add_argument("--loop-steps", type=int, default=40)
     parser.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared/data/real_dev/train.csv"))
     args = parser.parse_args()
     print(f"CPU, torch {torch.__version__}, {torch.get_num_threads()} threads; 224x224, batch {args.batch}; "
@@ -131,6 +155,10 @@ def main() -> None:
             compiled, _ = buildseg_default(encoder, args.batch, max(2, args.warmup), args.iters, compile=True)
             row += f" {compiled:.2f} | {compiled / plain:.2f}x |"
         print(row, flush=True)
+        if args.loop:
+            loop = loop_rate(encoder, args.data, args.batch, args.loop_steps)
+            print(f"  training loop (Trainer, {args.loop_steps} steps on {Path(args.data).name}): {loop:.2f} img/s = "
+                  f"{100 * loop / ours:.0f}% of the bare buildseg step", flush=True)
     if Path(args.data).is_file():
         rate, workers = loader_rate(args.data, args.batch, 30)
         print(f"\nloader only (TrainCropDataset on {args.data}, {workers} worker(s)): {rate:.1f} img/s")

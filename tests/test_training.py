@@ -337,6 +337,7 @@ TRAIN_SCRIPT = textwrap.dedent(
     config = tiny_config(Path({data!r}), Path({out!r}), epochs=3, deterministic=True, save_every={save_every!r})
     config.data.crops_per_image = 6
     config.model.dropout = 0.2
+    config.data.num_workers = {workers!r}
     print("stopped by", train(config).stopped_by, flush=True)
     """
 )
@@ -370,9 +371,11 @@ def _mid_epoch_checkpoint(path):
     return ready
 
 
-def _interrupted_run(synth_data, out, save_every, sig):
-    script = TRAIN_SCRIPT.format(tests=str(REPO / "tests"), data=str(synth_data), out=str(out), save_every=save_every)
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def _interrupted_run(synth_data, out, save_every, sig, workers=0):
+    script = TRAIN_SCRIPT.format(tests=str(REPO / "tests"), data=str(synth_data), out=str(out), save_every=save_every,
+                                 workers=workers)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # its own process group: signal it as a scheduler would
     try:
         if sig == signal.SIGTERM:  # as a scheduler would: some steps in
             ready = lambda: any('"kind": "step"' in line and '"step": 11' in line
@@ -380,7 +383,7 @@ def _interrupted_run(synth_data, out, save_every, sig):
         else:
             ready = _mid_epoch_checkpoint(out / "last.pt")
         assert _wait_for(ready, proc), f"the run ended before it could be interrupted: {proc.communicate()[1][-2000:]}"
-        proc.send_signal(sig)
+        os.killpg(proc.pid, sig)  # the whole group, loader workers included
         stdout, stderr = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:
@@ -411,6 +414,13 @@ def test_sigterm_saves_and_resumes_exactly(synth_data, tmp_path):
     result = train(_resume_config(synth_data, tmp_path / "killed", 10.0), resume=tmp_path / "killed")
     assert result.epochs_done == 3
     _assert_same_weights(tmp_path / "straight" / "last.pt", tmp_path / "killed" / "last.pt")
+
+
+def test_sigterm_to_the_process_group_with_loader_workers_still_saves(synth_data, tmp_path):
+    """Schedulers and Ctrl-C signal the whole group: the workers must not die first."""
+    code, stdout, stderr = _interrupted_run(synth_data, tmp_path / "killed", 10.0, signal.SIGTERM, workers=1)
+    assert code == 0 and "stopped by signal" in stdout, stderr[-2000:]
+    assert load_checkpoint(tmp_path / "killed" / "last.pt")["step"] > 0
 
 
 def test_kill_9_after_a_timed_checkpoint_resumes_mid_epoch_exactly(synth_data, tmp_path):

@@ -26,6 +26,7 @@ from buildseg.distributed import DistInfo
 from buildseg.errors import BuildsegError
 from buildseg.formats.tables import load_records
 from buildseg.losses import DeepSupervisionLoss, TargetsLoss, parse_loss
+from buildseg.training.signals import ignore_stop_signals
 from buildseg.models.factory import ModelCard, SegmentationModel, build_model
 from buildseg.runtime.device import default_workers
 
@@ -110,6 +111,7 @@ def build_data(config: Config, dist: DistInfo, device: torch.device) -> Training
         train_set, batch_size=t.batch_size, sampler=sampler, num_workers=workers, prefetch_factor=prefetch,
         persistent_workers=workers > 0, pin_memory=device.type == "cuda", drop_last=len(sampler) >= t.batch_size,
         generator=torch.Generator().manual_seed(t.seed),  # keeps the global RNG (dropout) independent of loader restarts
+        worker_init_fn=ignore_stop_signals if workers else None,
     )
     if dist.is_main:
         log.info("loader: %d workers (of %d cores), prefetch %s batches each, pin_memory %s",

@@ -37,3 +37,15 @@ class StopFlag:
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+def ignore_stop_signals(_worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: workers leave SIGINT/SIGTERM to the main process.
+
+    Ctrl-C and schedulers signal the whole process group. A worker that died of the signal
+    would end the run with "DataLoader worker killed" before the main process could finish
+    its step and save ``last.pt``; ignoring it there lets the main process stop cleanly and
+    shut the workers down itself.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
