@@ -194,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="validation CSV/folder with masks: calibration tiles and the Dice check")
     p.add_argument("--n-tiles", type=POSITIVE_INT, default=300, help="calibration tiles (default 300)")
     p.add_argument("--tile", type=_ranged(int, 32), default=224)
+    p.add_argument("--max-drop", type=_ranged(float, 0.0), default=0.005,
+                   help="largest Dice loss allowed; beyond it NNCF's accuracy control keeps the costliest layers in "
+                        "fp32 (default 0.005; 0 disables the control: plain int8)")
 
     p = sub.add_parser("cache", help="decode a training set once into the disk store ahead of a run")
     p.add_argument("--data", required=True, help="training CSV or images/+masks/ folder")
@@ -331,10 +334,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
         if args.profile:
             import torch
 
-            from buildseg.runtime.device import default_workers
+            from buildseg.runtime.device import cpu_predict_workers, default_workers
 
+            workers = (default_workers if segmenter.device.type == "cuda" else cpu_predict_workers)(args.num_workers)
             print(f"engine {segmenter.engine}, precision {segmenter.precision}, torch threads "
-                  f"{torch.get_num_threads()}, loader workers {default_workers(args.num_workers)}")
+                  f"{torch.get_num_threads()}, loader workers {workers}")
             print(stats.profile_table())
         if stats.skipped:
             print(f"skipped {len(stats.skipped)} unreadable images (written as -1): {', '.join(stats.skipped[:10])}")
@@ -423,8 +427,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_quantize(args: argparse.Namespace) -> int:
     from buildseg.inference.quantize import quantize
 
-    result = quantize(args.checkpoint, args.data, args.n_tiles, args.tile)
+    result = quantize(args.checkpoint, args.data, args.n_tiles, args.tile, args.max_drop or None)
     print(f"wrote {result.path} (int8, calibrated on {result.n_calibration} tiles)")
+    if result.accuracy_control:
+        print(f"plain int8 lost {result.dice_fp32 - result.dice_plain_int8:.4f} Dice (> --max-drop {args.max_drop}); "
+              "NNCF's accuracy control kept the costliest layers in fp32")
     print(f"competition Dice on the validation tiles: fp32 {result.dice_fp32:.4f}, int8 {result.dice_int8:.4f} "
           f"(change {result.dice_int8 - result.dice_fp32:+.4f})")
     return 0

@@ -29,7 +29,7 @@ from buildseg.formats import rle
 from buildseg.formats.images import overlay, read_image, write_png
 from buildseg.formats.tables import Record, write_submission
 from buildseg.inference.segmenter import Segmenter
-from buildseg.runtime.device import default_workers
+from buildseg.runtime.device import cpu_predict_workers, default_workers
 
 log = logging.getLogger("buildseg")
 
@@ -117,7 +117,7 @@ def _predict(segmenter, records, out_csv, batch_size, num_workers, masks_dir, ov
     started = time.monotonic()
     mine = list(range(dist.rank, len(records), dist.world_size))
     dataset = ImageDataset([records[i] for i in mine], skip_bad, segmenter.in_chans)
-    workers = default_workers(num_workers)
+    workers = default_workers(num_workers) if segmenter.device.type == "cuda" else cpu_predict_workers(num_workers)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=_collate,
                         pin_memory=segmenter.device.type == "cuda")
     results: dict[int, str] = {}

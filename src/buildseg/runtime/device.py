@@ -82,3 +82,21 @@ def default_workers(requested: int) -> int:
         cores = os.cpu_count() or 1
     per_process = cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     return max(0, min(16, per_process - 1))
+
+
+def cpu_predict_workers(requested: int) -> int:
+    """Decode workers for prediction on the CPU: as asked, else 0 on 1-2 cores and 1 above.
+
+    The engine already uses every core; a worker process that decodes at the same time
+    takes a core from it, and each parallel region then waits for the thread that lost its
+    core. Measured on 2 cores (benchmarks/README.md, "threads study"): decoding in the main
+    thread ran 1.14x faster end to end than one worker. One worker decodes 224 px tiles far
+    faster than any CPU engine consumes them, so more never help.
+    """
+    if requested >= 0:
+        return requested
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return 0 if cores <= 2 else 1
