@@ -142,8 +142,8 @@ def test_quantize_falls_back_to_accuracy_control_when_int8_loses_too_much(tmp_pa
     calls = []
     real_validate = quantize_mod._tile_dice
 
-    def counting(threshold):
-        validate = real_validate(threshold)
+    def counting(post):
+        validate = real_validate(post)
         return lambda compiled, items: calls.append(1) or validate(compiled, items)
 
     monkeypatch.setattr(quantize_mod, "_tile_dice", counting)

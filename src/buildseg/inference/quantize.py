@@ -36,16 +36,18 @@ class QuantizeResult:
     dice_plain_int8: float | None = None  # the plain PTQ's Dice when accuracy control replaced it
 
 
-def _tile_dice(threshold: float):
+def _tile_dice(post):
     """NNCF validation function: the competition Dice of a compiled model's logits on
-    (image, mask) tiles, at the segmenter's threshold (the quantity int8 must not lose)."""
+    (image, mask) tiles after the segmenter's post-processing ``post`` (threshold, min
+    area, empty rule): the quantity int8 must not lose."""
+    from buildseg.inference.postprocess import apply
     from buildseg.metrics import Scoreboard
 
     def validate(compiled, items) -> float:
         board = Scoreboard()
         for image, mask in items:
-            logits = np.asarray(compiled(image)[0])[0, 0]
-            board.add((logits > np.log(threshold / (1 - threshold))).astype(np.uint8), mask)
+            logits = np.asarray(compiled(image)[0], dtype=np.float64)[0, 0]
+            board.add(apply((1.0 / (1.0 + np.exp(-logits))).astype(np.float32), post), mask)
         return float(board.summary()["dice"])
 
     return validate
@@ -89,7 +91,7 @@ def quantize(checkpoint: str | Path, data: str | Path, n_tiles: int = 300, tile:
         return result
     log.info("int8 lost %.4f Dice (> %.4f): quantising again with NNCF accuracy control", dice_fp32 - dice_int8, max_drop)
     controlled = nncf.quantize_with_accuracy_control(
-        ov.Core().read_model(onnx), calibration, calibration, _tile_dice(fp32.postprocess.threshold),
+        ov.Core().read_model(onnx), calibration, calibration, _tile_dice(fp32.postprocess),
         max_drop=max_drop, drop_type=nncf.DropType.ABSOLUTE, subset_size=len(items))
     _save(controlled, out)
     int8 = Segmenter.from_checkpoint(path, device="cpu", precision="int8", engine="openvino")
