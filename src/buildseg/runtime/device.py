@@ -71,16 +71,20 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = True
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask on Linux)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def default_workers(requested: int) -> int:
     """Loader workers: as asked, else the cores this process may use (all of them, shared by
     the processes torchrun starts on this node) minus one for the main process, at most 16."""
     if requested >= 0:
         return requested
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    per_process = cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    per_process = usable_cores() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     return max(0, min(16, per_process - 1))
 
 
@@ -95,8 +99,4 @@ def cpu_predict_workers(requested: int) -> int:
     """
     if requested >= 0:
         return requested
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return 0 if cores <= 2 else 1
+    return 0 if usable_cores() <= 2 else 1
