@@ -75,8 +75,8 @@ def quantize(checkpoint: str | Path, data: str | Path, n_tiles: int = 300, tile:
     if len(dataset) == 0:
         raise BuildsegError(f"{data} yields no validation tiles for calibration")
     picks = np.random.default_rng(0).permutation(len(dataset))[:n_tiles]
-    items = [(dataset[int(i)][0][None].float().numpy(), dataset[int(i)][1].numpy().reshape(tile, tile).astype(np.uint8))
-             for i in picks]
+    items = [(image[None].float().numpy(), mask.numpy().reshape(tile, tile).astype(np.uint8))
+             for image, mask, _ in (dataset[int(i)] for i in picks)]  # each tile read once
     model = fp32.models[0]
     folder = engines.cache_folder(path)
     onnx = str(engines.cached_onnx(model, folder))
