@@ -295,6 +295,7 @@ CASES: dict[str, Case] = {
     "flag lr negative": train_case(None, "--lr=-1e-3", fragments=["--lr", "-1e-3", "> 0"]),
     "flag precision choice": train_case(None, "--precision", "fp8", fragments=["--precision", "'fp8'", "bf16"]),
     "flag dropout range": train_case(None, "--dropout", "0.9", fragments=["--dropout", "0.9", "[0, 0.5]"]),
+    "flag decoder width range": train_case(None, "--decoder-width", "0", fragments=["--decoder-width", "'0'", "(0, 4]"]),
     "config file missing": train_case(None, "--config", lambda w, t: t / "none.yaml", fragments=["none.yaml", "not found"]),
     "train data missing": train_case(None, data=lambda w, t: t / "none.csv", fragments=["none.csv", "not found"]),
     "train bad rle": train_case(None, data=_train_rows(lambda rows, t: rows[:3] + [("t3", rows[3][1], "5 2 x 1")]),

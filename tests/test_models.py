@@ -76,6 +76,31 @@ def test_checkpoint_round_trip_gives_identical_outputs(tmp_path):
     torch.load(tmp_path / "m.pt", weights_only=True)
 
 
+def test_decoder_width_scales_the_default_plan_and_old_checkpoints_keep_theirs(tmp_path):
+    def widths(model):
+        return [block.convs[0][0].out_channels for block in model.net.blocks]
+
+    assert widths(build_model(ModelCard(encoder="resnet18"))) == [256, 128, 64, 32, 16]
+    half = build_model(ModelCard(encoder="resnet18", decoder_width=0.5, deep_supervision=True)).eval()
+    assert widths(half) == [128, 64, 32, 16, 8]  # multiples of 8, at least 8
+    assert widths(build_model(ModelCard(encoder="resnet18", decoder_width=0.75))) == [192, 96, 48, 24, 16]
+    # explicit channels win over the width
+    assert widths(build_model(ModelCard(encoder="resnet18", decoder_channels=[32, 16, 16, 16, 8], decoder_width=0.5))) == [
+        32, 16, 16, 16, 8]
+    with torch.no_grad():
+        assert half(torch.randint(0, 256, (2, 3, 75, 61))).shape == (2, 1, 75, 61)
+    # a checkpoint written before decoder_width existed has no such key: it rebuilds at width 1
+    card = ModelCard(encoder="resnet18")
+    old = card.to_dict()
+    del old["decoder_width"]
+    model = build_model(card).eval()
+    save_atomic({"format": FORMAT, "model_card": old, "model": model.state_dict()}, tmp_path / "old.pt")
+    loaded, _ = load_model(tmp_path / "old.pt")
+    assert widths(loaded) == [256, 128, 64, 32, 16]
+    with pytest.raises(BuildsegError, match="decoder_width"):
+        build_model(ModelCard(encoder="resnet18", decoder_width=0.0))
+
+
 def test_local_weights_file_is_loaded_into_the_encoder(tmp_path):
     import timm
 

@@ -57,7 +57,8 @@ class ModelConfig:
     encoder: str = "efficientnet_lite0"  # the ablation's winner on CPU (benchmarks/README.md)
     weights: str = "imagenet"  # imagenet | none | path to .safetensors/.pth
     in_chans: int = 3
-    decoder_channels: list[int] | None = None  # default: 256,128,64,32,16 (one per block)
+    decoder_channels: list[int] | None = None  # one per block; default: 256,128,64,32,16 x decoder_width
+    decoder_width: float = 1.0  # scales the default decoder widths (multiples of 8); ignored with decoder_channels
     norm: str = "batch"  # batch | group | none
     dropout: float = 0.0
     attention: str | None = None  # scse | none
@@ -171,6 +172,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model.arch": ((lambda v: v in ("unet", "seed_unet") or v.startswith("smp.")), "unet, seed_unet or smp.<Name>"),
     "model.in_chans": _at_least(1),
     "model.decoder_channels": ((lambda v: len(v) > 0 and all(c >= 1 for c in v)), "a non-empty list of positive ints"),
+    "model.decoder_width": ((lambda v: 0 < v <= 4), "in (0, 4], e.g. 0.5 for half-width decoder convolutions"),
     "model.norm": _choice("batch", "group", "none"),
     "model.dropout": _between(0.0, 0.5, closed_high=True),
     "model.attention": _choice("scse", "none"),

@@ -35,6 +35,7 @@ class ModelCard:
     encoder: str = "resnet34"
     in_chans: int = 3
     decoder_channels: list[int] | None = None
+    decoder_width: float = 1.0  # x the default decoder widths (when decoder_channels is None); old checkpoints: 1
     norm: str = "batch"
     dropout: float = 0.0
     attention: str | None = None
@@ -131,7 +132,7 @@ def build_net(card: ModelCard, weights: str = "none") -> nn.Module:
 
         encoder = create_encoder(card.encoder, card.in_chans, weights)
         return UNet(encoder, card.decoder_channels, card.norm, card.dropout, card.attention, card.upsample, card.deep_supervision,
-                    card.out_channels)
+                    card.out_channels, card.decoder_width)
     if card.arch == "seed_unet":
         from buildseg.models.seed_unet import SeedUNet
 
