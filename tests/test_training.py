@@ -40,6 +40,36 @@ def test_bf16_training_lowers_the_loss(synth_data, tmp_path):
     assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
 
 
+def test_precision_auto_trains_in_bf16_where_the_cpu_has_it(synth_data, tmp_path, monkeypatch):
+    """On an AMX / AVX512-BF16 CPU, --precision auto must really run the training forward in
+    bf16 (and validate in it), not only name it: the decoder's activations are checked."""
+    from buildseg.models.unet import DecoderBlock
+    from buildseg.runtime import device
+
+    seen = {"train": set(), "eval": set()}
+    original = DecoderBlock.forward
+
+    def recording(self, x, skip):
+        out = original(self, x, skip)
+        seen["train" if self.training else "eval"].add(out.dtype)
+        return out
+
+    monkeypatch.setattr(DecoderBlock, "forward", recording)
+    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: True)
+    config = tiny_config(synth_data, tmp_path / "run", epochs=1, precision="auto")
+    trainer = Trainer(config)
+    assert trainer.precision == "bf16"
+    trainer.run()
+    assert seen["train"] == {torch.bfloat16} and seen["eval"] == {torch.bfloat16}
+
+    seen["train"].clear()
+    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: False)  # an AVX2 / AVX-512 CPU without bf16
+    trainer = Trainer(tiny_config(synth_data, tmp_path / "run32", epochs=1, precision="auto"))
+    assert trainer.precision == "fp32"
+    trainer.run()
+    assert seen["train"] == {torch.float32}
+
+
 def _weights(path):
     return torch.load(path, weights_only=True)["model"]
 
