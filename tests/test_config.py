@@ -101,3 +101,18 @@ def test_the_saved_config_round_trips(tmp_path):
 )
 def test_nproc_is_removed_in_both_spellings(argv):
     assert _without_nproc(argv) == ["train", "--data", "d.csv"]
+
+
+def test_resuming_a_run_from_before_decoder_width_keeps_its_full_width_decoder(tmp_path):
+    import yaml
+
+    from buildseg.config import Config
+    from buildseg.training.setup import resume_config
+
+    saved = Config().to_dict()
+    saved["model"]["decoder_width"] = 0.5
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert resume_config(tmp_path).model.decoder_width == 0.5
+    del saved["model"]["decoder_width"]  # written by an older buildseg
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert resume_config(tmp_path).model.decoder_width == 1.0
