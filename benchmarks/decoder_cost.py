@@ -28,15 +28,15 @@ from loader_throughput import cpu_flags  # noqa: E402
 from buildseg.inference import engines  # noqa: E402
 from buildseg.models import ModelCard, build_model  # noqa: E402
 
-ROWS = [  # label, encoder, decoder_channels, ds_ensemble
-    ("lite0, decoder 256-128-64-32-16 (default), DS ensemble", "efficientnet_lite0", None, True),
-    ("lite0, decoder 256-128-64-32-16, final head only", "efficientnet_lite0", None, False),
-    ("lite0, decoder 128-64-32-16-16, DS ensemble", "efficientnet_lite0", [128, 64, 32, 16, 16], True),
-    ("lite0, decoder 96-64-32-16-8, DS ensemble", "efficientnet_lite0", [96, 64, 32, 16, 8], True),
-    ("lite0, decoder 64-32-16-16-8, DS ensemble", "efficientnet_lite0", [64, 32, 16, 16, 8], True),
-    ("resnet50, decoder 256-128-64-32-16, DS ensemble", "resnet50", None, True),
-    ("resnet50, decoder 128-64-32-16-16, DS ensemble", "resnet50", [128, 64, 32, 16, 16], True),
-    ("resnet50, decoder 128-64-32-16-16, final head only", "resnet50", [128, 64, 32, 16, 16], False),
+ROWS = [  # label, encoder, decoder_width, ds_ensemble
+    ("lite0, width 1 (256-128-64-32-16), DS ensemble", "efficientnet_lite0", 1.0, True),
+    ("lite0, width 1, final head only", "efficientnet_lite0", 1.0, False),
+    ("lite0, width 0.5 (128-64-32-16-8, the default), DS ensemble", "efficientnet_lite0", 0.5, True),
+    ("lite0, width 0.5, final head only", "efficientnet_lite0", 0.5, False),
+    ("lite0, width 0.25 (64-32-16-8-8), DS ensemble", "efficientnet_lite0", 0.25, True),
+    ("resnet50, width 1, DS ensemble", "resnet50", 1.0, True),
+    ("resnet50, width 0.5, DS ensemble", "resnet50", 0.5, True),
+    ("resnet50, width 0.5, final head only", "resnet50", 0.5, False),
 ]
 
 
@@ -117,8 +117,8 @@ def main() -> None:
     print("| model | GMAC/tile | decoder share | " + " | ".join(f"{e} fp32 img/s" for e in args.engines) + " |")
     print("|---|---:|---:|" + "---:|" * len(args.engines))
     models = []
-    for label, encoder, channels, ensemble in ROWS:
-        card = ModelCard(encoder=encoder, decoder_channels=channels, deep_supervision=True, ds_ensemble=ensemble)
+    for label, encoder, width, ensemble in ROWS:
+        card = ModelCard(encoder=encoder, decoder_width=width, deep_supervision=True, ds_ensemble=ensemble)
         models.append((label, build_model(card).eval()))
     peer = smp_model()
     if peer is not None:

@@ -55,9 +55,9 @@ def settings(int8: bool) -> list[tuple[str, str]]:
     return out
 
 
-def random_checkpoint(encoder: str, path: Path) -> Path:
+def random_checkpoint(encoder: str, path: Path, width: float = 0.5) -> Path:
     torch.manual_seed(0)
-    card = ModelCard(encoder=encoder, deep_supervision=True, ds_ensemble=True)
+    card = ModelCard(encoder=encoder, decoder_width=width, deep_supervision=True, ds_ensemble=True)
     model = build_model(card)
     return save_atomic({"format": FORMAT, "model_card": card.to_dict(), "model": model.state_dict()}, path)
 
@@ -70,7 +70,9 @@ def main() -> None:
     parser.add_argument("--calibration", help="CSV/folder with masks: int8 calibration (buildseg quantize) when nncf is installed")
     parser.add_argument("--threads-study", action="store_true", help="also time the default model's fastest setting "
                         "with loader workers 0/1 x engine threads 1/all: who should get the cores")
-    parser.add_argument("--models", nargs="+", choices=["default", "resnet50"], default=["default", "resnet50"])
+    parser.add_argument("--models", nargs="+", choices=["default", "resnet50", "resnet50-w1"],
+                        default=["default", "resnet50", "resnet50-w1"],
+                        help="resnet50: the default decoder width 0.5; resnet50-w1: width 1, smp's decoder widths")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="engine_bench_"))
     paths = write_dataset(tmp / "data", n_train=0, n_test=args.n, test_size=224, seed=7, progress=False)
@@ -79,15 +81,21 @@ def main() -> None:
     if "default" in args.models:
         models["Unet-efficientnet_lite0 +DS (default)"] = args.checkpoint or random_checkpoint("efficientnet_lite0", tmp / "lite0.pt")
     if "resnet50" in args.models:
-        models["Unet-resnet50 +DS"] = random_checkpoint("resnet50", tmp / "r50.pt")
-    smp_encoders = {"Unet-efficientnet_lite0 +DS (default)": None, "Unet-resnet50 +DS": "resnet50"}
+        models["Unet-resnet50 +DS, decoder width 0.5"] = random_checkpoint("resnet50", tmp / "r50.pt")
+    if "resnet50-w1" in args.models:
+        models["Unet-resnet50 +DS, decoder width 1"] = random_checkpoint("resnet50", tmp / "r50w1.pt", width=1.0)
+    smp_encoders = {label: "resnet50" if "resnet50" in label else None for label in models}
     print(f"CPU: {cpu_flags()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print(f"{args.n} synthetic 224x224 PNG tiles -> submission CSV, end to end (decode, predict, RLE, write)\n")
     print("| model | engine | precision | img/s | x torch fp32 | x plain smp fp32 loop | Dice | Dice change |")
     print("|---|---|---|---:|---:|---:|---:|---:|")
     truth = load_records(args.truth, require_masks=True) if args.truth else None
+    plain_rates: dict[str, float] = {}  # the smp loop is timed once per encoder
     for label, checkpoint in models.items():
-        plain = plain_smp(smp_encoders[label], records, tmp / "plain.csv") if smp_encoders[label] else None
+        encoder = smp_encoders[label]
+        if encoder and encoder not in plain_rates:
+            plain_rates[encoder] = plain_smp(encoder, records, tmp / "plain.csv")
+        plain = plain_rates.get(encoder)
         base = dice_base = None
         int8 = bool(args.calibration) and engines._installed("nncf")
         if int8:

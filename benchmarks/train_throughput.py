@@ -86,7 +86,7 @@ def buildseg_default(encoder: str, batch: int, warmup: int, iters: int, compile:
     return time_steps(step, warmup, iters, batch), label
 
 
-def loop_rate(encoder: str, data: str, batch: int, steps: int) -> float:
+def loop_rate(encoder: str, data: str, batch: int, steps: int, workers: int = -1) -> float:
     """img/s of the real training loop (`buildseg train`'s Trainer: loader, augmentation,
     deep-supervision loss, clipping, scheduler, logging) over one epoch of ``steps`` steps,
     validation excluded: what the loop loses against the bare step of buildseg_default."""
@@ -100,6 +100,7 @@ def loop_rate(encoder: str, data: str, batch: int, steps: int) -> float:
     config.data.crop_size = 224
     config.data.crops_per_image = max(1, -(-steps * batch // max(1, int(len(load_records(data)) * 0.85))))
     config.model.encoder, config.model.weights = encoder, "none"
+    config.data.num_workers = workers
     config.train.out = tempfile.mkdtemp(prefix="loop_rate_")
     config.train.epochs, config.train.batch_size = 1, batch
     config.train.progress = config.train.tensorboard = config.train.tune_at_end = False
@@ -140,6 +141,8 @@ def main() -> None:
     parser.add_argument("--loop", action="store_true", help="add the real training loop's img/s (Trainer, one epoch "
                         "on --data) and its share of the bare step's")
     parser.add_argument("--loop-steps", type=int, default=40)
+    parser.add_argument("--loop-workers", type=int, nargs="+", default=[-1],
+                        help="loader workers of the loop rows (-1: the default rule; e.g. -1 0 to compare)")
     parser.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared/data/real_dev/train.csv"))
     args = parser.parse_args()
     print(f"CPU, torch {torch.__version__}, {torch.get_num_threads()} threads; 224x224, batch {args.batch}; "
@@ -155,10 +158,11 @@ def main() -> None:
             compiled, _ = buildseg_default(encoder, args.batch, max(2, args.warmup), args.iters, compile=True)
             row += f" {compiled:.2f} | {compiled / plain:.2f}x |"
         print(row, flush=True)
-        if args.loop:
-            loop = loop_rate(encoder, args.data, args.batch, args.loop_steps)
-            print(f"  training loop (Trainer, {args.loop_steps} steps on {Path(args.data).name}): {loop:.2f} img/s = "
-                  f"{100 * loop / ours:.0f}% of the bare buildseg step", flush=True)
+        for workers in args.loop_workers if args.loop else []:
+            loop = loop_rate(encoder, args.data, args.batch, args.loop_steps, workers)
+            print(f"  training loop (Trainer, {args.loop_steps} steps on {Path(args.data).name}, loader workers "
+                  f"{'default' if workers < 0 else workers}): {loop:.2f} img/s = {100 * loop / ours:.0f}% of the bare "
+                  "buildseg step", flush=True)
     if Path(args.data).is_file():
         rate, workers = loader_rate(args.data, args.batch, 30)
         print(f"\nloader only (TrainCropDataset on {args.data}, {workers} worker(s)): {rate:.1f} img/s")

@@ -80,8 +80,8 @@ def test_decoder_width_scales_the_default_plan_and_old_checkpoints_keep_theirs(t
     def widths(model):
         return [block.convs[0][0].out_channels for block in model.net.blocks]
 
-    assert widths(build_model(ModelCard(encoder="resnet18"))) == [256, 128, 64, 32, 16]
-    half = build_model(ModelCard(encoder="resnet18", decoder_width=0.5, deep_supervision=True)).eval()
+    assert widths(build_model(ModelCard(encoder="resnet18", decoder_width=1.0))) == [256, 128, 64, 32, 16]
+    half = build_model(ModelCard(encoder="resnet18", deep_supervision=True)).eval()  # the default: 0.5
     assert widths(half) == [128, 64, 32, 16, 8]  # multiples of 8, at least 8
     assert widths(build_model(ModelCard(encoder="resnet18", decoder_width=0.75))) == [192, 96, 48, 24, 16]
     # explicit channels win over the width
@@ -90,7 +90,7 @@ def test_decoder_width_scales_the_default_plan_and_old_checkpoints_keep_theirs(t
     with torch.no_grad():
         assert half(torch.randint(0, 256, (2, 3, 75, 61))).shape == (2, 1, 75, 61)
     # a checkpoint written before decoder_width existed has no such key: it rebuilds at width 1
-    card = ModelCard(encoder="resnet18")
+    card = ModelCard(encoder="resnet18", decoder_width=1.0)
     old = card.to_dict()
     del old["decoder_width"]
     model = build_model(card).eval()

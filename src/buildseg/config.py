@@ -58,7 +58,8 @@ class ModelConfig:
     weights: str = "imagenet"  # imagenet | none | path to .safetensors/.pth
     in_chans: int = 3
     decoder_channels: list[int] | None = None  # one per block; default: 256,128,64,32,16 x decoder_width
-    decoder_width: float = 1.0  # scales the default decoder widths (multiples of 8); ignored with decoder_channels
+    decoder_width: float = 0.5  # x the default widths (multiples of 8): 128,64,32,16,8; ignored with decoder_channels.
+    # 0.5 trains ~1.7x and predicts ~1.6x faster than 1 on CPU at no Dice cost (benchmarks/README.md, issue 12)
     norm: str = "batch"  # batch | group | none
     dropout: float = 0.0
     attention: str | None = None  # scse | none

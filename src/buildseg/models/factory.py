@@ -35,7 +35,7 @@ class ModelCard:
     encoder: str = "resnet34"
     in_chans: int = 3
     decoder_channels: list[int] | None = None
-    decoder_width: float = 1.0  # x the default decoder widths (when decoder_channels is None); old checkpoints: 1
+    decoder_width: float = 0.5  # x the default decoder widths (when decoder_channels is None)
     norm: str = "batch"
     dropout: float = 0.0
     attention: str | None = None
@@ -56,7 +56,9 @@ class ModelCard:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ModelCard":
         names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
+        values = {k: v for k, v in data.items() if k in names}
+        values.setdefault("decoder_width", 1.0)  # a checkpoint from before decoder_width: full default widths
+        return cls(**values)
 
 
 class SegmentationModel(nn.Module):
