@@ -35,10 +35,13 @@ def test_deep_supervision_heads_gradients_and_shapes():
     assert all(h.weight.grad is not None and h.weight.grad.abs().sum() > 0 for h in heads)
 
 
-def test_ds_ensemble_is_the_mean_of_head_probabilities():
+@pytest.mark.parametrize("targets, size", [(["footprint"], (64, 64)), (["footprint", "contact"], (61, 75))])
+def test_ds_ensemble_is_the_mean_of_head_probabilities(targets, size):
+    """Against each head upsampled on its own (the ensemble folds batch and channels into
+    one resize: the same numbers for several images, channels and odd sizes)."""
     torch.manual_seed(0)
-    model = build_model(ModelCard(encoder="resnet18", deep_supervision=True))
-    x = torch.randint(0, 256, (2, 3, 64, 64))
+    model = build_model(ModelCard(encoder="resnet18", deep_supervision=True, targets=targets))
+    x = torch.randint(0, 256, (3, 3, *size))
     model.train()
     with torch.no_grad():
         model.eval()
@@ -52,7 +55,8 @@ def test_ds_ensemble_is_the_mean_of_head_probabilities():
             if m is not model:
                 m.training = False
         heads = model(x)
-    manual = torch.stack([torch.sigmoid(torch.nn.functional.interpolate(h, size=(64, 64), mode="bilinear")) for h in heads]).mean(0)
+    manual = torch.stack([torch.sigmoid(torch.nn.functional.interpolate(h, size=size, mode="bilinear")) for h in heads]).mean(0)
+    assert manual.shape == (3, len(targets), *size)
     torch.testing.assert_close(torch.sigmoid(ensemble), manual, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(final, heads[0])
 

@@ -59,9 +59,15 @@ def resolve_engine(name: str, device: torch.device) -> str:
     return name
 
 
+GRAPH_VERSION = 2  # bump when SegmentationModel's forward changes the exported graph (2: lane-filling ensemble resize)
+
+
 def model_key(model: SegmentationModel) -> str:
-    """Changes whenever the exported graph would: weights, model card, ensemble switch."""
+    """Changes whenever the exported graph would: weights, model card, ensemble switch, and
+    buildseg's graph code (:data:`GRAPH_VERSION`), so an upgrade re-exports rather than
+    reusing an older, slower graph."""
     digest = hashlib.sha256(repr(sorted(model.card.to_dict().items())).encode())
+    digest.update(f"graph={GRAPH_VERSION}".encode())
     digest.update(f"ds_ensemble={model.ds_ensemble}".encode())
     for name, tensor in model.state_dict().items():
         digest.update(name.encode())
