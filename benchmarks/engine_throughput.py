@@ -101,9 +101,11 @@ def main() -> None:
         if int8:
             from buildseg.inference.quantize import quantize
 
-            q = quantize(checkpoint, args.calibration, n_tiles=300)
+            trained = checkpoint == args.checkpoint  # random weights: speed only, plain PTQ (no Dice to control)
+            q = quantize(checkpoint, args.calibration, n_tiles=300, max_drop=0.005 if trained else None)
+            control = (f", accuracy control (plain int8 {q.dice_plain_int8:.4f})" if q.accuracy_control else "")
             print(f"(int8 of {label}: calibrated on {q.n_calibration} tiles of {args.calibration}; Dice there "
-                  f"fp32 {q.dice_fp32:.4f} -> int8 {q.dice_int8:.4f})", flush=True)
+                  f"fp32 {q.dice_fp32:.4f} -> int8 {q.dice_int8:.4f}{control})", flush=True)
         for engine, precision in settings(int8):
             seg = Segmenter.from_checkpoint(checkpoint, device="cpu", precision=precision, engine=engine)  # export cached
             predict_records(seg, records[:64], tmp / "warm.csv", progress=False)
