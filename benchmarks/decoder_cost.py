@@ -95,7 +95,10 @@ def openvino_run(model: nn.Module, folder: Path):
     from buildseg.inference.export import export_model_onnx
 
     path = folder / f"m{len(list(folder.glob('*.onnx')))}.onnx"
-    export_model_onnx(model, path)
+    if hasattr(model, "card"):  # buildseg: the engine's own export (dynamic sizes, then compiled static below)
+        export_model_onnx(model, path)
+    else:  # smp's Unet needs sizes divisible by 32: a static export
+        torch.onnx.export(model, (torch.zeros(8, 3, 224, 224),), str(path), input_names=["image"], dynamo=True)
     core = ov.Core()
     graph = core.read_model(str(path))
     graph.reshape({graph.inputs[0]: [8, 3, 224, 224]})
