@@ -151,12 +151,16 @@ def main() -> None:
     print("| model | plain smp fp32 loop (img/s) | buildseg default (img/s) | buildseg setting | ratio |" + extra)
     print("|---|---:|---:|---|---:|" + ("---:|---:|" if args.compile else ""))
     for encoder in args.encoders:
-        plain = smp_plain(encoder, args.batch, args.warmup, args.iters)
+        try:
+            plain = smp_plain(encoder, args.batch, args.warmup, args.iters)
+        except (KeyError, ValueError, RuntimeError):  # smp has no such encoder (e.g. efficientnet_lite0)
+            plain = None
         ours, label = buildseg_default(encoder, args.batch, args.warmup, args.iters)
-        row = f"| Unet-{encoder} | {plain:.2f} | {ours:.2f} | {label} | {ours / plain:.2f}x |"
+        versus = f"{ours / plain:.2f}x" if plain else "n/a"
+        row = f"| Unet-{encoder} | {f'{plain:.2f}' if plain else 'n/a'} | {ours:.2f} | {label} | {versus} |"
         if args.compile:
             compiled, _ = buildseg_default(encoder, args.batch, max(2, args.warmup), args.iters, compile=True)
-            row += f" {compiled:.2f} | {compiled / plain:.2f}x |"
+            row += f" {compiled:.2f} | {f'{compiled / plain:.2f}x' if plain else 'n/a'} |"
         print(row, flush=True)
         for workers in args.loop_workers if args.loop else []:
             loop = loop_rate(encoder, args.data, args.batch, args.loop_steps, workers)
