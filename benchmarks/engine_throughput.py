@@ -64,7 +64,8 @@ def random_checkpoint(encoder: str, path: Path, width: float = 0.5) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=600)
+    parser.add_argument("--n", type=int, default=2000, help="tiles (default 2000, the issue's count; the "
+                        "benchmarks/README figures used 600 to fit a session)")
     parser.add_argument("--checkpoint", help="a trained default (lite0) model; random weights otherwise")
     parser.add_argument("--truth", help="CSV with img_path,mask_rle for the Dice change per engine")
     parser.add_argument("--calibration", help="CSV/folder with masks: int8 calibration (buildseg quantize) when nncf is installed")
