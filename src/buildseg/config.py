@@ -59,7 +59,7 @@ class ModelConfig:
     in_chans: int = 3
     decoder_channels: list[int] | None = None  # one per block; default: 256,128,64,32,16 x decoder_width
     decoder_width: float = 0.5  # x the default widths (multiples of 8): 128,64,32,16,8; ignored with decoder_channels.
-    # 0.5 trains ~1.7x and predicts ~1.6x faster than 1 on CPU at no Dice cost (benchmarks/README.md, issue 12)
+    # 0.5: 1.6x the training img/s and 1.8x the OpenVINO speed of 1 on CPU, Dice within noise (benchmarks/README.md)
     norm: str = "batch"  # batch | group | none
     dropout: float = 0.0
     attention: str | None = None  # scse | none

@@ -28,7 +28,7 @@ def scaled_channels(n_blocks: int, width: float) -> list[int]:
     """The default decoder widths x ``width``, each rounded to a multiple of 8 (at least 8).
 
     Multiples of 8 keep the convolutions on whole SIMD vectors in oneDNN/OpenVINO. The
-    default plan spends 80% of a lite0 UNet's multiply-adds in the decoder; ``width`` 0.5
+    default plan spends 83% of a lite0 UNet's multiply-adds in the decoder; ``width`` 0.5
     quarters that share's cost (benchmarks/decoder_cost.py).
     """
     if not 0.0 < width <= 4.0:
