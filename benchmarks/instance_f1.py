@@ -54,7 +54,7 @@ def tile_maps(seg: Segmenter, dataset: GridTileDataset, batch: int = 16):
     from torch.utils.data import DataLoader
 
     for images, masks, valid in DataLoader(dataset, batch_size=batch, shuffle=False):
-        maps = seg.predict_maps_batch(images).numpy()
+        maps = seg.probabilities(images).mean
         for k in range(len(images)):
             h, w = valid[k].tolist()
             yield maps[k, :, :h, :w], masks[k, 0, :h, :w].numpy().astype(np.uint8)
@@ -70,9 +70,9 @@ def score(seg: Segmenter, heldout_csv: Path, regularize: bool) -> dict[str, dict
     if regularize:
         polygons["polygons, regularised"] = InstanceCounts()
     for maps, truth in tile_maps(seg, dataset):
-        variants = {"mask": seg.finish(maps)}
+        variants = {"mask": seg.rules(maps)}
         if seg.split:
-            variants["mask, no split"] = seg.finish(maps[0])  # the footprint map alone: no watershed
+            variants["mask, no split"] = seg.rules(maps[0])  # the footprint map alone: no watershed
         for name, mask in variants.items():
             board, counts = rows[name]
             board.add(mask, truth)

@@ -85,7 +85,7 @@ def main() -> None:
     print(f"| temporary files left by the kill | {', '.join(leftovers) or 'none'} |")
     print(f"| resumed run | {resume_s:.0f} s to step {b['step']}, epoch {b['epoch']} |")
     print(f"| final weights equal to the straight run | {'yes, bit for bit' if same else 'NO'} |")
-    print(f"| best val Dice straight / resumed | {a['best_dice']:.4f} / {b['best_dice']:.4f} |")
+    print(f"| best val Dice straight / resumed | {a['best_score']:.4f} / {b['best_score']:.4f} |")
 
 
 if __name__ == "__main__":

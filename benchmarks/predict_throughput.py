@@ -69,10 +69,10 @@ def plain_smp(encoder: str, records, out_csv: Path, batch: int = 32) -> float:
 
 def model_only(seg: Segmenter, n: int = 128, batch: int = 32) -> float:
     x = torch.randint(0, 256, (batch, 3, 224, 224), dtype=torch.uint8)
-    seg.predict_proba_batch(x)
+    seg.probabilities(x)
     start = time.perf_counter()
     for _ in range(n // batch):
-        seg.predict_proba_batch(x)
+        seg.probabilities(x)
     return (n // batch) * batch / (time.perf_counter() - start)
 
 

@@ -61,7 +61,7 @@ def write_tiny_checkpoint(path: Path, in_chans: int = 3, seed: int = 0) -> Path:
     from buildseg.runtime.checkpoint import FORMAT, save_atomic
 
     torch.manual_seed(seed)
-    card = ModelCard(encoder="resnet18", in_chans=in_chans, decoder_channels=[16, 16, 8, 8, 8])
+    card = ModelCard(encoder="resnet18", in_chans=in_chans, decoder_channels=[16, 16, 8, 8, 8], deep_supervision=False, ds_ensemble=False)
     model = build_model(card)
     payload = {"format": FORMAT, "model_card": card.to_dict(), "model": model.state_dict(),
                "postprocess": {"threshold": 0.5, "min_area": 0}}
@@ -82,7 +82,7 @@ class LocalModel(torch.nn.Module):
         with torch.no_grad():
             self.conv.weight.copy_(torch.randn(self.conv.weight.shape, generator=generator) * 0.2)
             self.conv.bias.fill_(bias)
-        self.card = ModelCard(in_chans=in_chans)
+        self.card = ModelCard(in_chans=in_chans, deep_supervision=False, ds_ensemble=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv((x.float() - 127.5) / 64.0)

@@ -113,6 +113,18 @@ def test_resuming_a_run_from_before_decoder_width_keeps_its_full_width_decoder(t
     saved["model"]["decoder_width"] = 0.5
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
     assert resume_config(tmp_path).model.decoder_width == 0.5
-    del saved["model"]["decoder_width"]  # written by an older buildseg
+    del saved["model"]["decoder_width"]  # written by an older buildseg: no decoder_width, no version
+    del saved["version"]
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
     assert resume_config(tmp_path).model.decoder_width == 1.0
+    # --config RUN/config.yaml goes through the same migration, so it re-trains the same network
+    from buildseg.config import load_config
+
+    assert load_config(tmp_path / "config.yaml").model.decoder_width == 1.0
+    # a hand-written partial config is not a saved run: its missing keys take today's defaults
+    (tmp_path / "mine.yaml").write_text("model:\n  encoder: resnet18\n")
+    assert load_config(tmp_path / "mine.yaml").model.decoder_width == 0.5
+    # a config from a newer buildseg is refused with one line
+    (tmp_path / "new.yaml").write_text("version: 99\nmodel:\n  encoder: resnet18\n")
+    with pytest.raises(BuildsegError, match="newer buildseg"):
+        load_config(tmp_path / "new.yaml")

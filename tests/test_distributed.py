@@ -56,7 +56,7 @@ def test_timm_sync_batchnorm_keeps_activations_and_checkpoint_keys():
     timm_layers = pytest.importorskip("timm.layers")
     from buildseg.models import ModelCard, build_model
 
-    model = build_model(ModelCard(encoder="efficientnet_lite0", decoder_channels=[16, 16, 8, 8, 8]))
+    model = build_model(ModelCard(encoder="efficientnet_lite0", decoder_channels=[16, 16, 8, 8, 8], deep_supervision=False, ds_ensemble=False))
     fused = {n: type(m.act).__name__ for n, m in model.named_modules() if type(m).__name__ == "BatchNormAct2d"}
     assert fused
     synced = timm_layers.convert_sync_batchnorm(model)
@@ -64,7 +64,7 @@ def test_timm_sync_batchnorm_keeps_activations_and_checkpoint_keys():
     for name, act in fused.items():
         assert isinstance(modules[name], torch.nn.SyncBatchNorm) and type(modules[name].act).__name__ == act
     assert list(synced.state_dict()) == list(build_model(ModelCard(encoder="efficientnet_lite0",
-                                                                    decoder_channels=[16, 16, 8, 8, 8])).state_dict())
+                                                                    decoder_channels=[16, 16, 8, 8, 8], deep_supervision=False, ds_ensemble=False)).state_dict())
 
 
 def test_inference_does_not_import_training():

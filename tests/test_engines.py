@@ -31,12 +31,13 @@ def test_engine_matches_torch_on_random_inputs(engine, checkpoints):
     for shape in ((64, 64), (97, 45), (20, 23), (130, 70)):  # odd sizes, below the stride, above the window
         image = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
         for seg in (reference, compiled):
-            seg.window = 64  # 130x70 goes through the sliding window
-        np.testing.assert_allclose(compiled.predict_proba(image), reference.predict_proba(image), atol=1e-4)
-        for got, want in zip(compiled.member_probas(image), reference.member_probas(image)):
-            np.testing.assert_allclose(got, want, atol=1e-4)
+            seg.window, seg.empty_vote = 64, 1  # 130x70 goes through the sliding window; members are kept
+        got, want = compiled.probabilities(image), reference.probabilities(image)
+        np.testing.assert_allclose(got.mean[0, 0], want.mean[0, 0], atol=1e-4)
+        for got_member, want_member in zip(got.members, want.members, strict=True):
+            np.testing.assert_allclose(got_member, want_member, atol=1e-4)
     batch = torch.from_numpy(rng.integers(0, 256, (3, 3, 48, 80), dtype=np.uint8))
-    torch.testing.assert_close(compiled.predict_proba_batch(batch), reference.predict_proba_batch(batch), atol=1e-4, rtol=0)
+    torch.testing.assert_close(torch.from_numpy(compiled.probabilities(batch).mean[:, 0]), torch.from_numpy(reference.probabilities(batch).mean[:, 0]), atol=1e-4, rtol=0)
 
 
 @pytest.mark.skipif("openvino" not in AVAILABLE, reason="openvino not installed")
@@ -49,7 +50,7 @@ def test_openvino_static_and_dynamic_compiles_agree(checkpoints, monkeypatch, ma
     rng = np.random.default_rng(1)
     for shape in ((2, 3, 64, 64), (1, 3, 64, 64), (2, 3, 64, 96), (2, 3, 64, 64), (3, 3, 33, 65)):
         batch = torch.from_numpy(rng.integers(0, 256, shape, dtype=np.uint8))
-        torch.testing.assert_close(compiled.predict_proba_batch(batch), reference.predict_proba_batch(batch),
+        torch.testing.assert_close(torch.from_numpy(compiled.probabilities(batch).mean[:, 0]), torch.from_numpy(reference.probabilities(batch).mean[:, 0]),
                                    atol=1e-4, rtol=0)
 
 
@@ -103,7 +104,7 @@ def test_int8_needs_a_calibrated_model_then_follows_fp32(synth_data, tmp_path):
     int8 = Segmenter.from_checkpoint(ckpt, device="cpu", precision="int8", engine="openvino")
     fp32 = Segmenter.from_checkpoint(ckpt, device="cpu", precision="fp32", engine="torch")
     image = np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8)
-    assert np.abs(int8.predict_proba(image) - fp32.predict_proba(image)).mean() < 0.02
+    assert np.abs(int8.probabilities(image).mean[0, 0] - fp32.probabilities(image).mean[0, 0]).mean() < 0.02
     with pytest.raises(BuildsegError, match="openvino"):
         Segmenter.from_checkpoint(ckpt, device="cpu", precision="int8", engine="torch")
 
@@ -120,7 +121,7 @@ def test_auto_falls_back_to_torch_when_the_engine_fails(checkpoints, monkeypatch
     seg = Segmenter.from_checkpoint(checkpoints[0], device="cpu", precision="fp32", engine="auto")
     assert seg.engine == "torch" and "unsupported operator Foo" in caplog.text
     image = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
-    assert seg.predict_proba(image).shape == (64, 64)
+    assert seg.probabilities(image).mean[0, 0].shape == (64, 64)
     with pytest.raises(RuntimeError, match="Foo"):  # asked for by name: the failure is the answer
         Segmenter.from_checkpoint(checkpoints[0], device="cpu", precision="fp32", engine="onnxruntime")
 
@@ -152,4 +153,4 @@ def test_quantize_falls_back_to_accuracy_control_when_int8_loses_too_much(tmp_pa
     assert result.path.is_file() and 0.0 <= result.dice_int8 <= 1.0
     int8 = Segmenter.from_checkpoint(ckpt, device="cpu", precision="int8", engine="openvino")
     image = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
-    assert int8.predict_proba(image).shape == (64, 64)
+    assert int8.probabilities(image).mean[0, 0].shape == (64, 64)

@@ -8,7 +8,7 @@ pytest.importorskip("onnxruntime")  # installed by `make test` (the onnx extra)
 
 
 def test_onnx_export_parity_dynamic_batch_and_size(tmp_path, capsys):
-    card = ModelCard(encoder="resnet18", decoder_channels=[32, 16, 16, 16, 8], deep_supervision=True)
+    card = ModelCard(encoder="resnet18", decoder_channels=[32, 16, 16, 16, 8], deep_supervision=True, ds_ensemble=False)
     model = build_model(card)
     save_atomic({"format": FORMAT, "model_card": card.to_dict(), "model": model.state_dict()}, tmp_path / "m.pt")
     assert main(["export", "--checkpoint", str(tmp_path / "m.pt"), "--onnx", str(tmp_path / "m.onnx")]) == 0

@@ -18,7 +18,7 @@ from shapely.geometry import box, shape  # noqa: E402
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     torch.manual_seed(0)
-    card = ModelCard(encoder="resnet18", decoder_channels=[32, 16, 16, 16, 8])
+    card = ModelCard(encoder="resnet18", decoder_channels=[32, 16, 16, 16, 8], deep_supervision=False, ds_ensemble=False)
     model = build_model(card)
     torch.nn.init.constant_(model.net.head.bias, 0.0)
     path = tmp_path_factory.mktemp("ckpt") / "m.pt"

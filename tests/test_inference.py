@@ -29,7 +29,7 @@ def trained(synth_data, tmp_path_factory):
 
 def small_segmenter(**kwargs) -> Segmenter:
     torch.manual_seed(0)
-    model = build_model(ModelCard(encoder="resnet18", decoder_channels=[32, 16, 16, 16, 8]))
+    model = build_model(ModelCard(encoder="resnet18", decoder_channels=[32, 16, 16, 16, 8], deep_supervision=False, ds_ensemble=False))
     return Segmenter([model], device="cpu", precision="fp32", **kwargs)
 
 
@@ -39,9 +39,9 @@ def test_tta_equals_the_manual_average():
     images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
     manual = []
     for turns, flip in transforms("d4"):
-        prob = plain.predict_proba_batch(forward_transform(images, turns, flip))
+        prob = torch.from_numpy(plain.probabilities(forward_transform(images, turns, flip)).mean[:, 0])
         manual.append(inverse_transform(prob, turns, flip))
-    torch.testing.assert_close(seg.predict_proba_batch(images), torch.stack(manual).mean(0), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.from_numpy(seg.probabilities(images).mean[:, 0]), torch.stack(manual).mean(0), atol=1e-5, rtol=1e-5)
     assert len(transforms("flip")) == 2 and len(transforms("d4")) == 8
 
 
@@ -49,9 +49,9 @@ def test_sliding_window_matches_full_image_away_from_borders():
     seg = small_segmenter(window=256, overlap=0.5)
     rng = np.random.default_rng(0)
     image = np.kron(rng.integers(0, 256, (125, 125, 3)), np.ones((8, 8, 1))).astype(np.uint8)  # 1000x1000
-    tiled = seg.predict_proba(image)
+    tiled = seg.probabilities(image).mean[0, 0]
     seg.window = 2000
-    full = seg.predict_proba(image)
+    full = seg.probabilities(image).mean[0, 0]
     assert tiled.shape == full.shape == (1000, 1000)
     inner = (slice(64, -64), slice(64, -64))
     assert np.abs(tiled[inner] - full[inner]).mean() < 0.02
@@ -158,7 +158,7 @@ def test_segmenter_api_and_ensemble(trained):
     seg = Exported.from_checkpoint([trained, trained], device="cpu", threshold=0.5)
     one = Exported.from_checkpoint(trained, device="cpu", threshold=0.5)
     image = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
-    np.testing.assert_allclose(seg.predict_proba(image), one.predict_proba(image), atol=1e-6)
+    np.testing.assert_allclose(seg.probabilities(image).mean[0, 0], one.probabilities(image).mean[0, 0], atol=1e-6)
     assert seg.predict(image).shape == (64, 64)
 
 
@@ -260,15 +260,15 @@ def test_ensemble_of_two_different_checkpoints_is_the_mean_of_their_probabilitie
     a = write_tiny_checkpoint(tmp_path / "a.pt", seed=1)
     b = write_tiny_checkpoint(tmp_path / "b.pt", seed=2)
     image = np.random.default_rng(0).integers(0, 256, (96, 80, 3), dtype=np.uint8)
-    pa = Segmenter.from_checkpoint(a, device="cpu", precision="fp32").predict_proba(image)
-    pb = Segmenter.from_checkpoint(b, device="cpu", precision="fp32").predict_proba(image)
+    pa = Segmenter.from_checkpoint(a, device="cpu", precision="fp32").probabilities(image).mean[0, 0]
+    pb = Segmenter.from_checkpoint(b, device="cpu", precision="fp32").probabilities(image).mean[0, 0]
     assert np.abs(pa - pb).mean() > 1e-3  # really different models
     both = Segmenter.from_checkpoint([a, b], device="cpu", precision="fp32")
-    np.testing.assert_allclose(both.predict_proba(image), (pa + pb) / 2, atol=1e-6)
-    # the same holds through the sliding window, and member_probas gives each model's own map
-    both.window = 48
-    members = both.member_probas(image)
-    np.testing.assert_allclose(np.mean(members, axis=0)[0], both.predict_proba(image), atol=1e-6)  # (K, H, W) maps
+    np.testing.assert_allclose(both.probabilities(image).mean[0, 0], (pa + pb) / 2, atol=1e-6)
+    # the same holds through the sliding window, and the members (kept for the empty vote) are each model's own map
+    both.window, both.empty_vote = 48, 1
+    maps = both.probabilities(image)
+    np.testing.assert_allclose(np.mean(maps.members, axis=0)[0, 0], maps.mean[0, 0], atol=1e-6)  # (B, K, H, W) maps
 
 
 def test_empty_vote_is_honoured_by_predict_and_large_images():

@@ -3,7 +3,7 @@ import torch
 from safetensors.torch import save_file
 
 from buildseg.errors import BuildsegError
-from buildseg.inference.segmenter import load_model
+from buildseg.runtime.checkpoint import load_model
 from buildseg.models import ModelCard, build_model
 from buildseg.models.encoders import create_encoder
 from buildseg.runtime.checkpoint import FORMAT, save_atomic
@@ -14,7 +14,7 @@ SIZES = [(32, 32), (33, 47), (100, 300), (224, 224)]
 @pytest.mark.parametrize("encoder", ["resnet18", "resnet50", "efficientnet_b3", "efficientnet_lite0", "convnext_atto"])
 @pytest.mark.parametrize("in_chans", [1, 3, 4])
 def test_any_encoder_any_size_any_channels(encoder, in_chans):
-    model = build_model(ModelCard(encoder=encoder, in_chans=in_chans)).eval()
+    model = build_model(ModelCard(encoder=encoder, in_chans=in_chans, deep_supervision=False, ds_ensemble=False)).eval()
     with torch.no_grad():
         for h, w in SIZES:
             out = model(torch.randint(0, 256, (1, in_chans, h, w), dtype=torch.uint8))
@@ -22,7 +22,7 @@ def test_any_encoder_any_size_any_channels(encoder, in_chans):
 
 
 def test_deep_supervision_heads_gradients_and_shapes():
-    model = build_model(ModelCard(encoder="resnet18", deep_supervision=True)).train()
+    model = build_model(ModelCard(encoder="resnet18", deep_supervision=True, ds_ensemble=False)).train()
     outs = model(torch.randint(0, 256, (2, 3, 64, 96)))
     assert isinstance(outs, list) and len(outs) == 5  # final + one per earlier decoder block
     assert outs[0].shape == (2, 1, 64, 96)
@@ -40,7 +40,7 @@ def test_ds_ensemble_is_the_mean_of_head_probabilities(targets, size):
     """Against each head upsampled on its own (the ensemble folds batch and channels into
     one resize: the same numbers for several images, channels and odd sizes)."""
     torch.manual_seed(0)
-    model = build_model(ModelCard(encoder="resnet18", deep_supervision=True, targets=targets))
+    model = build_model(ModelCard(encoder="resnet18", deep_supervision=True, targets=targets, ds_ensemble=False))
     x = torch.randint(0, 256, (3, 3, *size))
     model.train()
     with torch.no_grad():
@@ -64,13 +64,13 @@ def test_ds_ensemble_is_the_mean_of_head_probabilities(targets, size):
 @pytest.mark.parametrize("batch", [1, 8])
 @pytest.mark.parametrize("size", [224, 256])
 def test_seed_unet_runs_at_any_batch_and_size(batch, size):
-    model = build_model(ModelCard(arch="seed_unet", encoder="resnet50", dropout=0.2)).eval()
+    model = build_model(ModelCard(arch="seed_unet", encoder="resnet50", dropout=0.2, deep_supervision=False, ds_ensemble=False)).eval()
     with torch.no_grad():
         assert model(torch.randint(0, 256, (batch, 3, size, size))).shape == (batch, 1, size, size)
 
 
 def test_checkpoint_round_trip_gives_identical_outputs(tmp_path):
-    card = ModelCard(encoder="resnet18", norm="group", dropout=0.2, attention="scse", deep_supervision=True)
+    card = ModelCard(encoder="resnet18", norm="group", dropout=0.2, attention="scse", deep_supervision=True, ds_ensemble=False)
     model = build_model(card).eval()
     save_atomic({"format": FORMAT, "model_card": card.to_dict(), "model": model.state_dict()}, tmp_path / "m.pt")
     loaded, _ = load_model(tmp_path / "m.pt")
@@ -84,25 +84,25 @@ def test_decoder_width_scales_the_default_plan_and_old_checkpoints_keep_theirs(t
     def widths(model):
         return [block.convs[0][0].out_channels for block in model.net.blocks]
 
-    assert widths(build_model(ModelCard(encoder="resnet18", decoder_width=1.0))) == [256, 128, 64, 32, 16]
-    half = build_model(ModelCard(encoder="resnet18", deep_supervision=True)).eval()  # the default: 0.5
+    assert widths(build_model(ModelCard(encoder="resnet18", decoder_width=1.0, deep_supervision=False, ds_ensemble=False))) == [256, 128, 64, 32, 16]
+    half = build_model(ModelCard(encoder="resnet18", deep_supervision=True, ds_ensemble=False)).eval()  # the default: 0.5
     assert widths(half) == [128, 64, 32, 16, 8]  # multiples of 8, at least 8
-    assert widths(build_model(ModelCard(encoder="resnet18", decoder_width=0.75))) == [192, 96, 48, 24, 16]
+    assert widths(build_model(ModelCard(encoder="resnet18", decoder_width=0.75, deep_supervision=False, ds_ensemble=False))) == [192, 96, 48, 24, 16]
     # explicit channels win over the width
-    assert widths(build_model(ModelCard(encoder="resnet18", decoder_channels=[32, 16, 16, 16, 8], decoder_width=0.5))) == [
+    assert widths(build_model(ModelCard(encoder="resnet18", decoder_channels=[32, 16, 16, 16, 8], decoder_width=0.5, deep_supervision=False, ds_ensemble=False))) == [
         32, 16, 16, 16, 8]
     with torch.no_grad():
         assert half(torch.randint(0, 256, (2, 3, 75, 61))).shape == (2, 1, 75, 61)
     # a checkpoint written before decoder_width existed has no such key: it rebuilds at width 1
-    card = ModelCard(encoder="resnet18", decoder_width=1.0)
+    card = ModelCard(encoder="resnet18", decoder_width=1.0, deep_supervision=False, ds_ensemble=False)
     old = card.to_dict()
     del old["decoder_width"]
     model = build_model(card).eval()
-    save_atomic({"format": FORMAT, "model_card": old, "model": model.state_dict()}, tmp_path / "old.pt")
+    torch.save({"format": FORMAT, "model_card": old, "model": model.state_dict()}, tmp_path / "old.pt")  # no schema: v1
     loaded, _ = load_model(tmp_path / "old.pt")
     assert widths(loaded) == [256, 128, 64, 32, 16]
     with pytest.raises(BuildsegError, match="decoder_width"):
-        build_model(ModelCard(encoder="resnet18", decoder_width=0.0))
+        build_model(ModelCard(encoder="resnet18", decoder_width=0.0, deep_supervision=False, ds_ensemble=False))
 
 
 def test_local_weights_file_is_loaded_into_the_encoder(tmp_path):
@@ -132,15 +132,15 @@ def test_shared_efficientnet_lite0_weights_if_present():
 def test_clear_errors():
     with pytest.raises(BuildsegError, match="resnet34"):
         create_encoder("resnet343")
-    model = build_model(ModelCard(encoder="resnet18")).eval()
+    model = build_model(ModelCard(encoder="resnet18", deep_supervision=False, ds_ensemble=False)).eval()
     with pytest.raises(BuildsegError, match="too small"):
         model(torch.zeros(1, 3, 8, 64))
     with pytest.raises(BuildsegError, match="expects 3"):
         model(torch.zeros(1, 4, 64, 64))
     with pytest.raises(BuildsegError, match="pyramid"):
-        build_model(ModelCard(encoder="vit_tiny_patch16_224"))
+        build_model(ModelCard(encoder="vit_tiny_patch16_224", deep_supervision=False, ds_ensemble=False))
     with pytest.raises(BuildsegError, match="decoder_channels"):
-        build_model(ModelCard(encoder="resnet18", decoder_channels=[16, 16]))
+        build_model(ModelCard(encoder="resnet18", decoder_channels=[16, 16], deep_supervision=False, ds_ensemble=False))
     with pytest.raises(BuildsegError, match="not found"):
         create_encoder("resnet18", 3, "/nonexistent/weights.safetensors")
 
@@ -148,8 +148,8 @@ def test_clear_errors():
 @pytest.mark.parametrize("arch", ["smp.Unet", "smp.FPN"])
 def test_smp_architectures_through_the_same_wrapper(arch):
     pytest.importorskip("segmentation_models_pytorch")  # the smp extra, installed by `make test`
-    model = build_model(ModelCard(arch=arch, encoder="resnet18")).eval()
+    model = build_model(ModelCard(arch=arch, encoder="resnet18", deep_supervision=False, ds_ensemble=False)).eval()
     with torch.no_grad():
         assert model(torch.randint(0, 256, (2, 3, 33, 47))).shape == (2, 1, 33, 47)
     with pytest.raises(BuildsegError, match="deep supervision"):
-        build_model(ModelCard(arch=arch, encoder="resnet18", deep_supervision=True))
+        build_model(ModelCard(arch=arch, encoder="resnet18", deep_supervision=True, ds_ensemble=False))

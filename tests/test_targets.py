@@ -99,7 +99,7 @@ def test_two_target_model_trains_and_predicts_split(tmp_path):
     seg = Segmenter.from_checkpoint(run, device="cpu", precision="fp32")
     assert seg.targets == ["footprint", "contact"] and seg.split
     image = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
-    assert seg.predict_maps(image).shape == (2, 64, 64) and seg.predict_proba(image).shape == (64, 64)
+    assert seg.probabilities(image).mean[0].shape == (2, 64, 64) and seg.probabilities(image).mean[0, 0].shape == (64, 64)
     assert seg.predict(image).shape == (64, 64)
     assert main(["predict", "--checkpoint", str(run), "--data", str(tmp_path / "d" / "test.csv"),
                  "--out", str(tmp_path / "sub.csv"), "--device", "cpu", "--no-progress", "--num-workers", "0"]) == 0

@@ -30,7 +30,7 @@ def test_training_lowers_the_loss_and_writes_the_run(synth_data, tmp_path):
         assert (tmp_path / "run" / name).is_file(), name
     payload = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
     assert payload["model_card"]["encoder"] == "resnet18" and len(payload["model_card"]["mean"]) == 3
-    assert 0 <= result.best_dice <= 1
+    assert 0 <= result.best_score <= 1
 
 
 def test_bf16_training_lowers_the_loss(synth_data, tmp_path):
@@ -306,7 +306,7 @@ def test_early_stopping_stops_after_patience(synth_data, tmp_path, monkeypatch):
     monkeypatch.setattr(loop, "validate", fixed_scores)
     result = train(tiny_config(synth_data, tmp_path / "run", epochs=6, early_stopping=2))
     assert result.stopped_by == "early_stopping" and result.epochs_done == 3
-    assert result.best_dice == 0.5 and [r["val_dice"] for r in result.history] == [0.5, 0.4, 0.45]
+    assert result.best_score == 0.5 and [r["val_dice"] for r in result.history] == [0.5, 0.4, 0.45]
 
 
 def test_monitor_f1_picks_best_pt_by_building_f1(synth_data, tmp_path, monkeypatch):
@@ -323,7 +323,7 @@ def test_monitor_f1_picks_best_pt_by_building_f1(synth_data, tmp_path, monkeypat
 
     monkeypatch.setattr(loop, "validate", fixed_scores)
     result = train(tiny_config(synth_data, tmp_path / "run", epochs=3, monitor="f1"))
-    assert result.best_dice == 0.7 and [r["val_f1"] for r in result.history] == [0.2, 0.7, 0.4]
+    assert result.best_score == 0.7 and [r["val_f1"] for r in result.history] == [0.2, 0.7, 0.4]
     assert len(torch.load(tmp_path / "run" / "best.pt", weights_only=False)["history"]) == 2  # saved at the 2nd validation
 
 

@@ -247,8 +247,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     overrides = overrides_from(args)
     config = apply_overrides(base, overrides, {k: flag_name(k) for k in overrides if k != "loss"})
     result, tuned = train_and_tune(config, resume=args.resume)
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"best val {'building F1' if config.train.monitor == 'f1' else 'Dice'} {result.best_dice:.4f} after {result.epochs_done} epochs (stopped by {result.stopped_by})")
+    if result.is_main:
+        print(f"best val {'building F1' if result.monitor == 'f1' else 'Dice'} {result.best_score:.4f} after {result.epochs_done} epochs (stopped by {result.stopped_by})")
         print(f"checkpoints: {result.run_dir / 'best.pt'}  {result.run_dir / 'last.pt'}")
         print(f"curves: {result.run_dir / 'curves.png'}")
         if tuned is not None:
@@ -383,7 +383,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_tune(args: argparse.Namespace) -> int:
     from buildseg.data.datasets import GridTileDataset
     from buildseg.formats.tables import load_records
-    from buildseg.inference.segmenter import Segmenter, checkpoint_paths
+    from buildseg.inference.segmenter import Segmenter
+    from buildseg.runtime.checkpoint import checkpoint_paths
     from buildseg.inference.tune import format_table, store_in_checkpoint, tune_segmenter
 
     paths = checkpoint_paths(args.checkpoint)  # files, checked before any prediction work

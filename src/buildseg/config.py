@@ -15,14 +15,17 @@ instead of deep inside torch. PyYAML reads ``1e-3`` as a string (YAML 1.1 needs 
 from __future__ import annotations
 
 import difflib
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, make_dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import yaml
 
 from buildseg.data.augment import AUGMENTATIONS
+from buildseg.atomic import atomic_open
 from buildseg.errors import BuildsegError
+from buildseg.models.card import CARD_ONLY, ModelCard
+from buildseg.schema import SCHEMA_VERSION, upgrade_config
 
 
 @dataclass
@@ -51,23 +54,25 @@ class DataConfig:
     val_region: str | None = None  # "minx,miny,maxx,maxy" in the scenes' CRS, or a vector file: held out
 
 
-@dataclass
-class ModelConfig:
-    arch: str = "unet"  # unet | seed_unet | smp.<Name>
-    encoder: str = "efficientnet_lite0"  # the ablation's winner on CPU (benchmarks/README.md)
-    weights: str = "imagenet"  # imagenet | none | path to .safetensors/.pth
-    in_chans: int = 3
-    decoder_channels: list[int] | None = None  # one per block; default: 256,128,64,32,16 x decoder_width
-    decoder_width: float = 0.5  # x the default widths (multiples of 8): 128,64,32,16,8; ignored with decoder_channels.
-    # 0.5: 1.6x the training img/s and 1.8x the OpenVINO speed of 1 on CPU, Dice within noise (benchmarks/README.md)
-    norm: str = "batch"  # batch | group | none
-    dropout: float = 0.0
-    attention: str | None = None  # scse | none
-    upsample: str = "nearest"  # nearest | bilinear
-    deep_supervision: bool = True  # with ds_ensemble: 0.539 vs 0.504 without, in the ablation (benchmarks/README.md)
-    ds_weights: list[float] | None = None  # default 1, 0.5, 0.25, ...
-    ds_ensemble: bool = True
-    targets: list[str] = field(default_factory=lambda: ["footprint"])  # footprint[,contact]: contact = zone between buildings
+def _model_config_fields() -> list[tuple[str, str, Any]]:
+    """The ``model`` section: the model card's fields with the card's defaults (declared once,
+    in models/card.py), plus what only training needs (initial weights, head weights)."""
+    out: list[tuple[str, str, Any]] = []
+    for f in fields(ModelCard):
+        if f.name in CARD_ONLY:
+            continue
+        default = field(default=f.default) if f.default is not MISSING else field(default_factory=f.default_factory)
+        out.append((f.name, str(f.type), default))
+        if f.name == "encoder":
+            out.append(("weights", "str", field(default="imagenet")))  # imagenet | none | path to .safetensors/.pth
+        if f.name == "deep_supervision":
+            out.append(("ds_weights", "list[float] | None", field(default=None)))  # default 1, 0.5, 0.25, ...
+    return out
+
+
+ModelConfig = make_dataclass("ModelConfig", _model_config_fields())
+ModelConfig.__doc__ = "The YAML section 'model:': the ModelCard's keys and defaults, plus weights and ds_weights."
+ModelConfig.__module__ = __name__
 
 
 @dataclass
@@ -117,11 +122,10 @@ class Config:
     loss: Any = "bce+dice"
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Every key, with the schema version that :func:`config_from_dict` migrates from."""
+        return {"version": SCHEMA_VERSION, **asdict(self)}
 
     def save(self, path: str | Path) -> None:
-        from buildseg.atomic import atomic_open
-
         with atomic_open(path, "w") as handle:
             handle.write(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
@@ -305,14 +309,23 @@ def _field_types(section: str) -> dict[str, str]:
 
 
 def config_from_dict(data: dict[str, Any] | None, source: str = "config") -> Config:
-    """A Config from nested dicts; unknown sections or keys and wrong types raise with the valid names."""
+    """A Config from nested dicts; unknown sections or keys and wrong types raise with the valid names.
+
+    Every reader of a config (``--config``, ``--resume``, a checkpoint's copy) comes through
+    here, so a saved config of an older version is migrated (:func:`buildseg.schema.upgrade_config`).
+    """
     config = Config()
-    for section, values in (data or {}).items():
+    if data and not isinstance(data.get("version", 1), int):
+        raise BuildsegError(f"{source}: version = {data['version']!r} is not an integer (the config schema version)")
+    if data and int(data.get("version", 1)) > SCHEMA_VERSION:
+        raise BuildsegError(f"{source}: written by a newer buildseg (config version {data['version']} > "
+                            f"{SCHEMA_VERSION}); upgrade buildseg")
+    for section, values in upgrade_config(data or {}).items():
         if section == "loss":
             config.loss = values
             continue
         if section not in SECTIONS:
-            options = list(SECTIONS) + ["loss"]
+            options = list(SECTIONS) + ["loss", "version"]
             raise BuildsegError(
                 f"{source}: unknown section {section!r}{_suggest(str(section), options)}; valid: {', '.join(options)}"
             )

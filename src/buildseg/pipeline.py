@@ -43,12 +43,10 @@ def tune_best(config: Config, run_dir: Path, val_set) -> TuneOutcome | None:
 
 def train_and_tune(config: Config, resume: str | Path | None = None):
     """(TrainResult, TuneOutcome or None); tuning runs on rank 0 only."""
-    import os
-
     from buildseg.training.loop import train
 
     result = train(config, resume=resume)
     outcome = None
-    if config.train.tune_at_end and int(os.environ.get("RANK", "0")) == 0:
+    if config.train.tune_at_end and result.is_main:
         outcome = tune_best(config, result.run_dir, result.val_set)
     return result, outcome

@@ -9,9 +9,9 @@ driver: tiled, deflate, nearest-neighbour overviews), which QGIS and web viewers
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
+from buildseg.atomic import atomic_path
 from buildseg.errors import BuildsegError
 
 DRIVERS = {".gpkg": "GPKG", ".fgb": "FlatGeobuf", ".geojson": "GeoJSON", ".json": "GeoJSON"}
@@ -30,18 +30,12 @@ def check_footprint_path(path: str | Path) -> Path:
 def write_footprints(frame, path: str | Path) -> Path:
     """Write a GeoDataFrame as the format its extension names; atomic."""
     path = check_footprint_path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    tmp.unlink(missing_ok=True)
-    try:
+    with atomic_path(path) as tmp:
         if path.suffix.lower() in PARQUET:
             frame.to_parquet(tmp)
         else:
             frame.to_file(tmp, driver=DRIVERS[path.suffix.lower()], engine="pyogrio", layer="buildings"
                           if path.suffix.lower() == ".gpkg" else None)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -49,9 +43,5 @@ def to_cog(src_path: Path, dst_path: Path) -> None:
     """Copy a GeoTIFF to a Cloud-Optimised GeoTIFF (deflate, nearest overviews); atomic."""
     from rasterio.shutil import copy
 
-    tmp = dst_path.with_name(f".{dst_path.name}.cog.tmp")
-    try:
+    with atomic_path(dst_path) as tmp:
         copy(src_path, tmp, driver="COG", COMPRESS="DEFLATE", RESAMPLING="NEAREST", OVERVIEW_RESAMPLING="NEAREST")
-        os.replace(tmp, dst_path)
-    finally:
-        tmp.unlink(missing_ok=True)

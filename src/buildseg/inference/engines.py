@@ -27,6 +27,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from buildseg.atomic import atomic_path
 from buildseg.errors import BuildsegError
 from buildseg.models.factory import SegmentationModel
 from buildseg.runtime import user_cache_dir
@@ -89,16 +90,9 @@ def cached_onnx(model: SegmentationModel, folder: Path) -> Path:
     if path.is_file():
         log.info("engine cache: reusing %s", path)
         return path
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.onnx")
     log.info("engine cache: exporting the model to %s (once per checkpoint)", path)
-    try:
-        cpu_model = model.to("cpu").float().to(memory_format=torch.contiguous_format)
-        export_model_onnx(cpu_model, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-        tmp.with_name(tmp.name + ".data").unlink(missing_ok=True)
+    with atomic_path(path, scratch=(".data",)) as tmp:
+        export_model_onnx(model.to("cpu").float().to(memory_format=torch.contiguous_format), tmp)
     return path
 
 

@@ -16,8 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from buildseg.atomic import atomic_path
 from buildseg.errors import BuildsegError
-from buildseg.inference.segmenter import load_model
+from buildseg.runtime.checkpoint import load_model
 
 log = logging.getLogger("buildseg")
 
@@ -30,18 +31,12 @@ def export_checked(checkpoint: str | Path, out: str | Path, opset: int = 18, tol
     out = Path(out)
     if out.suffix.lower() != ".onnx":
         raise BuildsegError(f"--onnx {out}: the output file must end in .onnx")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.stem}.tmp.onnx")
-    try:
+    with atomic_path(out, scratch=(".data",)) as tmp:
         export_onnx(checkpoint, tmp, opset)
         diff = check_parity(checkpoint, tmp)
         if diff > tolerance:
             raise BuildsegError(f"ONNX parity check failed for {out}: max |logit diff| {diff:.2e} > {tolerance:.0e}; "
                                 "nothing written (try another --opset)")
-        tmp.replace(out)
-    finally:
-        tmp.unlink(missing_ok=True)
-        tmp.with_name(tmp.name + ".data").unlink(missing_ok=True)
     return out, diff
 
 

@@ -102,6 +102,7 @@ def predict_geotiff(
         profile = dict(driver="GTiff", height=src.height, width=src.width, count=1, dtype="uint8", crs=src.crs,
                        transform=src.transform, compress="deflate", tiled=True, blockxsize=256, blockysize=256)
         scaling = raster_stretch(src, bands, stretch)
+        rules = segmenter.rules
         inner, border = [], []
         mask_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = mask_path.with_name(f".{mask_path.name}.tmp")
@@ -114,14 +115,14 @@ def predict_geotiff(
                     rows, cols = max(1, round(size[0] / grid.step_y)), max(1, round(size[1] / grid.step_x))
                     image, valid = read_window(src, bands, grid, (y - margin) / grid.step_y, (x - margin) / grid.step_x,
                                                rows, cols, scaling, fill_is_nodata=False)
-                    maps = segmenter.predict_maps(image)  # (K, h, w): the footprint, then e.g. the contact zone
+                    maps = segmenter.probabilities(image).mean[0]  # (K, h, w): the footprint, then e.g. the contact zone
                     if grid.resampled:
                         maps = np.stack([cv2.resize(m, (size[1], size[0]), interpolation=cv2.INTER_LINEAR) for m in maps])
                         valid = cv2.resize(valid.astype(np.uint8), (size[1], size[0]), interpolation=cv2.INTER_NEAREST) > 0
                     centre = (slice(margin, margin + h), slice(margin, margin + w))
                     maps = np.ascontiguousarray(maps[(slice(None), *centre)])
                     prob = maps[0]
-                    mask = segmenter.finish(maps)
+                    mask = rules(maps)
                     mask[~valid[centre]] = 0
                     window = Window(x, y, w, h)
                     dst.write(mask[None], window=window)

@@ -122,6 +122,7 @@ def _predict(segmenter, records, out_csv, batch_size, num_workers, masks_dir, ov
                         pin_memory=segmenter.device.type == "cuda")
     results: dict[int, str] = {}
     skipped: list[str] = []
+    rules = segmenter.rules
     stages = dict.fromkeys(("wait for decoded images (main thread)", "model (main thread)",
                             "post-processing + RLE (background thread)", "wait for post-processing (main thread)",
                             "write CSV"), 0.0)
@@ -135,7 +136,7 @@ def _predict(segmenter, records, out_csv, batch_size, num_workers, masks_dir, ov
 
     def _finish(local_index: int, image: torch.Tensor, prob: np.ndarray, members: list[np.ndarray] | None) -> None:
         record = dataset.records[local_index]
-        mask = segmenter.finish(prob, members)
+        mask = rules(prob, members)
         results[mine[local_index]] = rle.encode(mask)
         if masks_dir is not None:
             written.append(Path(masks_dir) / f"{record.img_id}.png")
@@ -165,19 +166,10 @@ def _predict(segmenter, records, out_csv, batch_size, num_workers, masks_dir, ov
                     results[mine[index]] = rle.EMPTY
                     continue
                 groups.setdefault(tuple(image.shape), []).append((index, image))
-            for shape, group in groups.items():
-                images = [img for _, img in group]
-                if max(shape[-2:]) > segmenter.window:  # large images: window by window, model by model
-                    for (index, image) in group:
-                        members_large = segmenter.member_probas(image)
-                        prob = np.mean(members_large, axis=0)
-                        pending.append(pool.submit(finish, index, image, prob, members_large if segmenter.empty_vote else None))
-                    continue
-                members = segmenter.member_probs(torch.stack(images))
-                mean = torch.stack(members).mean(0).numpy()
-                member_np = [m.numpy() for m in members] if segmenter.empty_vote else None
+            for group in groups.values():  # a large image is windowed inside probabilities()
+                maps = segmenter.probabilities(torch.stack([img for _, img in group]))
                 for k, (index, image) in enumerate(group):
-                    pending.append(pool.submit(finish, index, image, mean[k], None if member_np is None else [m[k] for m in member_np]))
+                    pending.append(pool.submit(finish, index, image, *maps.image(k)))
             stages["model (main thread)"] += time.monotonic() - began
             bar.update(len(items))
             bar.set_postfix(img_s=f"{bar.n / max(1e-9, time.monotonic() - started):.1f}")

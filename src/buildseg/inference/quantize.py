@@ -17,10 +17,12 @@ from pathlib import Path
 import numpy as np
 
 from buildseg.data.datasets import GridTileDataset
+from buildseg.atomic import atomic_path
 from buildseg.errors import BuildsegError
 from buildseg.formats.tables import load_records
 from buildseg.inference import engines
-from buildseg.inference.segmenter import Segmenter, checkpoint_paths
+from buildseg.inference.segmenter import Segmenter
+from buildseg.runtime.checkpoint import checkpoint_paths
 from buildseg.inference.tune import predict_tiles, search
 
 log = logging.getLogger("buildseg")
@@ -102,11 +104,6 @@ def _save(model, out: Path) -> None:
     """Write the int8 model atomically: a temp .xml/.bin pair renamed into place."""
     import openvino as ov
 
-    tmp = out.with_name(f".{out.stem}.{os.getpid()}.tmp.xml")
-    try:
+    with atomic_path(out, suffix=".xml", companions=(".bin",)) as tmp:
         ov.save_model(model, str(tmp))
-        os.replace(tmp.with_suffix(".bin"), out.with_suffix(".bin"))
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
         tmp.with_suffix(".bin").unlink(missing_ok=True)

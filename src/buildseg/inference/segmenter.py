@@ -2,17 +2,18 @@
 
 >>> from buildseg import Segmenter
 >>> seg = Segmenter.from_checkpoint("runs/demo/best.pt")
->>> mask = seg.predict(image)          # HxWx3 uint8 -> HxW uint8 0/1
+>>> mask = seg.predict(image)                    # HxWx3 uint8 -> HxW uint8 0/1
+>>> masks = seg.predict_batch(batch)             # (B, 3, H, W) uint8 tensor -> B masks
+>>> maps = seg.probabilities(batch).mean         # (B, K, H, W) float32: footprint first
 
-A Segmenter holds one or more models (an ensemble averages probabilities), the precision,
-the TTA mode and the post-processing settings stored with the checkpoint (threshold,
-min_area, empty rules), each overridable.
+Jobs that drive it over files (CSV prediction, GeoTIFF blocks, many scenes, tuning) sit
+above it and use ``probabilities`` and the :class:`MaskRules` of ``seg.rules``.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -27,47 +28,23 @@ from buildseg.inference.postprocess import PostProcess
 from buildseg.inference.split import split_mask
 from buildseg.inference.tiling import sliding_window_proba
 from buildseg.inference.tta import predict_tta, transforms
-from buildseg.models.factory import ModelCard, SegmentationModel, build_model
-from buildseg.runtime.checkpoint import load_checkpoint
+from buildseg.models.factory import SegmentationModel
+from buildseg.runtime.checkpoint import checkpoint_paths, load_model
 from buildseg.runtime.device import resolve_device, resolve_precision
 
 log = logging.getLogger("buildseg")
 
 
-def checkpoint_paths(spec: str | Path | Sequence[str | Path]) -> list[Path]:
-    """Checkpoint files from one path, several, a run folder (its best.pt, else last.pt), or a
-    folder of *.pt / run folders. Every returned path is a file that exists."""
-    items = [spec] if isinstance(spec, (str, Path)) else list(spec)
-    paths: list[Path] = []
-    for item in items:
-        path = Path(item)
-        if path.is_dir():
-            run_file = next((path / n for n in ("best.pt", "last.pt") if (path / n).is_file()), None)
-            found = [run_file] if run_file else (
-                sorted(path.glob("*.pt")) or sorted(p / "best.pt" for p in path.iterdir() if (p / "best.pt").is_file()))
-            if not found:
-                raise BuildsegError(f"no checkpoints (best.pt, last.pt, *.pt or */best.pt) in {path}")
-            paths.extend(found)
-        elif not path.is_file():
-            raise BuildsegError(f"checkpoint not found: {path} (give a .pt file or a run folder)")
-        else:
-            paths.append(path)
-    return paths
-
-
-def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[SegmentationModel, dict]:
-    """Rebuild a model from its checkpoint alone (the model card), with its weights."""
-    payload = load_checkpoint(path)
-    card = ModelCard.from_dict(payload["model_card"])
-    model = build_model(card, weights="none")
-    try:
-        model.load_state_dict(payload["model"])
-    except RuntimeError as exc:
-        raise BuildsegError(f"checkpoint {path} does not match its own model card ({card.arch}/{card.encoder}): {str(exc)[:300]}") from None
-    return model.to(device).eval(), payload
-
-
 class Segmenter:
+    """One or more models (an ensemble averages their probabilities) on one engine, with the
+    device, precision, TTA, sliding-window and post-processing settings they predict with.
+
+    ``from_checkpoint`` loads checkpoints or run folders and takes the post-processing stored
+    by ``buildseg tune`` (threshold, min_area, empty rules), each overridable. Prediction:
+    :meth:`predict` (one image of any size), :meth:`predict_batch` (a same-size batch) and
+    :meth:`probabilities` (the maps behind both); :attr:`rules` turns maps into masks.
+    """
+
     def __init__(
         self,
         models: Sequence[SegmentationModel],
@@ -114,6 +91,7 @@ class Segmenter:
             raise BuildsegError(f"empty vote {empty_vote} needs 0..{len(self.models)} (the number of models in the ensemble)")
         self.window = window
         self.overlap = overlap
+        self.window_batch = 4  # sliding-window tiles per engine call
         self.empty_vote = int(empty_vote)  # >0: tile is empty if at least this many models predict it empty
         self.engine = resolve_engine(engine, self.device)
         paths = list(checkpoints) if checkpoints is not None else [None] * len(self.models)
@@ -164,26 +142,46 @@ class Segmenter:
         segmenter.input = inputs[0]
         return segmenter
 
-    # -- probabilities -----------------------------------------------------------------
-    # "maps" are (K, H, W) per image: one probability map per target (card.targets), the
-    # footprint first; "proba" is the footprint map alone, (H, W).
+    @property
+    def rules(self) -> MaskRules:
+        """The post-processing of this segmenter's settings (read at call time, so a changed
+        ``postprocess`` or ``empty_vote`` applies at once)."""
+        return MaskRules(self.postprocess, self.targets, self.empty_vote, self.split)
+
+    # -- the public surface: probabilities, predict_batch, predict (and from_checkpoint) --------
     @torch.no_grad()
-    def _member_prob(self, k: int, images: torch.Tensor) -> torch.Tensor:
-        """(B, K, H, W) probabilities of ensemble member ``k`` on its engine."""
-        return torch.sigmoid(self.runners[k](images).float())
+    def probabilities(self, images: torch.Tensor | np.ndarray) -> EnsembleMaps:
+        """Ensemble probability maps, TTA applied, as float32 NumPy on the CPU.
 
-    @torch.no_grad()
-    def member_probs(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """Per-model (B, K, H, W) maps of a uint8 (B, C, H, W) batch, TTA applied, on CPU."""
-        return [predict_tta(lambda x, k=k: self._member_prob(k, x), images, self.tta).cpu() for k in range(len(self.models))]
+        ``images``: a uint8 batch (B, C, H, W) of one size, or one HxWxC image array. An image
+        larger than ``window`` goes through the sliding window, model by model. Per-member
+        maps are kept only when the empty vote needs them.
+        """
+        batch = images if isinstance(images, torch.Tensor) else self._as_tensor(images)[None]
+        if batch.ndim != 4:
+            raise BuildsegError(f"expected a (B, C, H, W) batch or an HxWxC image, got shape {tuple(batch.shape)}")
+        if max(batch.shape[-2:]) <= self.window:
+            members = [self._member_batch(k, batch) for k in range(len(self.models))]
+        else:
+            members = [torch.stack([sliding_window_proba(lambda x, k=k: self._member_batch(k, x), image, self.window,
+                                                         self.overlap, self.window_batch) for image in batch])
+                       for k in range(len(self.models))]
+        mean = members[0] if len(members) == 1 else torch.stack(members).mean(0)
+        return EnsembleMaps(mean.numpy(), [m.numpy() for m in members] if self.empty_vote else None)
 
-    def predict_maps_batch(self, images: torch.Tensor) -> torch.Tensor:
-        """Mean maps over the ensemble, (B, K, H, W) float32 on CPU."""
-        return torch.stack(self.member_probs(images)).mean(0)
+    def predict_batch(self, images: torch.Tensor) -> list[np.ndarray]:
+        """HxW uint8 0/1 masks of a uint8 (B, C, H, W) batch (empty vote, thresholds, split)."""
+        maps = self.probabilities(images)
+        return [self.rules(*maps.image(k)) for k in range(len(maps.mean))]
 
-    def predict_proba_batch(self, images: torch.Tensor) -> torch.Tensor:
-        """Mean footprint probability over the ensemble, (B, H, W) float32 on CPU."""
-        return self.predict_maps_batch(images)[:, 0]
+    def predict(self, image: np.ndarray) -> np.ndarray:
+        """HxW uint8 0/1 building mask of one HxWxC image of any size."""
+        return self.rules(*self.probabilities(image).image(0))
+
+    # -- internals ---------------------------------------------------------------------
+    def _member_batch(self, k: int, images: torch.Tensor) -> torch.Tensor:
+        """(B, K, H, W) probabilities of ensemble member ``k`` on its engine, TTA applied, on CPU."""
+        return predict_tta(lambda x: torch.sigmoid(self.runners[k](x).float()), images, self.tta).cpu()
 
     def _as_tensor(self, image: np.ndarray) -> torch.Tensor:
         if image.ndim == 2:
@@ -197,51 +195,40 @@ class Segmenter:
             )
         return to_tensors(image, None)[0]
 
-    def member_probas(self, image: np.ndarray | torch.Tensor, batch_size: int = 4) -> list[np.ndarray]:
-        """Per-model (K, H, W) maps of one HxWxC image (or a CxHxW uint8 tensor); images
-        larger than ``window`` go through the sliding window, model by model."""
-        tensor = image if isinstance(image, torch.Tensor) else self._as_tensor(image)
-        if max(tensor.shape[-2:]) <= self.window:
-            return [m[0].numpy() for m in self.member_probs(tensor[None])]
-        members = []
-        for k in range(len(self.models)):
-            def one(batch: torch.Tensor, k: int = k) -> torch.Tensor:
-                return predict_tta(lambda x: self._member_prob(k, x), batch, self.tta).cpu()
 
-            members.append(sliding_window_proba(one, tensor, self.window, self.overlap, batch_size).numpy())
-        return members
+@dataclass
+class EnsembleMaps:
+    """Probability maps of a batch: ``mean`` (B, K, H, W), one map per target (the footprint
+    first), and ``members``, each model's own (B, K, H, W), when the empty vote needs them."""
 
-    def predict_maps(self, image: np.ndarray, batch_size: int = 4) -> np.ndarray:
-        """(K, H, W) maps (ensemble mean); images larger than ``window`` go through the sliding window."""
-        tensor = self._as_tensor(image)
-        if max(tensor.shape[-2:]) <= self.window:
-            return self.predict_maps_batch(tensor[None])[0].numpy()
-        return sliding_window_proba(self.predict_maps_batch, tensor, self.window, self.overlap, batch_size).numpy()
+    mean: np.ndarray
+    members: list[np.ndarray] | None = None
 
-    def predict_proba(self, image: np.ndarray, batch_size: int = 4) -> np.ndarray:
-        """(H, W) footprint probabilities (ensemble mean)."""
-        return self.predict_maps(image, batch_size)[0]
+    def image(self, k: int) -> tuple[np.ndarray, list[np.ndarray] | None]:
+        """(mean maps, member maps) of image ``k``: the arguments of :class:`MaskRules`."""
+        return self.mean[k], None if self.members is None else [m[k] for m in self.members]
 
-    # -- masks -------------------------------------------------------------------------
-    def finish(self, prob: np.ndarray, member_probs: Sequence[np.ndarray] | None = None) -> np.ndarray:
-        """Post-process one probability map, (H, W) or (K, H, W) maps: the empty vote, the
-        threshold and area rules, and, for models with a contact channel (unless
-        ``split=False``), the watershed that cuts touching buildings apart."""
-        footprint = prob[0] if prob.ndim == 3 else prob
-        if self.empty_vote and member_probs is not None:
-            empty = sum(
-                int(pp_mod.apply(p[0] if p.ndim == 3 else p, self.postprocess).sum() == 0) for p in member_probs
-            )
+
+@dataclass
+class MaskRules:
+    """Probability maps -> mask: the empty vote, the threshold and area rules, and for models
+    with a contact channel (unless ``split`` is off) the watershed that cuts touching
+    buildings apart. A separate object so that callers can post-process in another thread
+    (CSV prediction) or after resampling (GeoTIFF blocks)."""
+
+    postprocess: PostProcess
+    targets: list[str]
+    empty_vote: int = 0  # > 0: the image is empty if at least this many members predict it empty
+    split: bool = False
+
+    def __call__(self, maps: np.ndarray, members: Sequence[np.ndarray] | None = None) -> np.ndarray:
+        """One image's (K, H, W) maps (or its (H, W) footprint map) -> HxW uint8 0/1 mask."""
+        footprint = maps[0] if maps.ndim == 3 else maps
+        if self.empty_vote and members is not None:
+            empty = sum(int(pp_mod.apply(m[0] if m.ndim == 3 else m, self.postprocess).sum() == 0) for m in members)
             if empty >= self.empty_vote:
                 return np.zeros(footprint.shape, dtype=np.uint8)
         mask = pp_mod.apply(footprint, self.postprocess)
-        if self.split and prob.ndim == 3 and len(prob) == len(self.targets) and mask.any():
-            mask = split_mask(mask, footprint, prob[self.targets.index("contact")], self.postprocess.contact_threshold)
+        if self.split and maps.ndim == 3 and len(maps) == len(self.targets) and mask.any():
+            mask = split_mask(mask, footprint, maps[self.targets.index("contact")], self.postprocess.contact_threshold)
         return mask
-
-    def predict(self, image: np.ndarray) -> np.ndarray:
-        """HxW uint8 0/1 building mask of an HxWxC uint8 image (the empty vote applied)."""
-        if not self.empty_vote:
-            return self.finish(self.predict_maps(image))
-        members = self.member_probas(image)
-        return self.finish(np.mean(members, axis=0), members)

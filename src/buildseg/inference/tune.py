@@ -42,7 +42,7 @@ def predict_tiles(segmenter: Segmenter, dataset: GridTileDataset, batch_size: in
     its real pixels: (H, W) footprint maps, or all (K, H, W) maps with ``maps``."""
     probs, truths = [], []
     for images, masks, valid in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-        batch = segmenter.predict_maps_batch(images).numpy()
+        batch = segmenter.probabilities(images).mean
         for k in range(len(images)):
             h, w = valid[k].tolist()
             probs.append(batch[k, :, :h, :w].copy() if maps else batch[k, 0, :h, :w].copy())

@@ -14,51 +14,15 @@ mean sigmoid over all heads (upsampled), the notes' "deep supervision ensemble".
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from buildseg.errors import BuildsegError
+from buildseg.models.card import ARCHS, ModelCard
 
+__all__ = ["ModelCard", "SegmentationModel", "build_model", "build_net"]
 MIN_SIZE = 16
-ARCHS = ("unet", "seed_unet")
-
-
-@dataclass
-class ModelCard:
-    """Everything needed to rebuild a model from a checkpoint alone."""
-
-    arch: str = "unet"
-    encoder: str = "resnet34"
-    in_chans: int = 3
-    decoder_channels: list[int] | None = None
-    decoder_width: float = 0.5  # x the default decoder widths (when decoder_channels is None)
-    norm: str = "batch"
-    dropout: float = 0.0
-    attention: str | None = None
-    upsample: str = "nearest"
-    deep_supervision: bool = False
-    ds_ensemble: bool = False
-    mean: list[float] = field(default_factory=list)
-    std: list[float] = field(default_factory=list)
-    targets: list[str] = field(default_factory=lambda: ["footprint"])  # one output channel each, in this order
-
-    @property
-    def out_channels(self) -> int:
-        return len(self.targets)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ModelCard":
-        names = {f.name for f in fields(cls)}
-        values = {k: v for k, v in data.items() if k in names}
-        values.setdefault("decoder_width", 1.0)  # a checkpoint from before decoder_width: full default widths
-        return cls(**values)
 
 
 class SegmentationModel(nn.Module):
@@ -149,8 +113,9 @@ def build_net(card: ModelCard, weights: str = "none") -> nn.Module:
         from buildseg.models.unet import UNet
 
         encoder = create_encoder(card.encoder, card.in_chans, weights)
-        return UNet(encoder, card.decoder_channels, card.norm, card.dropout, card.attention, card.upsample, card.deep_supervision,
-                    card.out_channels, card.decoder_width)
+        return UNet(encoder, decoder_channels=card.decoder_channels, width=card.decoder_width, norm=card.norm,
+                    dropout=card.dropout, attention=card.attention, upsample=card.upsample,
+                    deep_supervision=card.deep_supervision, out_channels=card.out_channels)
     if card.arch == "seed_unet":
         from buildseg.models.seed_unet import SeedUNet
 

@@ -32,7 +32,7 @@ def double_conv(in_ch: int, out_ch: int, batch_norm: bool, dropout: float) -> nn
 
 
 class SeedUNet(nn.Module):
-    def __init__(self, encoder: nn.Module, batch_norm: bool = True, dropout: float = 0.0, out_channels: int = 1) -> None:
+    def __init__(self, encoder: nn.Module, *, batch_norm: bool, dropout: float, out_channels: int) -> None:
         super().__init__()
         self.encoder = encoder
         self.stride = int(encoder.feature_info.reduction()[-1])

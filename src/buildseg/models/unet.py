@@ -72,15 +72,17 @@ class UNet(nn.Module):
     def __init__(
         self,
         encoder: nn.Module,
-        decoder_channels: Sequence[int] | None = None,
-        norm: str = "batch",
-        dropout: float = 0.0,
-        attention: str | None = None,
-        upsample: str = "nearest",
-        deep_supervision: bool = False,
-        out_channels: int = 1,
-        width: float = 1.0,
+        *,
+        decoder_channels: Sequence[int] | None,
+        width: float,
+        norm: str,
+        dropout: float,
+        attention: str | None,
+        upsample: str,
+        deep_supervision: bool,
+        out_channels: int,
     ) -> None:
+        """Keyword-only and without defaults: the defaults live in ``ModelCard`` alone."""
         super().__init__()
         if not 0.0 <= dropout <= 0.5:
             raise BuildsegError(f"dropout must be in [0, 0.5], got {dropout}")

@@ -1,4 +1,11 @@
-"""Checkpoints: atomic writes, ``weights_only`` loads, RNG state capture.
+"""Checkpoints: where they are, atomic writes, ``weights_only`` loads, the model they hold,
+RNG state capture. The one place below training and inference that reads checkpoints.
+
+Two files per run: ``last.pt`` holds what resume needs (:data:`RESUME_KEYS`: optimizer,
+scheduler, RNG, counters, history, ...); ``best.pt`` holds what prediction needs
+(:data:`PREDICTION_KEYS`: weights, card, post-processing, input description), so the file
+users ship is as small as its weights. Every payload read goes through
+:func:`buildseg.schema.upgrade_checkpoint`, so checkpoints of older versions load the same way.
 
 A checkpoint is written to a temporary file in the same folder, fsynced, then renamed over
 the old one (and the folder fsynced), so a kill at any moment leaves either the previous
@@ -11,30 +18,79 @@ from __future__ import annotations
 import pickle
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
 from buildseg.atomic import atomic_open
 from buildseg.errors import BuildsegError
+from buildseg.models.factory import ModelCard, SegmentationModel, build_model
+from buildseg.schema import SCHEMA_VERSION, upgrade_checkpoint
 
-FORMAT = "buildseg-checkpoint-v1"
+FORMAT = "buildseg-checkpoint-v1"  # the file marker; the content's version is payload["schema"]
+RUN_FILES = ("best.pt", "last.pt")  # a run folder's checkpoints, in the order a folder argument picks them
+# What prediction, tuning and export read; best.pt holds only these (plus format and schema).
+PREDICTION_KEYS = ("model_card", "model", "postprocess", "input", "config", "buildseg_version", "monitor",
+                   "best_score", "epoch", "step", "history")
 
 
 def save_atomic(payload: dict[str, Any], path: str | Path) -> Path:
+    payload = {"format": FORMAT, "schema": SCHEMA_VERSION, **payload}
     with atomic_open(path, "wb") as handle:
         torch.save(payload, handle)
     return Path(path)
 
 
+def prediction_payload(payload: dict[str, Any]) -> dict[str, Any]:
+    """The part of a full (resume) payload that prediction needs: what best.pt holds."""
+    return {k: payload[k] for k in PREDICTION_KEYS if k in payload}
+
+
+def run_checkpoint(folder: Path) -> Path | None:
+    """A run folder's checkpoint: best.pt, else last.pt; None when it has neither."""
+    return next((folder / n for n in RUN_FILES if (folder / n).is_file()), None)
+
+
+def checkpoint_paths(spec: str | Path | Sequence[str | Path]) -> list[Path]:
+    """Checkpoint files from one path, several, a run folder (its best.pt, else last.pt), or a
+    folder of *.pt / run folders. Every returned path is a file that exists."""
+    items = [spec] if isinstance(spec, (str, Path)) else list(spec)
+    paths: list[Path] = []
+    for item in items:
+        path = Path(item)
+        if path.is_dir():
+            run_file = run_checkpoint(path)
+            found = [run_file] if run_file else (
+                sorted(path.glob("*.pt")) or sorted(p / "best.pt" for p in path.iterdir() if (p / "best.pt").is_file()))
+            if not found:
+                raise BuildsegError(f"no checkpoints (best.pt, last.pt, *.pt or */best.pt) in {path}")
+            paths.extend(found)
+        elif not path.is_file():
+            raise BuildsegError(f"checkpoint not found: {path} (give a .pt file or a run folder)")
+        else:
+            paths.append(path)
+    return paths
+
+
+def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[SegmentationModel, dict]:
+    """Rebuild a model from its checkpoint alone (the model card), with its weights."""
+    payload = load_checkpoint(path)
+    card = ModelCard.from_dict(payload["model_card"])
+    model = build_model(card, weights="none")
+    try:
+        model.load_state_dict(payload["model"])
+    except RuntimeError as exc:
+        raise BuildsegError(f"checkpoint {path} does not match its own model card ({card.arch}/{card.encoder}): "
+                            f"{str(exc)[:300]}") from None
+    return model.to(device).eval(), payload
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The payload of a checkpoint file or run folder, migrated to today's schema."""
     path = Path(path)
     if path.is_dir():
-        for name in ("best.pt", "last.pt"):
-            if (path / name).is_file():
-                path = path / name
-                break
+        path = run_checkpoint(path) or path
     if not path.is_file():
         raise BuildsegError(f"checkpoint not found: {path}")
     try:
@@ -49,7 +105,10 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise BuildsegError(f"cannot load checkpoint {path}: not a PyTorch file or damaged ({_first_line(exc)})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise BuildsegError(f"{path} is not a buildseg checkpoint (no '{FORMAT}' marker); train one with `buildseg train`")
-    return payload
+    if int(payload.get("schema", 1)) > SCHEMA_VERSION:
+        raise BuildsegError(f"{path} was written by a newer buildseg (schema {payload['schema']} > {SCHEMA_VERSION}); "
+                            "upgrade buildseg to read it")
+    return upgrade_checkpoint(payload)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -14,6 +14,7 @@ or every ``val_every`` optimizer steps for long epochs.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -31,7 +32,7 @@ from buildseg.distributed import all_gather, any_true, barrier, cleanup, device_
 from buildseg.errors import BuildsegError
 from buildseg.losses import DeepSupervisionLoss
 from buildseg.models.factory import SegmentationModel
-from buildseg.runtime.checkpoint import FORMAT, load_checkpoint, rng_state, save_atomic, set_rng_state
+from buildseg.runtime.checkpoint import load_checkpoint, prediction_payload, rng_state, save_atomic, set_rng_state
 from buildseg.runtime.device import autocast, resolve_device, resolve_precision, seed_everything
 from buildseg.training.logs import RunLog
 from buildseg.training.schedule import Progress, crop_side, make_optimizer, make_scheduler
@@ -48,12 +49,14 @@ __all__ = ["Trainer", "TrainResult", "train", "resume_config"]
 @dataclass
 class TrainResult:
     run_dir: Path
-    best_dice: float  # the best monitored score: competition Dice, or building F1 with --monitor f1
+    best_score: float  # the best value of the monitored score (``monitor``)
+    monitor: str  # "dice" (competition Dice) or "f1" (building F1 at IoU 0.5), as --monitor
     epochs_done: int
     history: list[dict[str, Any]] = field(default_factory=list)
     stopped_by: str = "epochs"
     nonfinite_skipped: int = 0
     val_set: Any = field(default=None, repr=False)  # the validation tiles, for tuning after training
+    is_main: bool = True  # this process is rank 0 (DistInfo.is_main): it prints and tunes
 
 
 class Trainer:
@@ -104,7 +107,7 @@ class Trainer:
         self.scheduler = make_scheduler(config, self.optimizer, self.progress)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
         self.epoch = self.batch_in_epoch = 0
-        self.best_dice = -1.0
+        self.best_score = -1.0  # of the monitored score (--monitor)
         self.history: list[dict[str, Any]] = []
         self.nonfinite_total = self.nonfinite_run = self.bad_epochs = 0
         self.epoch_loss = [0.0, 0]  # sum and count of this epoch's losses (kept across a resume)
@@ -125,8 +128,8 @@ class Trainer:
                 self._train_epoch()
         self._check_replicas()
         barrier(self.dist)
-        return TrainResult(self.run_dir, self.best_dice, self.epoch, self.history, self.stopped_by or "epochs",
-                           self.nonfinite_total, self.val_set)
+        return TrainResult(self.run_dir, self.best_score, self.config.train.monitor, self.epoch, self.history,
+                           self.stopped_by or "epochs", self.nonfinite_total, self.val_set, self.dist.is_main)
 
     def _train_epoch(self) -> None:
         t = self.config.train
@@ -315,10 +318,10 @@ class Trainer:
     def _after_validation(self, record: dict[str, Any]) -> None:
         """best.pt on improvement of the monitored score (``--monitor dice|f1``), last.pt always;
         early stopping counts validations without one."""
-        dice = record["val_f1" if self.config.train.monitor == "f1" else "val_dice"]
-        improved = dice > self.best_dice if not math.isnan(dice) else self.best_dice < 0
+        score = record["val_f1" if self.config.train.monitor == "f1" else "val_dice"]
+        improved = score > self.best_score if not math.isnan(score) else self.best_score < 0
         if improved:
-            self.best_dice, self.bad_epochs = (0.0 if math.isnan(dice) else dice), 0
+            self.best_score, self.bad_epochs = (0.0 if math.isnan(score) else score), 0
         else:
             self.bad_epochs += 1
         self.save(best=improved)
@@ -347,41 +350,40 @@ class Trainer:
             self.log.event({"kind": "ddp_check", "weight_checksums": sums})
 
     # -- checkpoints -------------------------------------------------------------------
+    # The one list of what last.pt saves and resume restores: objects with a state_dict, by
+    # payload key, and plain counters (Trainer attributes of the same name). best.pt keeps the
+    # part prediction needs (runtime/checkpoint.py PREDICTION_KEYS).
+    COUNTERS = ("epoch", "batch_in_epoch", "best_score", "bad_epochs", "history", "epoch_loss")
+
+    def _stateful(self) -> dict[str, Any]:
+        scheduler = self.scheduler if hasattr(self.scheduler, "state_dict") else None  # "none": a lambda schedule
+        return {"model": self.model, "ema": self.ema, "optimizer": self.optimizer, "scheduler": scheduler,
+                "scaler": self.scaler}
+
     def _payload(self) -> dict[str, Any]:
         return {
-            "format": FORMAT, "model_card": self.card.to_dict(), "model": self.model.state_dict(),
-            "ema": self.ema.state_dict() if self.ema else None,  # includes n_averaged
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict() if hasattr(self.scheduler, "state_dict") else None,
-            "scaler": self.scaler.state_dict(), "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-            "step": self.progress.step, "elapsed": self.progress.now(), "best_dice": self.best_dice,
-            "bad_epochs": self.bad_epochs, "history": self.history, "epoch_loss": list(self.epoch_loss),
-            "rng": rng_state(), "config": self.config.to_dict(),
+            **{key: obj.state_dict() if obj is not None else None for key, obj in self._stateful().items()},
+            **{name: copy.deepcopy(getattr(self, name)) for name in self.COUNTERS},
+            "step": self.progress.step, "elapsed": self.progress.now(), "rng": rng_state(),
+            "model_card": self.card.to_dict(), "config": self.config.to_dict(), "monitor": self.config.train.monitor,
             "postprocess": {"threshold": self.config.train.threshold, "min_area": 0}, "buildseg_version": __version__,
             "input": {"gsd": self.config.data.gsd, "bands": input_bands(self.config)},  # GeoTIFF prediction reads alike
         }
 
     def _restore(self, payload: dict[str, Any]) -> None:
-        try:
-            self.model.load_state_dict(payload["model"])
-        except RuntimeError as exc:
-            raise BuildsegError(f"cannot resume: last.pt does not match the run's config.yaml ({str(exc)[:200]})") from None
-        if self.ema and payload.get("ema"):
-            self.ema.load_state_dict(payload["ema"])
-        try:
-            self.optimizer.load_state_dict(payload["optimizer"])
-        except ValueError as exc:
-            raise BuildsegError(f"cannot resume: the optimizer state in last.pt does not fit this buildseg's parameter "
-                                f"groups ({exc}); start a new run from best.pt's weights instead") from None
-        if payload.get("scheduler") and hasattr(self.scheduler, "load_state_dict"):
-            self.scheduler.load_state_dict(payload["scheduler"])
-        self.scaler.load_state_dict(payload["scaler"])
-        self.epoch, self.batch_in_epoch = payload["epoch"], payload["batch_in_epoch"]
+        for key, obj in self._stateful().items():
+            if obj is None or payload.get(key) is None:
+                continue
+            try:
+                obj.load_state_dict(payload[key])
+            except (RuntimeError, ValueError, KeyError) as exc:
+                raise BuildsegError(f"cannot resume: the {key} state in last.pt does not fit this run (its config.yaml "
+                                    f"or this buildseg's parameter groups: {str(exc)[:200]}); start a new run from "
+                                    "best.pt's weights instead") from None
+        for name in self.COUNTERS:
+            setattr(self, name, copy.deepcopy(payload[name]))
         self.progress.step = payload["step"]
         self.progress.restart_clock(payload["elapsed"])
-        self.best_dice, self.bad_epochs = payload["best_dice"], payload.get("bad_epochs", 0)
-        self.history = list(payload["history"])
-        self.epoch_loss = list(payload.get("epoch_loss", [0.0, 0]))
         set_rng_state(payload["rng"])
         log.info("resumed from epoch %d, batch %d, step %d", self.epoch, self.batch_in_epoch, self.progress.step)
 
@@ -392,9 +394,8 @@ class Trainer:
         payload = self._payload()
         save_atomic(payload, self.run_dir / "last.pt")
         if best:
-            if self.ema:  # best.pt predicts with the EMA weights
-                payload = {**payload, "model": self.ema.module.state_dict()}
-            save_atomic(payload, self.run_dir / "best.pt")
+            weights = self.ema.module.state_dict() if self.ema else payload["model"]  # best.pt predicts with the EMA
+            save_atomic({**prediction_payload(payload), "model": weights}, self.run_dir / "best.pt")
 
 
 def train(config: Config, resume: str | Path | None = None) -> TrainResult:

@@ -216,7 +216,6 @@ def resume_config(run_dir: str | Path) -> Config:
         data = yaml.safe_load(saved.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise BuildsegError(f"cannot resume: {saved} is not a readable config ({type(exc).__name__})") from None
-    model = data.get("model") if isinstance(data, dict) else None
-    if isinstance(model, dict) and "decoder_width" not in model:
-        model["decoder_width"] = 1.0  # the run predates decoder_width: its decoder has the full default widths
-    return config_from_dict(data, source=str(saved))
+    if not isinstance(data, dict):
+        raise BuildsegError(f"cannot resume: {saved} is not a mapping of config sections")
+    return config_from_dict(data, source=str(saved))  # migrates a config.yaml of an older version
