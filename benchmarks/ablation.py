@@ -57,7 +57,8 @@ def write_fold_csvs(grid: dict, root: Path, out: Path) -> dict[str, tuple[Path, 
     folds = {}
     for name, held in grid["folds"].items():
         paths = []
-        for part, keep in (("train", lambda r: source[r["img_id"]] not in held), ("heldout", lambda r: source[r["img_id"]] in held)):
+        for part, keep in (("train", lambda r, held=held: source[r["img_id"]] not in held),
+                           ("heldout", lambda r, held=held: source[r["img_id"]] in held)):
             path = out / "folds" / f"{name}_{part}.csv"
             path.parent.mkdir(parents=True, exist_ok=True)
             with open(path, "w", newline="") as handle:

@@ -23,10 +23,9 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from loader_throughput import cpu_flags  # noqa: E402
-
 from buildseg.inference import engines  # noqa: E402
 from buildseg.models import ModelCard, build_model  # noqa: E402
+from loader_throughput import cpu_flags  # noqa: E402
 
 ROWS = [  # label, encoder, decoder_width, ds_ensemble
     ("lite0, width 1 (256-128-64-32-16), DS ensemble", "efficientnet_lite0", 1.0, True),

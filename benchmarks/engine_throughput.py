@@ -27,9 +27,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from loader_throughput import cpu_flags  # noqa: E402
-from predict_throughput import plain_smp  # noqa: E402
-
 from buildseg.data.synth import write_dataset  # noqa: E402
 from buildseg.evaluation import evaluate_csv  # noqa: E402
 from buildseg.formats.tables import load_records  # noqa: E402
@@ -39,6 +36,8 @@ from buildseg.inference.segmenter import Segmenter  # noqa: E402
 from buildseg.models import ModelCard, build_model  # noqa: E402
 from buildseg.runtime.checkpoint import FORMAT, save_atomic  # noqa: E402
 from buildseg.runtime.device import cpu_has_native_bf16  # noqa: E402
+from loader_throughput import cpu_flags  # noqa: E402
+from predict_throughput import plain_smp  # noqa: E402
 
 
 def settings(int8: bool) -> list[tuple[str, str]]:

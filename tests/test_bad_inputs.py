@@ -1,8 +1,11 @@
 """Bad input through the real CLI: exit code 2, one line naming the file/key/value, no
 traceback, and no output file left behind.
 
-Each case builds its broken input in a fresh folder, runs ``python -m buildseg ...`` in a
-subprocess, and checks stderr and the outputs the command would have written.
+Each case builds its broken input in a fresh folder, runs ``buildseg ...`` and checks stderr
+and the outputs the command would have written. One case per command and error class runs
+``python -m buildseg`` in a real subprocess (:data:`SUBPROCESS`); the rest call the same
+``main`` in-process with stderr and the log captured alike, which asserts the same exit
+code, single error line and absence of output without paying a Python start per case.
 """
 
 from __future__ import annotations
@@ -66,6 +69,35 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     return subprocess.run([sys.executable, "-m", "buildseg", *map(str, args)], capture_output=True, text=True,
                           cwd=cwd, env=env, timeout=600)
+
+
+def run_cli_in_process(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """``buildseg.cli.main`` in this process: its exit code, and stderr with the log and
+    warnings in it (a fresh handler, as a new process would have)."""
+    import contextlib
+    import io
+    import logging
+    import warnings
+
+    from buildseg.cli import main
+
+    err, out = io.StringIO(), io.StringIO()
+    handler = logging.StreamHandler(err)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    root, saved_handlers, saved_level, saved_cwd = logging.getLogger(), logging.getLogger().handlers[:], logging.getLogger().level, os.getcwd()
+    root.handlers = [handler]
+    try:
+        os.chdir(cwd)
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                code = main([str(a) for a in args])
+            except SystemExit as exc:  # argparse errors
+                code = exc.code if isinstance(exc.code, int) else 1
+    finally:
+        os.chdir(saved_cwd)
+        root.handlers, root.level = saved_handlers, saved_level
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 TRAIN_FAST = ("--encoder", "resnet18", "--weights", "none", "--epochs", "1", "--batch-size", "2", "--crop-size", "32",
@@ -235,6 +267,11 @@ def _ok_rows(w, tmp):
 
 
 CASES: dict[str, Case] = {
+    # output paths: checked before any work
+    "predict out is a folder": lambda w, t: (["predict", "--checkpoint", w["ckpt"], "--data", w["test"], "--out",
+                                              (t / "sub.csv").mkdir() or t / "sub.csv", "--no-progress"],
+                                             ["--out", "sub.csv", "existing folder"], [t / "sub.csv" / "out.csv"]),
+    "train out is a file": train_case(None, "--out", lambda w, t: _file(t / "run", b"x"), fragments=["--out", "existing file"]),
     # prediction data
     "predict data missing": predict_case(lambda w, t: t / "nope.csv", fragments=["nope.csv", "not found"]),
     "predict image missing": predict_case(csv_with(lambda w, t: [("gone", "gone.png")]), fragments=["gone.png", "not found"]),
@@ -320,9 +357,17 @@ CASES: dict[str, Case] = {
                                              ["x.pt", "not found"], []),
     "export parity failure": lambda w, t: (["export", "--checkpoint", w["ckpt"], "--onnx", t / "m.onnx", "--tolerance", "1e-30"],
                                            ["m.onnx", "parity"], [t / "m.onnx", t / ".m.tmp.onnx"]),
+    "export onnx is a folder": lambda w, t: (["export", "--checkpoint", w["ckpt"], "--onnx", (t / "m.onnx").mkdir() or t / "m.onnx"],
+                                             ["--onnx", "m.onnx", "existing folder"], [t / "m.onnx" / "out.onnx"]),
     "export wrong suffix": lambda w, t: (["export", "--checkpoint", w["ckpt"], "--onnx", t / "m.bin"], ["m.bin", ".onnx"],
                                          [t / "m.bin"]),
 }
+
+
+# One real subprocess per command and error class: what a user's shell really sees.
+SUBPROCESS = {"predict data missing", "threshold above 1", "checkpoint pickle runs code", "geotiff corrupt block",
+              "evaluate bad rle", "yaml syntax", "flag epochs text", "train rle past the end (in a loader worker)",
+              "tune data without masks", "export parity failure", "predict out is a folder"}
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -330,7 +375,7 @@ def test_bad_input_is_one_clear_line(name, world, tmp_path):
     if "export" in name:
         pytest.importorskip("onnxruntime")
     argv, fragments, outputs = CASES[name](world, tmp_path)
-    proc = run_cli(*argv, cwd=tmp_path)
+    proc = (run_cli if name in SUBPROCESS else run_cli_in_process)(*argv, cwd=tmp_path)
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2, f"exit {proc.returncode}\n{proc.stderr[-3000:]}"
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
@@ -347,3 +392,5 @@ def test_bad_input_is_one_clear_line(name, world, tmp_path):
 
 def test_there_are_at_least_40_cases():
     assert len(CASES) >= 40
+    assert SUBPROCESS <= set(CASES)
+    assert {"predict", "train", "evaluate", "tune", "export"} <= {name.split()[0] for name in SUBPROCESS}

@@ -178,9 +178,8 @@ def test_mask_channel_rule(tmp_path):
 
 def test_four_channel_images_train_and_predict_end_to_end(tmp_path):
     """RGB+NIR (here RGBA PNGs) train with in_chans 4 and predict with the same model."""
-    from conftest import tiny_config
-
     from buildseg.cli import main
+    from conftest import tiny_config
 
     (tmp_path / "ds" / "images").mkdir(parents=True)
     (tmp_path / "ds" / "masks").mkdir()

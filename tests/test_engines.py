@@ -1,6 +1,5 @@
 """Every inference engine gives the torch result on random inputs; the ONNX cache works."""
 
-from pathlib import Path
 
 import numpy as np
 import pytest

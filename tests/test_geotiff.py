@@ -131,10 +131,9 @@ def test_uint16_geotiff_prediction_equals_prediction_on_its_stretched_uint8(chec
 
 
 def _local_segmenter(**kwargs):
-    from conftest import LocalModel
-
     from buildseg.inference.postprocess import PostProcess
     from buildseg.inference.segmenter import Segmenter
+    from conftest import LocalModel
 
     return Segmenter([LocalModel(seed=4)], device="cpu", precision="fp32", channels_last=False, window=4096,
                      postprocess=PostProcess(threshold=0.5), **kwargs)
@@ -169,10 +168,9 @@ def test_a_building_across_block_borders_is_one_polygon(tmp_path):
     image = np.zeros((256, 256, 3), dtype=np.uint8)
     image[100:160, 90:200] = 255  # crosses the vertical block border at x=128 and the horizontal one at y=128
     src = _write_rgb(tmp_path / "s.tif", image)
-    from conftest import LocalModel
-
     from buildseg.inference.postprocess import PostProcess
     from buildseg.inference.segmenter import Segmenter
+    from conftest import LocalModel
 
     bright = LocalModel()
     with torch.no_grad():  # logit > 0 exactly on bright pixels

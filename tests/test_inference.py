@@ -9,12 +9,11 @@ import torch
 
 from buildseg.cli import main
 from buildseg.errors import BuildsegError
-from buildseg.formats import rle
 from buildseg.inference.postprocess import PostProcess, apply, remove_small_components
 from buildseg.inference.segmenter import Segmenter
 from buildseg.inference.tta import forward_transform, inverse_transform, transforms
 from buildseg.models import ModelCard, build_model
-from buildseg.runtime.checkpoint import FORMAT, save_atomic
+from buildseg.runtime.checkpoint import save_atomic
 from buildseg.training.loop import train
 from conftest import tiny_config
 
@@ -218,9 +217,8 @@ def _covering_windows(length: int, window: int, overlap: float):
 
 
 def test_sliding_window_blend_equals_full_image_in_the_interior_and_is_not_uniform(monkeypatch):
-    from conftest import LocalModel
-
     from buildseg.inference import tiling
+    from conftest import LocalModel
 
     model = LocalModel()
     rng = np.random.default_rng(3)

@@ -1,4 +1,3 @@
-import itertools
 
 import numpy as np
 import pytest
@@ -8,7 +7,15 @@ from torchvision.ops import sigmoid_focal_loss
 
 from buildseg.errors import BuildsegError
 from buildseg.losses import (
-    LOSSES, BCELoss, DeepSupervisionLoss, FocalLoss, LovaszHingeLoss, dice_loss, jaccard_loss, parse_loss, tversky_loss,
+    LOSSES,
+    BCELoss,
+    DeepSupervisionLoss,
+    FocalLoss,
+    LovaszHingeLoss,
+    dice_loss,
+    jaccard_loss,
+    parse_loss,
+    tversky_loss,
 )
 
 

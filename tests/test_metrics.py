@@ -18,7 +18,7 @@ def brute_force_dice(preds, truths):
 
 def test_matches_brute_force_on_random_masks():
     rng = np.random.default_rng(0)
-    for trial in range(30):
+    for _trial in range(30):
         shape = tuple(rng.integers(1, 40, 2))
         preds = [random_mask(rng, shape) for _ in range(12)]
         truths = [random_mask(rng, shape) for _ in range(12)]

@@ -3,10 +3,9 @@ import torch
 from safetensors.torch import save_file
 
 from buildseg.errors import BuildsegError
-from buildseg.runtime.checkpoint import load_model
 from buildseg.models import ModelCard, build_model
 from buildseg.models.encoders import create_encoder
-from buildseg.runtime.checkpoint import FORMAT, save_atomic
+from buildseg.runtime.checkpoint import FORMAT, load_model, save_atomic
 
 SIZES = [(32, 32), (33, 47), (100, 300), (224, 224)]
 

@@ -1,6 +1,5 @@
 """The decoded-image store: bit-identical crops, invalidation, concurrent builds, fallbacks."""
 
-import os
 import subprocess
 import sys
 import time

@@ -1,8 +1,8 @@
 import json
-import signal
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -329,7 +329,7 @@ def test_monitor_f1_picks_best_pt_by_building_f1(synth_data, tmp_path, monkeypat
 
 def _no_batch_norm(trainer):
     """Batch statistics differ between batches of 4 and 8; without them the two are comparable."""
-    for name, module in list(trainer.model.named_modules()):
+    for _name, module in list(trainer.model.named_modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, torch.nn.BatchNorm2d):
                 setattr(module, child_name, torch.nn.Identity())

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, NoReturn, Sequence
 
 from buildseg.errors import BuildsegError, one_line
+from buildseg.outputs import FILE, FOLDER, check_outputs
 
 log = logging.getLogger("buildseg")
 
@@ -246,6 +247,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     base = resume_config(args.resume) if args.resume else load_config(args.config)
     overrides = overrides_from(args)
     config = apply_overrides(base, overrides, {k: flag_name(k) for k in overrides if k != "loss"})
+    check_outputs((config.train.out, "--out", FOLDER))
     result, tuned = train_and_tune(config, resume=args.resume)
     if result.is_main:
         print(f"best val {'building F1' if result.monitor == 'f1' else 'Dice'} {result.best_score:.4f} after {result.epochs_done} epochs (stopped by {result.stopped_by})")
@@ -286,6 +288,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise BuildsegError("--empty-vote blanks whole tiles (CSV/folder input); a GeoTIFF scene is not a tile: drop --empty-vote")
     if args.footprints and args.geojson:
         raise BuildsegError("give either --footprints or --geojson (the same thing, GeoJSON only), not both")
+    check_outputs((args.out, "--out", FOLDER if many else FILE), (args.masks_dir, "--masks-dir", FOLDER),
+                  (args.overlays_dir, "--overlays-dir", FOLDER), (args.footprints, "--footprints", FILE),
+                  (args.geojson, "--geojson", FILE))
     scenes = None
     if many:
         from buildseg.data.geo import list_scenes
@@ -348,6 +353,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from buildseg.report import render_report
 
+    check_outputs((args.out, "--out", FILE))
     path = render_report(args.pred, args.truth, args.out, args.images, tuple(args.shape) if args.shape else None,
                          args.worst)
     print(f"wrote {path}")
@@ -357,6 +363,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from buildseg.evaluation import evaluate_csv, evaluate_vectors, is_footprint_file
 
+    check_outputs((args.details, "--details", FILE))
     vectors = [is_footprint_file(args.pred), is_footprint_file(args.truth)]
     if any(vectors) and not all(vectors):
         raise BuildsegError(f"--pred {args.pred} and --truth {args.truth} must both be CSVs or both footprints "
@@ -384,9 +391,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from buildseg.data.datasets import GridTileDataset
     from buildseg.formats.tables import load_records
     from buildseg.inference.segmenter import Segmenter
-    from buildseg.runtime.checkpoint import checkpoint_paths
     from buildseg.inference.tune import format_table, store_in_checkpoint, tune_segmenter
+    from buildseg.runtime.checkpoint import checkpoint_paths
 
+    check_outputs((args.json, "--json", FILE))
     paths = checkpoint_paths(args.checkpoint)  # files, checked before any prediction work
     if not args.no_save:
         for path in paths:
@@ -420,6 +428,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from buildseg.inference.export import export_checked
 
+    check_outputs((args.onnx, "--onnx", FILE))
     path, diff = export_checked(args.checkpoint, args.onnx, args.opset, args.tolerance)
     print(f"wrote {path}; onnxruntime vs PyTorch fp32: max |logit diff| {diff:.2e}")
     return 0
@@ -455,6 +464,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
 def cmd_synth(args: argparse.Namespace) -> int:
     from buildseg.data.synth import write_dataset
 
+    check_outputs((args.out, "--out", FOLDER))
     paths = write_dataset(args.out, args.n_train, args.train_size, args.n_test, args.test_size, seed=args.seed)
     print(f"wrote {paths.train_csv}, {paths.test_csv}, {paths.test_truth_csv}")
     return 0
@@ -463,6 +473,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from buildseg.demo import run_demo
 
+    check_outputs((args.out, "--out", FOLDER))
     run_demo(Path(args.out), minutes=args.minutes, encoder=args.encoder)
     return 0
 

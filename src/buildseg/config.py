@@ -21,8 +21,8 @@ from typing import Any, Callable
 
 import yaml
 
-from buildseg.data.augment import AUGMENTATIONS
 from buildseg.atomic import atomic_open
+from buildseg.data.augment import AUGMENTATIONS
 from buildseg.errors import BuildsegError
 from buildseg.models.card import CARD_ONLY, ModelCard
 from buildseg.schema import SCHEMA_VERSION, upgrade_config

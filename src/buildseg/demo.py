@@ -8,16 +8,16 @@ from pathlib import Path
 import numpy as np
 
 from buildseg.config import Config
+from buildseg.data.datasets import GridTileDataset, split_records
 from buildseg.data.synth import write_dataset
 from buildseg.evaluation import evaluate_csv
-from buildseg.report import render_report
 from buildseg.formats import rle
 from buildseg.formats.images import overlay, read_rgb, write_png
 from buildseg.formats.tables import load_records, read_rle_table
 from buildseg.inference.predict import predict_records
 from buildseg.inference.segmenter import Segmenter
 from buildseg.inference.tune import default_row, format_table, predict_tiles, search, store_in_checkpoint
-from buildseg.data.datasets import GridTileDataset, split_records
+from buildseg.report import render_report
 from buildseg.training.loop import train
 
 

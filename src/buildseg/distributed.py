@@ -40,6 +40,9 @@ class DistInfo:
         return self.rank == 0
 
 
+
+SINGLE_PROCESS = DistInfo()  # the default of functions that also run under torchrun
+
 def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 

@@ -114,8 +114,8 @@ def footprints_of(path: str | Path, crs=None):
 
     path = Path(path)
     if path.suffix.lower() in RASTER_SUFFIXES:
-        from buildseg.formats.rasters import open_raster
         from buildseg.footprints.polygons import mask_polygons
+        from buildseg.formats.rasters import open_raster
 
         with open_raster(path) as src:
             mask = src.read(1) > 0

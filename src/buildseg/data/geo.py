@@ -292,8 +292,8 @@ class GeoGridDataset(Dataset):
         for s, scene in enumerate(self.scenes):
             if scene.val_region is None:
                 continue
-            for y, h in grid_offsets(scene.grid.height, tile):
-                for x, w in grid_offsets(scene.grid.width, tile):
+            for y, _h in grid_offsets(scene.grid.height, tile):
+                for x, _w in grid_offsets(scene.grid.width, tile):
                     centre = scene.window_box(y + tile / 2 - 0.5, x + tile / 2 - 0.5, 1, 1).centroid
                     if scene.val_region.contains(centre) and self._mostly_valid(s, y, x, max_nodata):
                         self.tiles.append(Window(s, y, x, tile))

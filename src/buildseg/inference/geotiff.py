@@ -36,8 +36,15 @@ from buildseg.errors import BuildsegError
 from buildseg.footprints.clean import FootprintOptions, clean_footprints
 from buildseg.footprints.polygons import block_parts, join_border_parts
 from buildseg.footprints.writers import check_footprint_path, to_cog, write_footprints
-from buildseg.formats.rasters import (check_bands, metres_per_unit, open_raster, raster_stretch, read_window,
-                                      require_rasterio, scene_grid)
+from buildseg.formats.rasters import (
+    check_bands,
+    metres_per_unit,
+    open_raster,
+    raster_stretch,
+    read_window,
+    require_rasterio,
+    scene_grid,
+)
 from buildseg.inference.segmenter import Segmenter
 
 log = logging.getLogger("buildseg")
@@ -94,7 +101,7 @@ def predict_geotiff(
     with open_raster(src_path) as src:
         check_bands(src, bands, src_path)
         if src.crs is None:
-            warnings.warn(f"{src_path} has no CRS: the mask keeps its pixel grid and polygons are in pixel coordinates")
+            warnings.warn(f"{src_path} has no CRS: the mask keeps its pixel grid and polygons are in pixel coordinates", stacklevel=2)
         grid = scene_grid(src, gsd, src_path)
         if grid.resampled:
             log.info("predicting %s at %g m per pixel (resampled x%.3g), written back on its own grid", src_path.name,

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from buildseg.data.datasets import to_tensors
-from buildseg.distributed import DistInfo, all_gather_object
+from buildseg.distributed import SINGLE_PROCESS, DistInfo, all_gather_object
 from buildseg.errors import BuildsegError
 from buildseg.formats import rle
 from buildseg.formats.images import overlay, read_image, write_png
@@ -95,7 +95,7 @@ def predict_records(
     overlays_dir: str | Path | None = None,
     skip_bad: bool = False,
     progress: bool = True,
-    dist: DistInfo = DistInfo(),
+    dist: DistInfo = SINGLE_PROCESS,
 ) -> tuple[list[str], PredictStats]:
     """RLE strings in ``records`` order (on rank 0 under torchrun) and timing statistics.
 

@@ -10,20 +10,19 @@ the validation tiles is printed, so the cost of int8 is known before it is used.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from buildseg.data.datasets import GridTileDataset
 from buildseg.atomic import atomic_path
+from buildseg.data.datasets import GridTileDataset
 from buildseg.errors import BuildsegError
 from buildseg.formats.tables import load_records
 from buildseg.inference import engines
 from buildseg.inference.segmenter import Segmenter
-from buildseg.runtime.checkpoint import checkpoint_paths
 from buildseg.inference.tune import predict_tiles, search
+from buildseg.runtime.checkpoint import checkpoint_paths
 
 log = logging.getLogger("buildseg")
 

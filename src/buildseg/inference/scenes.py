@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from buildseg.atomic import atomic_open
-from buildseg.distributed import DistInfo, barrier
+from buildseg.distributed import SINGLE_PROCESS, DistInfo, barrier
 from buildseg.errors import BuildsegError
 from buildseg.footprints.writers import write_footprints
 from buildseg.inference.geotiff import predict_geotiff
@@ -110,7 +110,7 @@ def _finished(out_dir: Path, scene: Path, key: str) -> dict | None:
 
 
 def predict_scenes(segmenter: Segmenter, scenes: list[Path], out_dir: str | Path, settings: SceneSettings,
-                   dist: DistInfo = DistInfo(), progress: bool = True) -> dict[str, Any]:
+                   dist: DistInfo = SINGLE_PROCESS, progress: bool = True) -> dict[str, Any]:
     """Predict every scene not yet done (this rank's share); rank 0 writes the merged layer and manifest."""
     out_dir = Path(out_dir)
     stems = [s.stem for s in scenes]

@@ -30,15 +30,23 @@ from buildseg import __version__
 from buildseg.config import Config
 from buildseg.distributed import all_gather, any_true, barrier, cleanup, device_for, init_distributed
 from buildseg.errors import BuildsegError
-from buildseg.losses import DeepSupervisionLoss
 from buildseg.models.factory import SegmentationModel
 from buildseg.runtime.checkpoint import load_checkpoint, prediction_payload, rng_state, save_atomic, set_rng_state
 from buildseg.runtime.device import autocast, resolve_device, resolve_precision, seed_everything
 from buildseg.training.logs import RunLog
 from buildseg.training.schedule import Progress, crop_side, make_optimizer, make_scheduler
-from buildseg.training.setup import (build_data, build_training_model, card_from_config, check_bands_config,
-                                     environment_info, freeze_encoder_norms, input_bands, loss_schedule, resume_config,
-                                     wrap_for_training)
+from buildseg.training.setup import (
+    build_data,
+    build_training_model,
+    card_from_config,
+    check_bands_config,
+    environment_info,
+    freeze_encoder_norms,
+    input_bands,
+    loss_schedule,
+    resume_config,
+    wrap_for_training,
+)
 from buildseg.training.signals import StopFlag
 from buildseg.training.validate import validate
 

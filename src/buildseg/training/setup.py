@@ -20,15 +20,15 @@ from torch.utils.data import DataLoader, Dataset
 
 from buildseg import __version__
 from buildseg.config import Config, config_from_dict
-from buildseg.data.store import open_store
 from buildseg.data.datasets import EpochSampler, GridTileDataset, TrainCropDataset, split_records
+from buildseg.data.store import open_store
 from buildseg.distributed import DistInfo
 from buildseg.errors import BuildsegError
 from buildseg.formats.tables import load_records
 from buildseg.losses import DeepSupervisionLoss, TargetsLoss, parse_loss
-from buildseg.training.signals import ignore_stop_signals
 from buildseg.models.factory import ModelCard, SegmentationModel, build_model
 from buildseg.runtime.device import default_workers
+from buildseg.training.signals import ignore_stop_signals
 
 log = logging.getLogger("buildseg")
 

@@ -14,9 +14,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from buildseg.data.datasets import GridTileDataset
+from buildseg.distributed import SINGLE_PROCESS, DistInfo, all_reduce
 from buildseg.instance_metrics import InstanceCounts, match_masks
 from buildseg.metrics import summarize
-from buildseg.distributed import DistInfo, all_reduce
 from buildseg.runtime.device import autocast
 
 
@@ -29,7 +29,7 @@ def tile_counts(
     batch_size: int,
     threshold: float = 0.5,
     channels_last: bool = True,
-    dist_info: DistInfo = DistInfo(),
+    dist_info: DistInfo = SINGLE_PROCESS,
     num_workers: int = 0,
 ) -> np.ndarray:
     """(n_tiles, 7) float64: pixel tp, fp, fn and buildings n_true, n_pred, n_matched, matched
@@ -62,7 +62,7 @@ def tile_counts(
     return all_reduce(counts, dist_info).numpy()
 
 
-def validate(model, dataset, device, precision, batch_size, threshold=0.5, channels_last=True, dist_info=DistInfo(), num_workers=0):
+def validate(model, dataset, device, precision, batch_size, threshold=0.5, channels_last=True, dist_info=SINGLE_PROCESS, num_workers=0):
     """Summary dict over the validation tiles: the pixel metrics (``dice``, ``n_scored``,
     ``iou``, ...) and the building ones (``f1``, ``building_precision``, ``building_recall``,
     ``mean_iou``)."""
