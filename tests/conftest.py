@@ -1,8 +1,10 @@
-"""Shared fixtures: a small synthetic competition-format dataset made on the fly."""
+"""Shared fixtures: a small synthetic competition-format dataset made on the fly, one
+engine cache for the whole test run, and one torch thread per pytest-xdist worker."""
 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +13,23 @@ import torch
 
 from buildseg.config import Config
 from buildseg.data.synth import write_dataset
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs 2 workers on 2 cores: one thread each, no oversubscription
+    os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the subprocesses the tests start
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_engine_cache(tmp_path_factory):
+    """Every test's ONNX/OpenVINO graphs in one folder: a checkpoint with the same weights
+    (write_tiny_checkpoint's seeds) is exported once per run, not once per test."""
+    previous = os.environ.get("BUILDSEG_ENGINE_CACHE")
+    os.environ["BUILDSEG_ENGINE_CACHE"] = str(tmp_path_factory.mktemp("engines"))
+    yield
+    if previous is None:
+        os.environ.pop("BUILDSEG_ENGINE_CACHE", None)
+    else:
+        os.environ["BUILDSEG_ENGINE_CACHE"] = previous
 
 
 @pytest.fixture(scope="session")

@@ -370,7 +370,7 @@ SUBPROCESS = {"predict data missing", "threshold above 1", "checkpoint pickle ru
               "tune data without masks", "export parity failure", "predict out is a folder"}
 
 
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SUBPROCESS else n for n in CASES])
 def test_bad_input_is_one_clear_line(name, world, tmp_path):
     if "export" in name:
         pytest.importorskip("onnxruntime")

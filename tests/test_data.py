@@ -176,6 +176,7 @@ def test_mask_channel_rule(tmp_path):
     np.testing.assert_array_equal(read_mask(tmp_path / "white.png"), building)
 
 
+@pytest.mark.slow
 def test_four_channel_images_train_and_predict_end_to_end(tmp_path):
     """RGB+NIR (here RGBA PNGs) train with in_chans 4 and predict with the same model."""
     from buildseg.cli import main

@@ -21,6 +21,7 @@ def checkpoints(tmp_path_factory):
 
 
 @pytest.mark.parametrize("engine", AVAILABLE)
+@pytest.mark.slow
 def test_engine_matches_torch_on_random_inputs(engine, checkpoints):
     a, b = checkpoints
     kwargs = dict(device="cpu", precision="fp32", tta="flip")
@@ -54,7 +55,9 @@ def test_openvino_static_and_dynamic_compiles_agree(checkpoints, monkeypatch, ma
 
 
 @pytest.mark.parametrize("engine", AVAILABLE)
+@pytest.mark.slow
 def test_the_onnx_cache_is_reused_and_rebuilt_when_the_checkpoint_changes(engine, tmp_path, monkeypatch):
+    monkeypatch.delenv("BUILDSEG_ENGINE_CACHE", raising=False)  # the folder beside the checkpoint
     ckpt = write_tiny_checkpoint(tmp_path / "m.pt", seed=3)
     exports = []
     from buildseg.inference import export
@@ -74,6 +77,10 @@ def test_the_onnx_cache_is_reused_and_rebuilt_when_the_checkpoint_changes(engine
     write_tiny_checkpoint(ckpt, seed=4)  # new weights in the same file
     Segmenter.from_checkpoint(ckpt, device="cpu", precision="fp32", engine=engine)
     assert len(exports) == 2 and len(list((tmp_path / ".buildseg-engines").glob("*.onnx"))) == 2
+    shared = tmp_path / "shared"  # one folder for every checkpoint, when the environment names one
+    monkeypatch.setenv("BUILDSEG_ENGINE_CACHE", str(shared))
+    Segmenter.from_checkpoint(ckpt, device="cpu", precision="fp32", engine=engine)
+    assert len(exports) == 3 and len(list(shared.glob("*.onnx"))) == 1
 
 
 def test_an_engine_that_is_not_installed_names_its_extra(monkeypatch, checkpoints):
@@ -90,7 +97,9 @@ def test_fp16_is_refused_off_torch():
         engines.build_engine("openvino", None, torch.device("cpu"), "fp16", False)
 
 
-def test_int8_needs_a_calibrated_model_then_follows_fp32(synth_data, tmp_path):
+@pytest.mark.slow
+def test_int8_needs_a_calibrated_model_then_follows_fp32(synth_data, tmp_path, monkeypatch):
+    monkeypatch.delenv("BUILDSEG_ENGINE_CACHE", raising=False)  # int8 models beside this test's checkpoint only
     pytest.importorskip("openvino")
     pytest.importorskip("nncf")
     from buildseg.inference.quantize import quantize
@@ -125,9 +134,11 @@ def test_auto_falls_back_to_torch_when_the_engine_fails(checkpoints, monkeypatch
         Segmenter.from_checkpoint(checkpoints[0], device="cpu", precision="fp32", engine="onnxruntime")
 
 
+@pytest.mark.slow
 def test_quantize_falls_back_to_accuracy_control_when_int8_loses_too_much(tmp_path, synth_data, monkeypatch):
     """Plain int8 that loses more than max_drop is redone with NNCF's accuracy control,
     whose validation function is the tile Dice; the int8 model that lands is the controlled one."""
+    monkeypatch.delenv("BUILDSEG_ENGINE_CACHE", raising=False)  # int8 models beside this test's checkpoint only
     pytest.importorskip("nncf")
     from buildseg.inference import quantize as quantize_mod
 

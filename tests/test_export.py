@@ -7,6 +7,7 @@ from buildseg.runtime.checkpoint import FORMAT, save_atomic
 pytest.importorskip("onnxruntime")  # installed by `make test` (the onnx extra)
 
 
+@pytest.mark.slow
 def test_onnx_export_parity_dynamic_batch_and_size(tmp_path, capsys):
     card = ModelCard(encoder="resnet18", decoder_channels=[32, 16, 16, 16, 8], deep_supervision=True, ds_ensemble=False)
     model = build_model(card)

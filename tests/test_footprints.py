@@ -119,6 +119,7 @@ def _predict_folder(checkpoint, folder, out, *extra):
                  "--block", "128", "--window", "128", "--device", "cpu", "--no-progress", *extra])
 
 
+@pytest.mark.slow
 def test_many_scenes_manifest_resume_and_merged_layer(scene_folder, tmp_path, monkeypatch):
     import buildseg.inference.scenes as scenes_mod
 
@@ -160,6 +161,7 @@ def test_many_scenes_manifest_resume_and_merged_layer(scene_folder, tmp_path, mo
     assert _predict_folder(checkpoint, scene_folder, out, "--min-area-m2", "5") == 0 and len(calls) == 3
 
 
+@pytest.mark.slow
 def test_scene_list_csv_and_parquet_format(scene_folder, tmp_path):
     checkpoint = write_tiny_checkpoint(tmp_path / "m.pt")
     listing = tmp_path / "list.csv"
@@ -169,6 +171,7 @@ def test_scene_list_csv_and_parquet_format(scene_folder, tmp_path):
     assert not (tmp_path / "out" / "tile_1_mask.tif").exists()
 
 
+@pytest.mark.slow
 def test_many_scenes_shared_by_two_torchrun_processes(scene_folder, tmp_path):
     import os
     import subprocess

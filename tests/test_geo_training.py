@@ -116,6 +116,7 @@ def test_gsd_resamples_windows_to_the_asked_pixel_size(fine_scene):
     assert np.abs(mask.astype(float) - truth.reshape(64, 2, 64, 2).mean(axis=(1, 3))).mean() < 0.05
 
 
+@pytest.mark.slow
 def test_train_then_predict_with_gsd_bands_and_the_same_stretch(fine_scene, scene, tmp_path, monkeypatch):
     run = tmp_path / "run"
     assert main(["train", "--data", str(scene.raster), "--labels", str(scene.labels), "--gsd", "0.5",
@@ -162,6 +163,7 @@ def test_train_then_predict_with_gsd_bands_and_the_same_stretch(fine_scene, scen
     assert not calls[0].resampled
 
 
+@pytest.mark.slow
 def test_scene_list_with_split_parquet_labels_and_four_bands_select_three(tmp_path):
     a = write_geo_scene(tmp_path / "a.tif", tmp_path / "a.parquet", size=192, seed=1, bands=4)
     b = write_geo_scene(tmp_path / "b.tif", tmp_path / "b.gpkg", size=192, seed=2, bands=4,

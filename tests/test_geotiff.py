@@ -39,6 +39,7 @@ def write_tif(path, crs):
     return path
 
 
+@pytest.mark.slow
 def test_geotiff_in_georeferenced_mask_and_polygons_out(checkpoint, tmp_path):
     src = write_tif(tmp_path / "scene.tif", "EPSG:32633")
     out, geojson = tmp_path / "mask.tif", tmp_path / "b.geojson"

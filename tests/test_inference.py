@@ -58,7 +58,7 @@ def test_sliding_window_matches_full_image_away_from_borders():
 
 def test_sliding_window_has_no_seams_on_a_constant_image():
     seg = small_segmenter(window=128, overlap=0.25)
-    prob = seg.predict_proba(np.full((400, 400, 3), 120, dtype=np.uint8))
+    prob = seg.probabilities(np.full((400, 400, 3), 120, dtype=np.uint8)).mean[0, 0]
     inner = prob[40:-40, 40:-40]
     # a seam would show as a jump between neighbouring pixels
     assert np.abs(np.diff(inner, axis=0)).max() < 1e-3 and np.abs(np.diff(inner, axis=1)).max() < 1e-3
@@ -84,6 +84,7 @@ def test_empty_rules():
     assert apply(prob, PostProcess(threshold=0.5, empty_min_area=2)).sum() == 0
 
 
+@pytest.mark.slow
 def test_predict_evaluate_round_trip_through_the_cli(trained, synth_data, tmp_path, capsys):
     sub = tmp_path / "sub.csv"
     assert main(["predict", "--checkpoint", str(trained), "--data", str(synth_data / "test.csv"), "--out", str(sub),
@@ -151,6 +152,7 @@ def test_checkpoint_load_errors(trained, tmp_path):
         seg.predict(np.zeros((64, 64, 4), np.uint8))
 
 
+@pytest.mark.slow
 def test_segmenter_api_and_ensemble(trained):
     from buildseg import Segmenter as Exported
 
@@ -161,6 +163,7 @@ def test_segmenter_api_and_ensemble(trained):
     assert seg.predict(image).shape == (64, 64)
 
 
+@pytest.mark.slow
 def test_distributed_predict_matches_single_process(trained, synth_data, tmp_path):
     one, two = tmp_path / "one.csv", tmp_path / "two.csv"
     base = ["-m", "buildseg", "predict", "--checkpoint", str(trained), "--data", str(synth_data / "test.csv"),
@@ -183,6 +186,7 @@ def test_cli_config_errors(tmp_path, capsys):
     assert "unknown section" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_cli_flags_reach_the_config(synth_data, tmp_path):
     out = tmp_path / "r"
     code = main(["train", "--data", str(synth_data / "train.csv"), "--out", str(out), "--encoder", "resnet18", "--weights", "none",
@@ -252,6 +256,7 @@ def test_sliding_window_blend_equals_full_image_in_the_interior_and_is_not_unifo
     assert (gauss - full)[unsafe].abs().mean() < (uniform - full)[unsafe].abs().mean()
 
 
+@pytest.mark.slow
 def test_ensemble_of_two_different_checkpoints_is_the_mean_of_their_probabilities(tmp_path):
     from conftest import write_tiny_checkpoint
 

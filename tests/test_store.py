@@ -132,6 +132,7 @@ def test_auto_picks_ram_when_it_fits_and_disk_when_not(records):
     assert choose_mode("none", records, 3, 0.25) == "none"
 
 
+@pytest.mark.slow
 def test_cache_cli_builds_ahead_and_training_reuses_it(synth_data, tmp_path, capsys):
     cache = tmp_path / "cache"
     assert main(["cache", "--data", str(synth_data / "train.csv"), "--cache-dir", str(cache)]) == 0

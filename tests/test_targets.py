@@ -82,6 +82,7 @@ def test_separate_leaves_no_8_adjacency():
         assert len(np.unique(instances[labels == k])) == 1
 
 
+@pytest.mark.slow
 def test_two_target_model_trains_and_predicts_split(tmp_path):
     from buildseg.cli import main
     from buildseg.data.synth import write_dataset

@@ -20,6 +20,7 @@ from conftest import tiny_config
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_training_lowers_the_loss_and_writes_the_run(synth_data, tmp_path):
     config = tiny_config(synth_data, tmp_path / "run", epochs=4, lr=3e-3)
     config.data.crops_per_image = 4
@@ -33,6 +34,7 @@ def test_training_lowers_the_loss_and_writes_the_run(synth_data, tmp_path):
     assert 0 <= result.best_score <= 1
 
 
+@pytest.mark.slow
 def test_bf16_training_lowers_the_loss(synth_data, tmp_path):
     config = tiny_config(synth_data, tmp_path / "run", epochs=3, lr=3e-3, precision="bf16")
     config.data.crops_per_image = 4
@@ -40,6 +42,7 @@ def test_bf16_training_lowers_the_loss(synth_data, tmp_path):
     assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
 
 
+@pytest.mark.slow
 def test_precision_auto_trains_in_bf16_where_the_cpu_has_it(synth_data, tmp_path, monkeypatch):
     """On an AMX / AVX512-BF16 CPU, --precision auto must really run the training forward in
     bf16 (and validate in it), not only name it: the decoder's activations are checked."""
@@ -74,6 +77,7 @@ def _weights(path):
     return torch.load(path, weights_only=True)["model"]
 
 
+@pytest.mark.slow
 def test_resume_mid_run_is_bit_exact(synth_data, tmp_path):
     def config(out):
         c = tiny_config(synth_data, out, epochs=2, deterministic=True, ema=0.9)
@@ -106,6 +110,7 @@ def test_resume_mid_run_is_bit_exact(synth_data, tmp_path):
         assert torch.equal(a[key], b[key]), key
 
 
+@pytest.mark.slow
 def test_nonfinite_losses_are_skipped_then_abort(synth_data, tmp_path, monkeypatch):
     config = tiny_config(synth_data, tmp_path / "run", epochs=1, max_nonfinite=3)
     trainer = Trainer(config)
@@ -128,6 +133,7 @@ def test_nonfinite_losses_are_skipped_then_abort(synth_data, tmp_path, monkeypat
         trainer.run()
 
 
+@pytest.mark.slow
 def test_time_limit_stops_with_validation_and_checkpoint(synth_data, tmp_path):
     config = tiny_config(synth_data, tmp_path / "run", epochs=1000, time_limit=0.05)
     result = train(config)
@@ -162,6 +168,7 @@ KILL_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_sigkill_during_checkpoint_write_leaves_a_loadable_last_pt(synth_data, tmp_path):
     out = tmp_path / "run"
     script = KILL_SCRIPT.format(tests=str(REPO / "tests"), data=str(synth_data), out=str(out))
@@ -173,6 +180,7 @@ def test_sigkill_during_checkpoint_write_leaves_a_loadable_last_pt(synth_data, t
     assert result.epochs_done == 2
 
 
+@pytest.mark.slow
 def test_torchrun_two_gloo_processes(synth_data, tmp_path):
     out = tmp_path / "ddp"
     cfg = tmp_path / "cfg.yaml"
@@ -192,6 +200,7 @@ def test_torchrun_two_gloo_processes(synth_data, tmp_path):
     assert load_checkpoint(out / "last.pt")["epoch"] == 2
 
 
+@pytest.mark.slow
 def test_tensorboard_scalars_match_the_history(synth_data, tmp_path):
     pytest.importorskip("tensorboard")  # installed by the project's test setup (make)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -208,12 +217,14 @@ def test_tensorboard_scalars_match_the_history(synth_data, tmp_path):
         assert [v for _, v in logged] == pytest.approx([v for _, v in expected], abs=1e-6), key
 
 
+@pytest.mark.slow
 def test_training_without_tensorboard_installed_still_logs(synth_data, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import now raises ImportError
     train(tiny_config(synth_data, tmp_path / "run"))
     assert (tmp_path / "run" / "history.csv").is_file() and not (tmp_path / "run" / "tensorboard").exists()
 
 
+@pytest.mark.slow
 def test_failing_torch_compile_falls_back_to_eager(synth_data, tmp_path, monkeypatch):
     class Broken(torch.nn.Module):  # what a compiled model does without a working compiler: fail at first call
         def forward(self, images):
@@ -237,6 +248,7 @@ def test_eager_errors_are_not_hidden_by_the_compile_fallback(synth_data, tmp_pat
 
 
 @pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None, reason="torch.compile on CPU needs a C++ compiler")
+@pytest.mark.slow
 def test_torch_compile_trains_for_real(synth_data, tmp_path):
     trainer = Trainer(tiny_config(synth_data, tmp_path / "run", compile=True))
     result = trainer.run()
@@ -258,11 +270,13 @@ def test_cpu_clock_counts_work_not_waiting():
         Progress(100, 10.0, "gpu")
 
 
+@pytest.mark.slow
 def test_time_limit_on_the_cpu_clock_stops_the_run(synth_data, tmp_path):
     result = train(tiny_config(synth_data, tmp_path / "run", epochs=1000, time_limit=0.05, time_limit_clock="cpu"))
     assert result.stopped_by == "time_limit" and "val_dice" in result.history[-1]
 
 
+@pytest.mark.slow
 def test_loss_switches_at_the_scheduled_epoch(synth_data, tmp_path):
     config = tiny_config(synth_data, tmp_path / "run", epochs=2, switch_loss="lovasz", switch_loss_epoch=1)
     config.data.crops_per_image = 6
@@ -293,6 +307,7 @@ def test_best_pt_holds_the_ema_weights(synth_data, tmp_path):
     assert differs  # the EMA is not the raw weights
 
 
+@pytest.mark.slow
 def test_early_stopping_stops_after_patience(synth_data, tmp_path, monkeypatch):
     from buildseg.training import loop
 
@@ -309,6 +324,7 @@ def test_early_stopping_stops_after_patience(synth_data, tmp_path, monkeypatch):
     assert result.best_score == 0.5 and [r["val_dice"] for r in result.history] == [0.5, 0.4, 0.45]
 
 
+@pytest.mark.slow
 def test_monitor_f1_picks_best_pt_by_building_f1(synth_data, tmp_path, monkeypatch):
     from buildseg.training import loop
 
@@ -435,6 +451,7 @@ def _assert_same_weights(a_path, b_path):
         assert torch.equal(a[key], b[key]), key
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_resumes_exactly(synth_data, tmp_path):
     train(_resume_config(synth_data, tmp_path / "straight", 10.0))
     code, stdout, stderr = _interrupted_run(synth_data, tmp_path / "killed", 10.0, signal.SIGTERM)
@@ -446,6 +463,7 @@ def test_sigterm_saves_and_resumes_exactly(synth_data, tmp_path):
     _assert_same_weights(tmp_path / "straight" / "last.pt", tmp_path / "killed" / "last.pt")
 
 
+@pytest.mark.slow
 def test_sigterm_to_the_process_group_with_loader_workers_still_saves(synth_data, tmp_path):
     """Schedulers and Ctrl-C signal the whole group: the workers must not die first."""
     code, stdout, stderr = _interrupted_run(synth_data, tmp_path / "killed", 10.0, signal.SIGTERM, workers=1)
@@ -453,6 +471,7 @@ def test_sigterm_to_the_process_group_with_loader_workers_still_saves(synth_data
     assert load_checkpoint(tmp_path / "killed" / "last.pt")["step"] > 0
 
 
+@pytest.mark.slow
 def test_kill_9_after_a_timed_checkpoint_resumes_mid_epoch_exactly(synth_data, tmp_path):
     train(_resume_config(synth_data, tmp_path / "straight", 10.0))
     save_every = 0.001  # minutes: a timed last.pt after nearly every step
@@ -465,6 +484,7 @@ def test_kill_9_after_a_timed_checkpoint_resumes_mid_epoch_exactly(synth_data, t
     _assert_same_weights(tmp_path / "straight" / "last.pt", tmp_path / "killed" / "last.pt")
 
 
+@pytest.mark.slow
 def test_encoder_lr_scale_and_a_time_based_one_cycle(synth_data, tmp_path):
     from buildseg.training.schedule import make_optimizer, one_cycle
 
@@ -506,6 +526,7 @@ def test_frozen_encoder_norms_keep_their_statistics_and_affine(synth_data, tmp_p
     assert all(not p.requires_grad for m in norms.values() for p in m.parameters())
 
 
+@pytest.mark.slow
 def test_progressive_crops_grow_to_the_full_crop(synth_data, tmp_path):
     from buildseg.training.schedule import crop_side
 

@@ -67,6 +67,7 @@ def test_search_beats_the_default_on_specks_over_empty_tiles():
     assert best.summary["dice"] >= default.summary["dice"]
 
 
+@pytest.mark.slow
 def test_tune_cli_stores_the_best_setting_for_predict(synth_data, tmp_path, capsys):
     config = tiny_config(synth_data, tmp_path / "run", epochs=1)
     train(config)
@@ -89,6 +90,7 @@ def test_tune_cli_stores_the_best_setting_for_predict(synth_data, tmp_path, caps
     assert ckpt.stat().st_mtime_ns != before and "best.pt" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_train_cli_tunes_at_the_end_and_stores_it_in_best_pt(synth_data, tmp_path, capsys):
     import torch
 

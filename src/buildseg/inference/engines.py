@@ -8,7 +8,8 @@
 
 The ONNX graph is the one ``buildseg export`` writes and parity-checks: normalisation,
 stride padding and the crop back inside, dynamic batch, height and width, weights inlined. It is cached next
-to the checkpoint (``<checkpoint folder>/.buildseg-engines/``, else the user cache), keyed by
+to the checkpoint (``<checkpoint folder>/.buildseg-engines/``, else the user cache, or wherever
+``BUILDSEG_ENGINE_CACHE`` points), keyed by
 a hash of the weights and model card and the deep-supervision-ensemble switch, so the second
 run starts at once and a changed checkpoint is exported again; OpenVINO's own compiled-blob
 cache sits beside it. Inputs smaller than the encoder's stride are padded as the torch model
@@ -76,7 +77,14 @@ def model_key(model: SegmentationModel) -> str:
     return digest.hexdigest()[:24]
 
 
+CACHE_ENV = "BUILDSEG_ENGINE_CACHE"  # one folder for every checkpoint's graphs (a fleet's shared disk, a test run)
+
+
 def cache_folder(checkpoint: Path | None) -> Path:
+    """``$BUILDSEG_ENGINE_CACHE`` when set; else beside the checkpoint; else the user cache.
+    Graphs are keyed by :func:`model_key`, so one folder can serve many checkpoints."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
     if checkpoint is not None and os.access(checkpoint.parent, os.W_OK):
         return checkpoint.parent / ".buildseg-engines"
     return user_cache_dir("engines")
