@@ -76,9 +76,9 @@ def evaluate(checkpoint: Path, config, train_csv: Path, heldout_csv: Path, spec:
     post = PostProcess()
     if spec.get("tune"):
         _, val = split_records(load_records(train_csv), config.data.val_fraction, config.train.seed)
-        probs, truths = predict_tiles(seg, GridTileDataset(val, 224))
+        probs, truths = predict_tiles(seg, GridTileDataset(val, tile=224))
         post = search(probs, truths)[0].post
-    probs, truths = predict_tiles(seg, GridTileDataset(load_records(heldout_csv), 224))
+    probs, truths = predict_tiles(seg, GridTileDataset(load_records(heldout_csv), tile=224))
     board = Scoreboard()
     for prob, truth in zip(probs, truths):
         board.add(apply(prob, post), truth)

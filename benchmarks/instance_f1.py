@@ -61,7 +61,7 @@ def tile_maps(seg: Segmenter, dataset: GridTileDataset, batch: int = 16):
 
 def score(seg: Segmenter, heldout_csv: Path, regularize: bool) -> dict[str, dict]:
     """Per evaluation row: Dice and building metrics over the held-out tiles."""
-    dataset = GridTileDataset(load_records(heldout_csv), 224)
+    dataset = GridTileDataset(load_records(heldout_csv), tile=224)
     rows = {"mask": (Scoreboard(), InstanceCounts())}
     if seg.split:
         rows["mask, no split"] = (Scoreboard(), InstanceCounts())
@@ -137,7 +137,7 @@ def main() -> None:
                 # post-processing tuned for building F1 on the training side's held-out 15%, as
                 # `buildseg tune --objective f1` would (threshold, min-area, empty rule)
                 _, val = split_records(load_records(train_csv), config.data.val_fraction, config.train.seed)
-                seg.postprocess = tune_segmenter(seg, GridTileDataset(val, 224), "f1").best
+                seg.postprocess = tune_segmenter(seg, GridTileDataset(val, tile=224), "f1").best
                 for evaluation, summary in score(seg, heldout_csv, regularize=len(targets) == 1).items():
                     results.setdefault(f"{model_name}: {evaluation}", []).append(summary)
                     print(f"{model_name} / {evaluation} / {fold} / seed {seed}: Dice {summary['dice']:.4f}, "

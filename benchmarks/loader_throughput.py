@@ -75,9 +75,9 @@ def main() -> None:
         builds[mode] = (time.perf_counter() - started, stats.bytes)
         stores[mode] = store
 
-    datasets = {"none (decode per crop, reference)": TrainCropDataset(records, args.crop, crops, seed=0)}
+    datasets = {"none (decode per crop, reference)": TrainCropDataset(records, crop_size=args.crop, crops_per_image=crops, seed=0)}
     for mode, store in stores.items():
-        datasets[f"{mode} store"] = TrainCropDataset(records, args.crop, crops, seed=0, store=store)
+        datasets[f"{mode} store"] = TrainCropDataset(records, crop_size=args.crop, crops_per_image=crops, seed=0, store=store)
     reference = datasets["none (decode per crop, reference)"]
     for name, dataset in datasets.items():  # the same samples, bit for bit
         for i in range(0, len(reference), max(1, len(reference) // 16)):

@@ -115,7 +115,7 @@ def loader_rate(data: str, batch: int, batches: int) -> tuple[float, int]:
     from buildseg.formats.tables import load_records
     from buildseg.runtime.device import default_workers
 
-    dataset = TrainCropDataset(load_records(data, require_masks=True), 224)
+    dataset = TrainCropDataset(load_records(data, require_masks=True), crop_size=224)
     sampler = EpochSampler(dataset, seed=0)
     workers = default_workers(-1)
     loader = DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=workers, persistent_workers=workers > 0)

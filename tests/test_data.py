@@ -210,8 +210,8 @@ def test_named_augmentations_and_scale(tmp_path):
 
     write_dataset(tmp_path, n_train=2, train_size=256, n_test=1, test_size=64, seed=0, progress=False)
     records = load_records(tmp_path / "train.csv", require_masks=True)
-    plain = TrainCropDataset(records, 64, 4, augment=False, seed=1)
-    scaled = TrainCropDataset(records, 64, 4, augment=True, seed=1, augmentations=AUGMENTATIONS, scale_range=(2.0, 2.0))
+    plain = TrainCropDataset(records, crop_size=64, crops_per_image=4, augment=False, seed=1)
+    scaled = TrainCropDataset(records, crop_size=64, crops_per_image=4, augment=True, seed=1, augmentations=AUGMENTATIONS, scale_range=(2.0, 2.0))
     for i in range(4):
         image, mask = scaled[(0, i)]
         assert image.shape == (3, 64, 64) and mask.shape == (1, 64, 64) and set(mask.unique().tolist()) <= {0, 1}

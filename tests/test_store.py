@@ -28,10 +28,10 @@ def records(synth_data):
 def test_store_crops_are_bit_identical_to_decoded_crops(records, tmp_path, mode):
     store = DecodedStore(records, 3, mode, tmp_path / "cache")
     store.build()
-    decoded = TrainCropDataset(records, 96, 4, augment=True, seed=3)
-    stored = TrainCropDataset(records, 96, 4, augment=True, seed=3, store=store)
-    small = TrainCropDataset(records, 300, 1, augment=True, seed=3)  # larger than the 256 px images: padded
-    small_stored = TrainCropDataset(records, 300, 1, augment=True, seed=3, store=store)
+    decoded = TrainCropDataset(records, crop_size=96, crops_per_image=4, augment=True, seed=3)
+    stored = TrainCropDataset(records, crop_size=96, crops_per_image=4, augment=True, seed=3, store=store)
+    small = TrainCropDataset(records, crop_size=300, crops_per_image=1, augment=True, seed=3)  # larger than the 256 px images: padded
+    small_stored = TrainCropDataset(records, crop_size=300, crops_per_image=1, augment=True, seed=3, store=store)
     for epoch in (0, 1):
         for i in range(len(decoded)):
             a, b = decoded[(epoch, i)], stored[(epoch, i)]
@@ -98,8 +98,8 @@ def test_two_processes_building_at_once_make_one_valid_store(synth_data, tmp_pat
     assert len(list(cache.glob("*.image.npy"))) == len(records)
     store = DecodedStore(records, 3, "disk", cache)
     assert store.build().built == 0
-    decoded = TrainCropDataset(records, 64, 2, seed=1)
-    stored = TrainCropDataset(records, 64, 2, seed=1, store=store)
+    decoded = TrainCropDataset(records, crop_size=64, crops_per_image=2, seed=1)
+    stored = TrainCropDataset(records, crop_size=64, crops_per_image=2, seed=1, store=store)
     assert all(torch.equal(decoded[(0, i)][0], stored[(0, i)][0]) for i in range(len(decoded)))
 
 

@@ -31,7 +31,13 @@ def test_training_lowers_the_loss_and_writes_the_run(synth_data, tmp_path):
         assert (tmp_path / "run" / name).is_file(), name
     payload = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
     assert payload["model_card"]["encoder"] == "resnet18" and len(payload["model_card"]["mean"]) == 3
-    assert 0 <= result.best_score <= 1
+    assert 0 <= result.best_score <= 1 and result.monitor == "dice"
+    # best.pt holds what prediction needs, last.pt what resume needs: the shipped file is as small as its weights
+    last = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert {"optimizer", "scheduler", "scaler", "rng"} <= set(last) and not {"optimizer", "scheduler", "scaler", "rng"} & set(payload)
+    assert {"model", "model_card", "postprocess", "input", "schema"} <= set(payload)
+    assert (tmp_path / "run" / "best.pt").stat().st_size < 0.7 * (tmp_path / "run" / "last.pt").stat().st_size
+    assert last["best_score"] == result.best_score and last["monitor"] == "dice"
 
 
 @pytest.mark.slow

@@ -84,6 +84,26 @@ def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in vars(args).items() if "." in k or k == "loss"}
 
 
+def inference_flags() -> argparse.ArgumentParser:
+    """Flags every predicting command shares (predict, tune), declared once; the choices come
+    from the modules that define them."""
+    from buildseg.inference.engines import ENGINES
+    from buildseg.inference.tta import TTA_MODES
+    from buildseg.runtime.device import PRECISIONS
+
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("--tta", default="none", choices=TTA_MODES, help="test-time augmentation (default none)")
+    parent.add_argument("--batch-size", type=POSITIVE_INT, default=32)
+    parent.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parent.add_argument("--precision", default="auto", choices=[*PRECISIONS, "int8"],
+                        help="auto: bf16 on GPUs and CPUs with native bf16, else fp32; int8 after `buildseg quantize`")
+    parent.add_argument("--engine", default="auto", choices=ENGINES,
+                        help="inference engine (default auto: openvino on x86 CPUs where installed, else torch; falls "
+                             "back to torch if the model does not compile); openvino and onnxruntime cache the ONNX "
+                             "graph next to the checkpoint")
+    return parent
+
+
 def build_parser() -> argparse.ArgumentParser:
     from buildseg import __version__
 
@@ -98,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nproc", type=POSITIVE_INT, default=1, help="launch N processes with torchrun (DDP)")
     add_config_flags(p)
 
-    p = sub.add_parser("predict", help="predict a test CSV/folder into a submission CSV")
+    shared = inference_flags()
+    p = sub.add_parser("predict", parents=[shared], help="predict a test CSV/folder into a submission CSV")
     p.add_argument("--checkpoint", action="append", required=True, help="checkpoint .pt or run folder; repeat to ensemble")
     p.add_argument("--data", required=True, help="test CSV (img_id,img_path) or folder with images/; a GeoTIFF; or "
                    "many scenes: a folder of GeoTIFFs or a CSV with a 'path' column")
@@ -106,20 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "the output folder)")
     p.add_argument("--threshold", type=PROBABILITY, help="probability threshold (default: the checkpoint's, else 0.5)")
     p.add_argument("--min-area", type=_ranged(int, 0), help="remove components smaller than this many pixels")
-    p.add_argument("--tta", default="none", choices=["none", "flip", "d4"])
     p.add_argument("--ds-ensemble", action=argparse.BooleanOptionalAction, default=None,
                    help="average all deep-supervision heads (default: the checkpoint's setting)")
     p.add_argument("--empty-vote", type=_ranged(int, 0), default=0,
                    help="tile is empty if at least K ensemble members see nothing (0: off; K <= number of checkpoints)")
-    p.add_argument("--batch-size", type=POSITIVE_INT, default=32)
     p.add_argument("--window", type=_ranged(int, 32), default=1024, help="sliding-window size for larger images")
     p.add_argument("--overlap", type=_ranged(float, 0.0, 1.0), default=0.25, help="sliding-window overlap, in [0, 1)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16", "int8"])
-    p.add_argument("--engine", default="auto", choices=["auto", "torch", "openvino", "onnxruntime"],
-                   help="inference engine (default auto: openvino on x86 CPUs where installed, else torch; falls back "
-                        "to torch if the model does not compile); openvino and onnxruntime cache the ONNX graph next "
-                        "to the checkpoint")
     p.add_argument("--num-workers", type=_ranged(int, -1), default=-1)
     p.add_argument("--masks-dir", help="also write PNG masks here")
     p.add_argument("--overlays-dir", help="also write overlay PNGs here")
@@ -167,18 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--details", help="write one row per building (side, area, matched building, IoU) to this CSV")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
 
-    p = sub.add_parser("tune", help="search threshold x min-area x empty rule for the competition Dice; store it in the checkpoint")
+    p = sub.add_parser("tune", parents=[shared], help="search threshold x min-area x empty rule for the competition Dice; store it in the checkpoint")
     p.add_argument("--checkpoint", action="append", required=True, help="checkpoint .pt; repeat to tune an ensemble")
     p.add_argument("--data", required=True, help="validation CSV/folder with masks (cut into a grid of --tile tiles)")
     p.add_argument("--tile", type=_ranged(int, 16), default=224)
-    p.add_argument("--tta", default="none", choices=["none", "flip", "d4"])
-    p.add_argument("--batch-size", type=POSITIVE_INT, default=32)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16", "int8"])
-    p.add_argument("--engine", default="auto", choices=["auto", "torch", "openvino", "onnxruntime"],
-                   help="inference engine (default auto: openvino on x86 CPUs where installed, else torch; falls back "
-                        "to torch if the model does not compile); openvino and onnxruntime cache the ONNX graph next "
-                        "to the checkpoint")
     p.add_argument("--objective", default="dice", choices=["dice", "f1"],
                    help="what the best setting maximises: competition Dice or building F1 at IoU 0.5 (default dice)")
     p.add_argument("--no-save", action="store_true", help="print only; do not write the setting into the checkpoint")
@@ -263,7 +268,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _geo_settings(args: argparse.Namespace, segmenter) -> dict[str, Any]:
-    """GSD and bands for GeoTIFF prediction: the flags, else what the checkpoint was trained on."""
+    """The GeoTiffSettings fields from the flags; GSD and bands default to what the checkpoint
+    was trained on."""
     from buildseg.config import coerce
 
     gsd = None if args.native_resolution else args.gsd or segmenter.input.get("gsd")
@@ -318,10 +324,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
                       f"{summary['merged']} ({summary['n_footprints']} footprints); manifest {Path(args.out) / 'manifest.json'}")
             return 0
         if geotiff:
-            from buildseg.inference.geotiff import predict_geotiff
+            from buildseg.inference.geotiff import GeoTiffSettings, predict_geotiff
 
             result = predict_geotiff(segmenter, args.data, args.out, args.footprints or args.geojson,
-                                     progress=not args.no_progress, **_geo_settings(args, segmenter))
+                                     GeoTiffSettings(**_geo_settings(args, segmenter)), progress=not args.no_progress)
             print(f"wrote {result.mask_path} (CRS {result.crs or 'none: pixel coordinates'})")
             if result.footprints_path:
                 print(f"wrote {result.footprints_path}: {result.n_polygons} building footprints (area in "
@@ -403,7 +409,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     records = load_records(args.data, require_masks=True)
     segmenter = Segmenter.from_checkpoint(paths, device=args.device, precision=args.precision, tta=args.tta,
                                           engine=args.engine)
-    dataset = GridTileDataset(records, args.tile, segmenter.in_chans)
+    dataset = GridTileDataset(records, tile=args.tile, in_chans=segmenter.in_chans)
     tuned = tune_segmenter(segmenter, dataset, args.objective, args.batch_size)
     rows, best = tuned.rows, tuned.best
     print(f"{len(dataset)} validation tiles, {len(rows)} settings, best by {args.objective}\n")

@@ -84,7 +84,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     optimizer: str = "adamw"  # adamw | sgd
     scheduler: str = "onecycle"  # onecycle | cosine | plateau | none (both follow the time limit); onecycle won the
-    # generalisation ablation by +0.040 Dice, in all 4 fold x seed pairs (benchmarks/README.md)
+    # generalisation ablation (benchmarks/README.md)
     encoder_lr_scale: float = 1.0  # the encoder's learning rate = lr x this (e.g. 0.1 for a pretrained encoder)
     warmup_steps: int = 50
     time_limit: float | None = None  # minutes, fractional allowed; validation included

@@ -63,7 +63,7 @@ def run_demo(out: Path, minutes: float = 4.0, encoder: str = "resnet18") -> dict
     best_pt = result.run_dir / "best.pt"
     _, val_records = split_records(load_records(paths_train), config.data.val_fraction, config.train.seed)
     tuner = Segmenter.from_checkpoint(best_pt)
-    probs, truths = predict_tiles(tuner, GridTileDataset(val_records, config.data.val_tile))
+    probs, truths = predict_tiles(tuner, GridTileDataset(val_records, tile=config.data.val_tile))
     rows = search(probs, truths)
     print(format_table(rows, default_row(probs, truths), top=3))
     store_in_checkpoint(best_pt, rows[0].post)

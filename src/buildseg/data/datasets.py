@@ -66,6 +66,7 @@ class TrainCropDataset(Dataset):
     def __init__(
         self,
         records: Sequence[Record],
+        *,
         crop_size: int = 224,
         crops_per_image: int = 1,
         augment: bool = True,
@@ -203,7 +204,7 @@ class GridTileDataset(Dataset):
     the real pixels only.
     """
 
-    def __init__(self, records: Sequence[Record], tile: int = 224, in_chans: int = 3) -> None:
+    def __init__(self, records: Sequence[Record], *, tile: int = 224, in_chans: int = 3) -> None:
         from buildseg.formats.images import image_size
 
         self.records = list(records)

@@ -196,7 +196,7 @@ class Window:
 class GeoWindowDataset(Dataset):
     """Random training windows of ``crop_size`` grid pixels; same sample protocol as TrainCropDataset."""
 
-    def __init__(self, scenes: Sequence[Scene], bands: list[int], crop_size: int = 224, samples_per_epoch: int = 0,
+    def __init__(self, scenes: Sequence[Scene], bands: list[int], *, crop_size: int = 224, samples_per_epoch: int = 0,
                  augment: bool = True, seed: int = 0, positive_fraction: float = 0.5, max_nodata: float = 0.2,
                  all_touched: bool = False, targets: Sequence[str] = ("footprint",),
                  augmentations: Sequence[str] = ("d4", "colour")) -> None:
@@ -282,7 +282,7 @@ class GeoGridDataset(Dataset):
     Items are ``(image, mask, valid)`` like :class:`GridTileDataset`'s, so validation scores both alike.
     """
 
-    def __init__(self, scenes: Sequence[Scene], bands: list[int], tile: int = 224, max_nodata: float = 0.2,
+    def __init__(self, scenes: Sequence[Scene], bands: list[int], *, tile: int = 224, max_nodata: float = 0.2,
                  all_touched: bool = False) -> None:
         self.scenes = list(scenes)
         self.reader = SceneReader(self.scenes, bands)

@@ -27,8 +27,9 @@ from __future__ import annotations
 
 import logging
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -64,20 +65,31 @@ class GeoResult:
         return self.footprints_path
 
 
+@dataclass(frozen=True)
+class GeoTiffSettings:
+    """Everything besides the checkpoint that changes a GeoTIFF scene's outputs: one object for
+    the single-scene path, the many-scene path (``SceneSettings`` adds the layer format) and
+    the CLI, so a setting is declared, defaulted and documented once."""
+
+    block: int = 2048  # pixels per processing block
+    simplify: float | None = None  # footprint tolerance in CRS units; None: one pixel; 0: exact outlines
+    stretch: str = "percentile"  # non-8-bit input: per-band 2-98 percentile stretch, or "none" (clip)
+    gsd: float | None = None  # metres per pixel to predict at; None: the raster's own
+    bands: list[int] | None = None  # 1-based bands to read; None: 1..in_chans
+    min_area_m2: float = 0.0  # footprints smaller than this ground area are dropped
+    regularize: bool = False  # right-angle footprints (buildingregulariser)
+
+
 def predict_geotiff(
     segmenter: Segmenter,
     src_path: str | Path,
     mask_path: str | Path,
     footprints_path: str | Path | None = None,
-    block: int = 2048,
+    settings: GeoTiffSettings | None = None,
+    *,
     margin: int = 64,
-    simplify: float | None = None,
-    stretch: str = "percentile",
-    gsd: float | None = None,
-    bands: list[int] | None = None,
-    min_area_m2: float = 0.0,
-    regularize: bool = False,
     progress: bool = False,
+    **overrides: Any,
 ) -> GeoResult:
     """Predict a raster block by block into a mask COG on the raster's own grid, and footprints.
 
@@ -90,6 +102,9 @@ def predict_geotiff(
     from rasterio.windows import Window
     from tqdm import tqdm
 
+    settings = replace(settings or GeoTiffSettings(), **overrides)  # e.g. block=128 from a test or a script
+    block, simplify, stretch, gsd = settings.block, settings.simplify, settings.stretch, settings.gsd
+    bands, min_area_m2, regularize = settings.bands, settings.min_area_m2, settings.regularize
     src_path, mask_path = Path(src_path), Path(mask_path)
     if footprints_path is not None:
         footprints_path = check_footprint_path(footprints_path)

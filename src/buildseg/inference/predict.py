@@ -37,7 +37,7 @@ log = logging.getLogger("buildseg")
 class ImageDataset(Dataset):
     """Decodes images for prediction; with ``skip_bad`` an unreadable image becomes None."""
 
-    def __init__(self, records: Sequence[Record], skip_bad: bool = False, in_chans: int = 3) -> None:
+    def __init__(self, records: Sequence[Record], *, skip_bad: bool = False, in_chans: int = 3) -> None:
         self.records = list(records)
         self.skip_bad = skip_bad
         self.in_chans = in_chans
@@ -116,7 +116,7 @@ def _predict(segmenter, records, out_csv, batch_size, num_workers, masks_dir, ov
              dist: DistInfo, written: list[Path]) -> tuple[list[str], PredictStats]:
     started = time.monotonic()
     mine = list(range(dist.rank, len(records), dist.world_size))
-    dataset = ImageDataset([records[i] for i in mine], skip_bad, segmenter.in_chans)
+    dataset = ImageDataset([records[i] for i in mine], skip_bad=skip_bad, in_chans=segmenter.in_chans)
     workers = default_workers(num_workers) if segmenter.device.type == "cuda" else cpu_predict_workers(num_workers)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=_collate,
                         pin_memory=segmenter.device.type == "cuda")

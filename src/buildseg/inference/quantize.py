@@ -72,7 +72,7 @@ def quantize(checkpoint: str | Path, data: str | Path, n_tiles: int = 300, tile:
 
     path = checkpoint_paths(checkpoint)[0]
     fp32 = Segmenter.from_checkpoint(path, device="cpu", precision="fp32", engine="openvino")
-    dataset = GridTileDataset(load_records(data, require_masks=True), tile, fp32.in_chans)
+    dataset = GridTileDataset(load_records(data, require_masks=True), tile=tile, in_chans=fp32.in_chans)
     if len(dataset) == 0:
         raise BuildsegError(f"{data} yields no validation tiles for calibration")
     picks = np.random.default_rng(0).permutation(len(dataset))[:n_tiles]
@@ -105,4 +105,3 @@ def _save(model, out: Path) -> None:
 
     with atomic_path(out, suffix=".xml", companions=(".bin",)) as tmp:
         ov.save_model(model, str(tmp))
-        tmp.with_suffix(".bin").unlink(missing_ok=True)

@@ -21,7 +21,7 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from buildseg.atomic import atomic_open
 from buildseg.distributed import SINGLE_PROCESS, DistInfo, barrier
 from buildseg.errors import BuildsegError
 from buildseg.footprints.writers import write_footprints
-from buildseg.inference.geotiff import predict_geotiff
+from buildseg.inference.geotiff import GeoTiffSettings, predict_geotiff
 from buildseg.inference.segmenter import Segmenter
 
 log = logging.getLogger("buildseg")
@@ -38,17 +38,10 @@ DONE = ".buildseg-done"
 FORMATS = {"gpkg": ".gpkg", "parquet": ".parquet", "fgb": ".fgb", "geojson": ".geojson"}
 
 
-@dataclass
-class SceneSettings:
-    """Everything besides the checkpoint that changes a scene's outputs."""
+@dataclass(frozen=True)
+class SceneSettings(GeoTiffSettings):
+    """The GeoTIFF settings of every scene, plus the footprint layers' format."""
 
-    block: int = 2048
-    simplify: float | None = None
-    stretch: str = "percentile"
-    gsd: float | None = None
-    bands: list[int] | None = None
-    min_area_m2: float = 0.0
-    regularize: bool = False
     format: str = "gpkg"
 
 
@@ -130,9 +123,8 @@ def predict_scenes(segmenter: Segmenter, scenes: list[Path], out_dir: str | Path
             continue
         started = time.monotonic()
         mask_name, layer_name = f"{scene.stem}_mask.tif", f"{scene.stem}{suffix}"
-        result = predict_geotiff(segmenter, scene, out_dir / mask_name, out_dir / layer_name, block=settings.block,
-                                 simplify=settings.simplify, stretch=settings.stretch, gsd=settings.gsd,
-                                 bands=settings.bands, min_area_m2=settings.min_area_m2, regularize=settings.regularize,
+        result = predict_geotiff(segmenter, scene, out_dir / mask_name, out_dir / layer_name,
+                                 GeoTiffSettings(**{f.name: getattr(settings, f.name) for f in fields(GeoTiffSettings)}),
                                  progress=progress)
         stat = scene.stat()
         record = {"scene": str(scene), "run_key": key, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,

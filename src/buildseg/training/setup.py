@@ -73,10 +73,12 @@ def _datasets(config: Config, dist: DistInfo):
         bands = input_bands(config)
         geo = prepare_geo_data(d.train, d.labels, bands, d.gsd, d.labels_layer, d.val, d.val_region, d.val_fraction,
                                d.val_tile, t.seed)
-        train_set = GeoWindowDataset(geo.scenes, bands, d.crop_size, d.crops_per_image * len(geo.scenes), d.augment,
-                                     t.seed, d.positive_fraction, d.max_nodata, d.all_touched, config.model.targets,
-                                     d.augmentations)
-        val_set = GeoGridDataset(geo.scenes, bands, d.val_tile, d.max_nodata, d.all_touched)
+        train_set = GeoWindowDataset(geo.scenes, bands, crop_size=d.crop_size,
+                                     samples_per_epoch=d.crops_per_image * len(geo.scenes), augment=d.augment,
+                                     seed=t.seed, positive_fraction=d.positive_fraction, max_nodata=d.max_nodata,
+                                     all_touched=d.all_touched, targets=config.model.targets,
+                                     augmentations=d.augmentations)
+        val_set = GeoGridDataset(geo.scenes, bands, tile=d.val_tile, max_nodata=d.max_nodata, all_touched=d.all_touched)
         if len(val_set) == 0:
             raise BuildsegError(f"the validation area has no {d.val_tile}px tile with at most {d.max_nodata:.0%} nodata; "
                                 "enlarge --val-region, lower --val-tile or raise --max-nodata")
@@ -93,11 +95,12 @@ def _datasets(config: Config, dist: DistInfo):
     in_chans = config.model.in_chans
     store = open_store(train_records, in_chans, d.cache, d.cache_dir, d.cache_ram_fraction,
                        progress=dist.is_main and t.progress)
-    train_set = TrainCropDataset(train_records, d.crop_size, d.crops_per_image, d.augment, t.seed, in_chans, store,
-                                 config.model.targets, d.augmentations, d.scale_range)
+    train_set = TrainCropDataset(train_records, crop_size=d.crop_size, crops_per_image=d.crops_per_image,
+                                 augment=d.augment, seed=t.seed, in_chans=in_chans, store=store,
+                                 targets=config.model.targets, augmentations=d.augmentations, scale_range=d.scale_range)
     if dist.is_main:
         log.info("crops from %s", f"the {store.mode} store" if store else "decoding each image per crop")
-    return train_set, GridTileDataset(val_records, d.val_tile, in_chans), None
+    return train_set, GridTileDataset(val_records, tile=d.val_tile, in_chans=in_chans), None
 
 
 def build_data(config: Config, dist: DistInfo, device: torch.device) -> TrainingData:
