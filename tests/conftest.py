@@ -40,6 +40,24 @@ def synth_data(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def trained_run(synth_data, tmp_path_factory) -> Path:
+    """One tiny trained run folder per test run (per xdist worker), for the tests that need
+    *a* trained checkpoint. Read it; copy it (``copy_run``) before changing anything in it."""
+    from buildseg.training.loop import train
+
+    out = tmp_path_factory.mktemp("trained") / "run"
+    train(tiny_config(synth_data, out, epochs=2, lr=3e-3))
+    return out
+
+
+def copy_run(run: Path, dest: Path) -> Path:
+    import shutil
+
+    shutil.copytree(run, dest, ignore=shutil.ignore_patterns(".buildseg-engines"))
+    return dest
+
+
 def tiny_config(data: Path, out: Path, **train) -> Config:
     """A fast configuration: resnet18, narrow decoder, 64 px crops, fp32, no workers."""
     config = Config()

@@ -14,16 +14,11 @@ from buildseg.inference.segmenter import Segmenter
 from buildseg.inference.tta import forward_transform, inverse_transform, transforms
 from buildseg.models import ModelCard, build_model
 from buildseg.runtime.checkpoint import save_atomic
-from buildseg.training.loop import train
-from conftest import tiny_config
 
 
 @pytest.fixture(scope="module")
-def trained(synth_data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("run")
-    config = tiny_config(synth_data, out, epochs=2, lr=3e-3)
-    train(config)
-    return out / "best.pt"
+def trained(trained_run):
+    return trained_run / "best.pt"  # the run trained once per test run (conftest)
 
 
 def small_segmenter(**kwargs) -> Segmenter:

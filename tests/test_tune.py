@@ -7,8 +7,6 @@ from buildseg.inference.segmenter import Segmenter
 from buildseg.inference.tune import default_row, search
 from buildseg.instance_metrics import InstanceCounts, match_masks
 from buildseg.metrics import Scoreboard
-from buildseg.training.loop import train
-from conftest import tiny_config
 
 
 def blobs(rng, shape=(48, 48)):
@@ -68,10 +66,10 @@ def test_search_beats_the_default_on_specks_over_empty_tiles():
 
 
 @pytest.mark.slow
-def test_tune_cli_stores_the_best_setting_for_predict(synth_data, tmp_path, capsys):
-    config = tiny_config(synth_data, tmp_path / "run", epochs=1)
-    train(config)
-    ckpt = tmp_path / "run" / "best.pt"
+def test_tune_cli_stores_the_best_setting_for_predict(synth_data, trained_run, tmp_path, capsys):
+    from conftest import copy_run
+
+    ckpt = copy_run(trained_run, tmp_path / "run") / "best.pt"  # tune writes into it: a copy of the shared run
     assert main(["tune", "--checkpoint", str(ckpt), "--data", str(synth_data / "test_truth.csv"), "--tile", "64",
                  "--json", str(tmp_path / "tune.json")]) == 0
     out = capsys.readouterr().out
