@@ -284,3 +284,15 @@ def test_empty_vote_is_honoured_by_predict_and_large_images():
     assert plain.predict(image).any() and not voting.predict(image).any()
     with pytest.raises(BuildsegError, match="0..2"):
         Segmenter([sees, blind], device="cpu", empty_vote=3)
+
+
+def test_predict_batch_equals_predict_image_by_image_and_the_rules_of_the_maps():
+    seg = small_segmenter(tta="flip")
+    images = torch.randint(0, 256, (3, 3, 64, 80), dtype=torch.uint8)
+    batch = seg.predict_batch(images)
+    one_by_one = [seg.predict(image.permute(1, 2, 0).numpy()) for image in images]
+    assert len(batch) == 3 and all(np.array_equal(a, b) for a, b in zip(batch, one_by_one, strict=True))
+    maps = seg.probabilities(images)
+    assert maps.mean.shape == (3, 1, 64, 80) and maps.members is None  # members only for the empty vote
+    for k in range(3):
+        np.testing.assert_array_equal(seg.rules(*maps.image(k)), apply(maps.mean[k, 0], seg.postprocess))
