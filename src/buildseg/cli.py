@@ -144,8 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--footprints", help="GeoTIFF input: also write building footprints here; the format follows the "
                    "extension: .gpkg, .parquet, .fgb, .geojson")
     p.add_argument("--geojson", help="GeoTIFF input: footprints as GeoJSON (same as --footprints FILE.geojson)")
-    p.add_argument("--format", default="gpkg", choices=["gpkg", "parquet", "fgb", "geojson"],
-                   help="many scenes: footprint layer format (default gpkg)")
+    from buildseg.inference.predict import TILE_FORMATS
+    from buildseg.inference.scenes import FORMATS as LAYER_FORMATS
+
+    p.add_argument("--format", choices=[*TILE_FORMATS, *LAYER_FORMATS],
+                   help="tiles (CSV/folder input): csv (the submission, default) or coco (COCO instance JSON at --out, "
+                        "one scored annotation per building); many scenes: the footprint layer format (default gpkg)")
     p.add_argument("--block", type=_ranged(int, 64), default=2048, help="GeoTIFF input: pixels per processing block")
     p.add_argument("--simplify", type=_ranged(float, 0.0), default=None,
                    help="GeoTIFF input: footprint simplification tolerance in CRS units (default: one pixel; 0: off)")
@@ -281,8 +285,8 @@ def _geo_settings(args: argparse.Namespace, segmenter) -> dict[str, Any]:
 def cmd_predict(args: argparse.Namespace) -> int:
     from buildseg.distributed import cleanup, init_distributed
     from buildseg.formats.tables import load_records
-    from buildseg.inference.predict import predict_records
-    from buildseg.inference.scenes import is_scene_collection
+    from buildseg.inference.predict import TILE_FORMATS, predict_records
+    from buildseg.inference.scenes import FORMATS, is_scene_collection
     from buildseg.inference.segmenter import Segmenter
 
     geotiff = Path(args.data).suffix.lower() in (".tif", ".tiff") and Path(args.data).is_file()
@@ -294,6 +298,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise BuildsegError("--empty-vote blanks whole tiles (CSV/folder input); a GeoTIFF scene is not a tile: drop --empty-vote")
     if args.footprints and args.geojson:
         raise BuildsegError("give either --footprints or --geojson (the same thing, GeoJSON only), not both")
+    LAYER_FORMATS = tuple(FORMATS)
+    if args.format in TILE_FORMATS and (geotiff or many):
+        raise BuildsegError(f"--format {args.format} is for tiles (CSV/folder input); scenes write masks and "
+                            f"footprint layers: use --format {'|'.join(LAYER_FORMATS)} or --footprints FILE")
+    if args.format in LAYER_FORMATS and not many:
+        raise BuildsegError(f"--format {args.format} is the footprint layer format of many scenes; for tiles use "
+                            f"--format {'|'.join(TILE_FORMATS)}, for one GeoTIFF --footprints FILE.{args.format}")
     check_outputs((args.out, "--out", FOLDER if many else FILE), (args.masks_dir, "--masks-dir", FOLDER),
                   (args.overlays_dir, "--overlays-dir", FOLDER), (args.footprints, "--footprints", FILE),
                   (args.geojson, "--geojson", FILE))
@@ -317,7 +328,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         if many:
             from buildseg.inference.scenes import SceneSettings, predict_scenes
 
-            settings = SceneSettings(**_geo_settings(args, segmenter), format=args.format)
+            settings = SceneSettings(**_geo_settings(args, segmenter), format=args.format or LAYER_FORMATS[0])
             summary = predict_scenes(segmenter, scenes, args.out, settings, dist, progress=not args.no_progress)
             if dist.is_main:
                 print(f"{summary['predicted']} scenes predicted, {summary['skipped']} already done; merged layer "
@@ -334,9 +345,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
                       f"{result.area_unit or 'CRS units'})")
             return 0
         _, stats = predict_records(
-            segmenter, records, args.out, batch_size=args.batch_size, num_workers=args.num_workers,
+            segmenter, records, None if args.format == "coco" else args.out, batch_size=args.batch_size, num_workers=args.num_workers,
             masks_dir=args.masks_dir, overlays_dir=args.overlays_dir, skip_bad=args.skip_bad,
             progress=not args.no_progress and dist.is_main, dist=dist,
+            coco_json=args.out if args.format == "coco" else None,
         )
     finally:
         cleanup(dist)
