@@ -148,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     from buildseg.inference.scenes import FORMATS as LAYER_FORMATS
 
     p.add_argument("--format", choices=[*TILE_FORMATS, *LAYER_FORMATS],
-                   help="tiles (CSV/folder input): csv (the submission, default) or coco (COCO instance JSON at --out, "
+                   help="tiles (CSV/folder input): csv (the submission, default), spacenet (SpaceNet's proposal CSV: "
+                        "ImageId, BuildingId, PolygonWKT_Pix, Confidence) or coco (COCO instance JSON at --out, "
                         "one scored annotation per building); many scenes: the footprint layer format (default gpkg)")
     p.add_argument("--block", type=_ranged(int, 64), default=2048, help="GeoTIFF input: pixels per processing block")
     p.add_argument("--simplify", type=_ranged(float, 0.0), default=None,
@@ -181,7 +182,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shape", type=int, nargs=2, metavar=("H", "W"), help="mask size for a bare truth CSV")
     p.add_argument("--iou", type=_ranged(float, 0.0, 1.0, low_open=True, high_open=False), default=0.5,
                    help="IoU a predicted building needs to match a true one (default 0.5, as SpaceNet)")
-    p.add_argument("--details", help="write one row per building (side, area, matched building, IoU) to this CSV")
+    p.add_argument("--details", help="write one row per building (side, area, matched building, IoU) to this CSV; "
+                   "SpaceNet CSVs: one row per image (tp, fp, fn, precision, recall, F1)")
+    p.add_argument("--min-area", type=_ranged(float, 0.0), default=None,
+                   help="SpaceNet's area rule before matching: drop true buildings smaller than A and predicted ones "
+                        "of A or less (pixels, or the footprints' square CRS units; default 20 for SpaceNet pixel "
+                        "WKT, else 0: off)")
+    from buildseg.spacenet_scoring import GROUPS, MATCHING
+
+    p.add_argument("--matching", choices=MATCHING, default=None,
+                   help="SpaceNet CSVs: spacenet (the scorer's rule: proposals in decreasing Confidence, default) or "
+                        "buildseg (highest IoU first, order-free); they differ only where true buildings overlap")
+    p.add_argument("--group-by", choices=GROUPS, help="SpaceNet CSVs: also score each AOI (the ImageId before its "
+                   "last _ part, e.g. AOI_2_Vegas)")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
 
     p = sub.add_parser("tune", parents=[shared], help="search threshold x min-area x empty rule for the competition Dice; store it in the checkpoint")
@@ -288,6 +301,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from buildseg.inference.predict import TILE_FORMATS, predict_records
     from buildseg.inference.scenes import FORMATS, is_scene_collection
     from buildseg.inference.segmenter import Segmenter
+    from buildseg.inference.tile_layers import TILE_LAYERS
 
     geotiff = Path(args.data).suffix.lower() in (".tif", ".tiff") and Path(args.data).is_file()
     many = not geotiff and is_scene_collection(args.data)
@@ -317,6 +331,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         if missing:
             raise BuildsegError(f"scene not found: {missing[0]} (listed in {args.data})")
     records = None if (geotiff or many) else load_records(args.data)  # bad data fails before the models load
+    layer = args.format in TILE_LAYERS  # coco / spacenet: that file at --out instead of the submission CSV
     dist = init_distributed(args.device)
     device = str(dist.device) if dist.device.type == "cuda" else args.device  # each rank on its LOCAL_RANK GPU
     try:
@@ -345,10 +360,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
                       f"{result.area_unit or 'CRS units'})")
             return 0
         _, stats = predict_records(
-            segmenter, records, None if args.format == "coco" else args.out, batch_size=args.batch_size, num_workers=args.num_workers,
+            segmenter, records, None if layer else args.out, batch_size=args.batch_size, num_workers=args.num_workers,
             masks_dir=args.masks_dir, overlays_dir=args.overlays_dir, skip_bad=args.skip_bad,
             progress=not args.no_progress and dist.is_main, dist=dist,
-            coco_json=args.out if args.format == "coco" else None,
+            layer=TILE_LAYERS[args.format](args.out) if layer else None,
         )
     finally:
         cleanup(dist)
@@ -380,19 +395,39 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from buildseg.evaluation import evaluate_csv, evaluate_vectors, is_footprint_file
+    from buildseg.formats.spacenet import spacenet_columns
 
     check_outputs((args.details, "--details", FILE))
+    spacenet = [spacenet_columns(args.pred) is not None, spacenet_columns(args.truth) is not None]
+    if any(spacenet) and not all(spacenet):
+        one, other = ("--pred", "--truth") if spacenet[0] else ("--truth", "--pred")
+        raise BuildsegError(f"{one} {getattr(args, one[2:])} is a SpaceNet CSV but {other} {getattr(args, other[2:])} "
+                            "is not: give both in SpaceNet's format (ImageId, BuildingId, PolygonWKT_Pix[, Confidence])")
+    if not all(spacenet) and (args.matching or args.group_by):
+        flag = "--matching" if args.matching else "--group-by"
+        raise BuildsegError(f"{flag} applies to SpaceNet CSVs (ImageId, PolygonWKT_Pix); --pred {args.pred} is not one")
     vectors = [is_footprint_file(args.pred), is_footprint_file(args.truth)]
     if any(vectors) and not all(vectors):
         raise BuildsegError(f"--pred {args.pred} and --truth {args.truth} must both be CSVs or both footprints "
                             "(vector files or mask GeoTIFFs)")
-    if all(vectors):
-        summary = evaluate_vectors(args.pred, args.truth, args.iou, args.details)
+    if all(spacenet):
+        from buildseg.spacenet_scoring import evaluate_spacenet, group_table
+
+        summary = evaluate_spacenet(args.pred, args.truth, iou_threshold=args.iou, min_area=args.min_area,
+                                    matching=args.matching, group_by=args.group_by, details=args.details)
+    elif all(vectors):
+        summary = evaluate_vectors(args.pred, args.truth, args.iou, args.details, min_area=args.min_area or 0)
     else:
-        summary = evaluate_csv(args.pred, args.truth, tuple(args.shape) if args.shape else None, args.iou, args.details)
+        summary = evaluate_csv(args.pred, args.truth, tuple(args.shape) if args.shape else None, args.iou, args.details,
+                               min_area=args.min_area or 0)
     if args.json:
         print(json.dumps(summary))
         return 0
+    if "groups" in summary:
+        print(group_table(summary["groups"]))
+    if "matching" in summary:
+        print(f"SpaceNet CSVs: {summary['n_images']} images, {summary['geometry']}, min area {summary['min_area']:g}, "
+              f"{summary['matching']} matching")
     if "dice" in summary:
         print(f"competition Dice {summary['dice']:.4f} over {summary['n_scored']} of {summary['n']} images "
               f"(both-empty dropped); IoU {summary['iou']:.4f}, pixel precision {summary['pixel_precision']:.4f}, "
@@ -401,7 +436,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
           f"recall {summary['recall']:.4f}; {summary['n_matched']} matched of {summary['n_true']} true and "
           f"{summary['n_pred']} predicted, mean IoU of matches {summary['mean_iou']:.3f}")
     if args.details:
-        print(f"per-building table: {args.details}")
+        print(f"{'per-image' if 'matching' in summary else 'per-building'} table: {args.details}")
     return 0
 
 

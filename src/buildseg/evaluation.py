@@ -21,7 +21,7 @@ from buildseg.errors import BuildsegError, RleError
 from buildseg.formats import rle
 from buildseg.formats.images import image_size
 from buildseg.formats.tables import load_records, read_csv_rows, read_rle_table, write_atomic_csv
-from buildseg.instance_metrics import IOU_THRESHOLD, InstanceCounts, Match, match_masks, match_polygons
+from buildseg.instance_metrics import IOU_THRESHOLD, InstanceCounts, Match, kept_polygons, match_masks, match_polygons
 from buildseg.metrics import image_counts, summarize
 
 log = logging.getLogger("buildseg")
@@ -67,8 +67,9 @@ def _pixel_keys(summary: dict) -> dict:
 
 
 def evaluate_csv(pred_csv: str | Path, truth_csv: str | Path, shape: tuple[int, int] | None = None,
-                 iou_threshold: float = IOU_THRESHOLD, details: str | Path | None = None) -> dict:
-    """Competition Dice and building F1 per image; every truth id must have a prediction."""
+                 iou_threshold: float = IOU_THRESHOLD, details: str | Path | None = None, min_area: float = 0) -> dict:
+    """Competition Dice and building F1 per image; every truth id must have a prediction.
+    ``min_area`` (pixels) applies SpaceNet's area rule to the buildings, not to the Dice."""
     truth = truth_masks(truth_csv, shape)
     pred = read_rle_table(pred_csv)
     missing = [k for k in truth if k not in pred]
@@ -89,7 +90,7 @@ def evaluate_csv(pred_csv: str | Path, truth_csv: str | Path, shape: tuple[int, 
         except RleError as exc:
             raise BuildsegError(f"{pred_csv}: {exc}") from None
         counts[i] = image_counts(p, g)
-        result = match_masks(p, g, iou_threshold)
+        result = match_masks(p, g, iou_threshold, min_area)
         buildings += result.counts
         if details is not None:
             rows += _detail_rows(img_id, np.bincount(result.truth_labels.ravel())[1:],
@@ -130,10 +131,13 @@ def footprints_of(path: str | Path, crs=None):
 
 
 def evaluate_vectors(pred: str | Path, truth: str | Path, iou_threshold: float = IOU_THRESHOLD,
-                     details: str | Path | None = None) -> dict:
-    """Building F1 of predicted footprints against truth footprints, in the truth's CRS."""
+                     details: str | Path | None = None, min_area: float = 0) -> dict:
+    """Building F1 of predicted footprints against truth footprints, in the truth's CRS;
+    ``min_area`` (the truth CRS's square units) applies SpaceNet's area rule first."""
     truth_polys, crs = footprints_of(truth)
     pred_polys, _ = footprints_of(pred, crs)
+    truth_polys = kept_polygons(truth_polys, min_area=min_area, truth=True)
+    pred_polys = kept_polygons(pred_polys, min_area=min_area, truth=False)
     counts, matches = match_polygons(pred_polys, truth_polys, iou_threshold)
     if details is not None:
         areas = (np.array([g.area for g in truth_polys]), np.array([g.area for g in pred_polys]))

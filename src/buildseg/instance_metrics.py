@@ -13,6 +13,12 @@ above the threshold.
 Then true positives are matched pairs, false positives unmatched predictions, false negatives
 unmatched truths; precision, recall and F1 follow, and ``mean_iou`` is the mean IoU of the
 matched pairs. Counts add up over images and scenes (:class:`InstanceCounts`).
+
+SpaceNet's scorer matches differently (:func:`confidence_order_match`): it walks the
+proposals in decreasing confidence and gives each the remaining truth of highest IoU. When
+the truth buildings do not overlap each other, a proposal has at most one truth at IoU >= 0.5,
+so both rules count the same TP/FP/FN and differ only in *which* of two overlapping proposals
+is the match; with overlapping truths the counts can differ too.
 """
 
 from __future__ import annotations
@@ -41,6 +47,28 @@ def greedy_match(pairs: Sequence[tuple[int, int, float]], threshold: float = IOU
             used_t.add(t)
             used_p.add(p)
             matches.append(Match(int(t), int(p), float(iou)))
+    return matches
+
+
+def confidence_order_match(pairs: Sequence[tuple[int, int, float]], confidence: Sequence[float],
+                           threshold: float = IOU_THRESHOLD) -> list[Match]:
+    """SpaceNet's rule: proposals in decreasing ``confidence`` (ties: file order), each matched
+    to the not yet matched truth of highest IoU (ties: lower truth index) when that IoU is
+    >= ``threshold``; a proposal whose best remaining truth is below it is a false positive."""
+    by_pred: dict[int, list[tuple[int, float]]] = {}
+    for t, p, iou in pairs:
+        by_pred.setdefault(int(p), []).append((int(t), float(iou)))
+    order = sorted(range(len(confidence)), key=lambda p: (-float(confidence[p]), p))
+    used_t: set[int] = set()
+    matches = []
+    for p in order:
+        remaining = [(t, iou) for t, iou in by_pred.get(p, ()) if t not in used_t]
+        if not remaining:
+            continue
+        t, iou = min(remaining, key=lambda c: (-c[1], c[0]))
+        if iou >= threshold:
+            used_t.add(t)
+            matches.append(Match(t, p, iou))
     return matches
 
 
@@ -111,12 +139,25 @@ class MaskResult:
     pred_labels: np.ndarray | None = None
 
 
-def match_masks(pred: np.ndarray, truth: np.ndarray, threshold: float = IOU_THRESHOLD) -> MaskResult:
-    """Building matching of one predicted mask against its truth mask."""
+def drop_small(labels: np.ndarray, count: int, *, min_area: float, truth: bool) -> tuple[np.ndarray, int]:
+    """Labels without the buildings SpaceNet's area rule drops (truth: area < min_area;
+    predictions: area <= min_area), relabelled 1..kept in the old order."""
+    if min_area <= 0 or count == 0:
+        return labels, count
+    area = np.bincount(labels.ravel(), minlength=count + 1)[1:]
+    keep = area >= min_area if truth else area > min_area
+    new_label = np.zeros(count + 1, dtype=labels.dtype)
+    new_label[1:][keep] = np.arange(1, int(keep.sum()) + 1, dtype=labels.dtype)
+    return new_label[labels], int(keep.sum())
+
+
+def match_masks(pred: np.ndarray, truth: np.ndarray, threshold: float = IOU_THRESHOLD, min_area: float = 0) -> MaskResult:
+    """Building matching of one predicted mask against its truth mask; ``min_area`` drops
+    small buildings first as SpaceNet does (:func:`drop_small`)."""
     if pred.shape != truth.shape:
         raise ValueError(f"prediction shape {pred.shape} differs from truth shape {truth.shape}")
-    t_labels, n_t = label_buildings(truth)
-    p_labels, n_p = label_buildings(pred)
+    t_labels, n_t = drop_small(*label_buildings(truth), min_area=min_area, truth=True)
+    p_labels, n_p = drop_small(*label_buildings(pred), min_area=min_area, truth=False)
     matches = greedy_match(mask_pairs(t_labels, n_t, p_labels, n_p), threshold)
     return MaskResult(InstanceCounts().add(n_t, n_p, matches), matches, t_labels, p_labels)
 
@@ -138,6 +179,19 @@ def polygon_pairs(truth: Sequence, pred: Sequence) -> list[tuple[int, int, float
 
 
 def match_polygons(pred: Sequence, truth: Sequence, threshold: float = IOU_THRESHOLD) -> tuple[InstanceCounts, list[Match]]:
-    """Building matching of predicted polygons against truth polygons (one CRS)."""
+    """Building matching of predicted polygons against truth polygons (one CRS); filter them
+    with :func:`kept_polygons` first for SpaceNet's area rule."""
     matches = greedy_match(polygon_pairs(truth, pred), threshold)
     return InstanceCounts().add(len(truth), len(pred), matches), matches
+
+
+def kept_polygons(polygons: Sequence, *, min_area: float, truth: bool) -> np.ndarray:
+    """The polygons SpaceNet's area rule keeps: truth of area >= min_area, predictions of
+    area > min_area (no filter at 0)."""
+    polygons = np.asarray(polygons, dtype=object)
+    if min_area <= 0 or len(polygons) == 0:
+        return polygons
+    import shapely
+
+    area = shapely.area(polygons)
+    return polygons[area >= min_area if truth else area > min_area]

@@ -29,10 +29,11 @@ from buildseg.formats import rle
 from buildseg.formats.images import overlay, read_image, write_png
 from buildseg.formats.tables import Record, write_submission
 from buildseg.inference.segmenter import Segmenter
+from buildseg.inference.tile_layers import TILE_LAYERS, TileLayer
 from buildseg.runtime.device import cpu_predict_workers, default_workers
 
 log = logging.getLogger("buildseg")
-TILE_FORMATS = ("csv", "coco")  # what `predict --format` writes at --out for tiles (CSV/folder input)
+TILE_FORMATS = ("csv", *TILE_LAYERS)  # what `predict --format` writes at --out for tiles (CSV/folder input)
 
 
 class ImageDataset(Dataset):
@@ -97,25 +98,24 @@ def predict_records(
     skip_bad: bool = False,
     progress: bool = True,
     dist: DistInfo = SINGLE_PROCESS,
-    coco_json: str | Path | None = None,
+    layer: TileLayer | None = None,
 ) -> tuple[list[str], PredictStats]:
     """RLE strings in ``records`` order (on rank 0 under torchrun) and timing statistics.
 
-    ``coco_json``: also write the buildings as COCO instance JSON (one annotation per building,
-    scored by its mean probability; footprints/coco.py). One process only.
+    ``layer``: also write the buildings as a tile layer (COCO JSON or a SpaceNet CSV,
+    ``tile_layers.py``) at the layer's path. One process only.
 
     On any failure the PNG masks and overlays this call wrote are removed again and no CSV
     is written, so a failed run leaves nothing half-done behind.
     """
     written: list[Path] = []
     try:
-        if coco_json is not None and dist.world_size > 1:
-            raise BuildsegError("--format coco runs in one process; drop torchrun for it")
-        coco: dict[int, tuple[np.ndarray, np.ndarray]] | None = {} if coco_json is not None else None
+        if layer is not None and dist.world_size > 1:
+            raise BuildsegError("--format coco/spacenet runs in one process; drop torchrun for it")
         ordered, stats = _predict(segmenter, records, out_csv, batch_size, num_workers, masks_dir, overlays_dir,
-                                  skip_bad, progress, dist, written, coco)
-        if coco is not None:
-            _write_coco(coco_json, records, coco)
+                                  skip_bad, progress, dist, written, layer)
+        if layer is not None:
+            layer.write(records)
         return ordered, stats
     except BaseException:
         for path in written:
@@ -123,23 +123,8 @@ def predict_records(
         raise
 
 
-def _write_coco(path: str | Path, records: Sequence[Record], found: dict[int, tuple[np.ndarray, np.ndarray]]) -> None:
-    from buildseg.footprints import coco
-
-    images, notes = [], []
-    for index, record in enumerate(records):
-        mask, prob = found.get(index, (None, None))
-        if mask is None:  # skipped as unreadable (--skip-bad): listed, no buildings
-            images.append({"id": index + 1, "file_name": str(record.image_path), "img_id": record.img_id})
-            continue
-        images.append({"id": index + 1, "file_name": str(record.image_path), "img_id": record.img_id,
-                       "height": int(mask.shape[0]), "width": int(mask.shape[1])})
-        notes += coco.annotations(mask, prob, index + 1, len(notes) + 1)
-    coco.write_coco(path, coco.document(images, notes))
-
-
 def _predict(segmenter, records, out_csv, batch_size, num_workers, masks_dir, overlays_dir, skip_bad, progress,
-             dist: DistInfo, written: list[Path], coco: dict | None = None) -> tuple[list[str], PredictStats]:
+             dist: DistInfo, written: list[Path], layer: TileLayer | None = None) -> tuple[list[str], PredictStats]:
     started = time.monotonic()
     mine = list(range(dist.rank, len(records), dist.world_size))
     dataset = ImageDataset([records[i] for i in mine], skip_bad=skip_bad, in_chans=segmenter.in_chans)
@@ -164,8 +149,8 @@ def _predict(segmenter, records, out_csv, batch_size, num_workers, masks_dir, ov
         record = dataset.records[local_index]
         mask = rules(prob, members)
         results[mine[local_index]] = rle.encode(mask)
-        if coco is not None:
-            coco[mine[local_index]] = (mask, prob[0] if prob.ndim == 3 else prob)
+        if layer is not None:
+            layer.add(mine[local_index], mask, prob[0] if prob.ndim == 3 else prob)
         if masks_dir is not None:
             written.append(Path(masks_dir) / f"{record.img_id}.png")
             write_png(written[-1], mask * 255)
