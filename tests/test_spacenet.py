@@ -237,14 +237,13 @@ def test_predict_format_spacenet_is_the_csv_mask_as_polygons_and_scores_like_it(
     every tile (POLYGON EMPTY when empty), and scores the building F1 the mask CSV scores."""
     from rasterio.features import rasterize
 
+    from buildseg.footprints.polygons import mask_polygons
     from buildseg.formats import rle
+    from buildseg.formats.images import read_image
     from buildseg.formats.spacenet import read_spacenet
     from buildseg.formats.tables import load_records, read_rle_table
-    from buildseg.footprints.polygons import mask_polygons
-    from conftest import write_tiny_checkpoint
-
-    from buildseg.formats.images import read_image
     from buildseg.inference.segmenter import Segmenter
+    from conftest import write_tiny_checkpoint
 
     ckpt = write_tiny_checkpoint(tmp_path / "m.pt")
     first = load_records(synth_data / "test.csv")[0]

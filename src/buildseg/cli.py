@@ -106,6 +106,7 @@ def inference_flags() -> argparse.ArgumentParser:
 
 def build_parser() -> argparse.ArgumentParser:
     from buildseg import __version__
+    from buildseg.inference.tiling import OVERLAP, WINDOW
 
     parser = Parser(prog="buildseg", description="Building footprint segmentation in overhead imagery.")
     parser.add_argument("--version", action="version", version=f"buildseg {__version__}")
@@ -131,8 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="average all deep-supervision heads (default: the checkpoint's setting)")
     p.add_argument("--empty-vote", type=_ranged(int, 0), default=0,
                    help="tile is empty if at least K ensemble members see nothing (0: off; K <= number of checkpoints)")
-    p.add_argument("--window", type=_ranged(int, 32), default=1024, help="sliding-window size for larger images")
-    p.add_argument("--overlap", type=_ranged(float, 0.0, 1.0), default=0.25, help="sliding-window overlap, in [0, 1)")
+    p.add_argument("--window", type=_ranged(int, 32), default=WINDOW, help="sliding-window size for larger images")
+    p.add_argument("--overlap", type=_ranged(float, 0.0, 1.0), default=OVERLAP, help="sliding-window overlap, in [0, 1)")
     p.add_argument("--num-workers", type=_ranged(int, -1), default=-1)
     p.add_argument("--masks-dir", help="also write PNG masks here")
     p.add_argument("--overlays-dir", help="also write overlay PNGs here")
@@ -211,6 +212,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--onnx", required=True, help="output .onnx file")
     p.add_argument("--opset", type=int, default=18)
     p.add_argument("--tolerance", type=_ranged(float, 0.0, low_open=True), default=1e-3, help="max |logit diff| allowed in the parity check")
+    p.add_argument("--format", choices=["onnx", "deepness"], default="onnx",
+                   help="onnx (raw 0..255 pixels of any size -> logits) or deepness (QGIS's Deepness plugin: 0..1 "
+                        "square tiles -> building probability, with the plugin's metadata from the run)")
+    p.add_argument("--gsd", type=_ranged(float, 0.0, low_open=True),
+                   help="deepness: metres per pixel the model should see (default: the run's training GSD)")
+    p.add_argument("--tile-size", type=_ranged(int, 32), default=WINDOW,
+                   help=f"deepness: the tile the plugin feeds, in pixels (default {WINDOW}, buildseg's window)")
+    p.add_argument("--overlap", type=_ranged(float, 0.0, 1.0), default=OVERLAP,
+                   help=f"deepness: tile overlap as a fraction, in [0, 1) (default {OVERLAP}, buildseg's)")
 
     p = sub.add_parser("quantize", help="int8 model for --engine openvino --precision int8, calibrated with NNCF")
     p.add_argument("--checkpoint", required=True, help="checkpoint .pt or run folder")
@@ -482,6 +492,17 @@ def cmd_export(args: argparse.Namespace) -> int:
     from buildseg.inference.export import export_checked
 
     check_outputs((args.onnx, "--onnx", FILE))
+    if args.format == "deepness":
+        from buildseg.inference.deepness import DeepnessSettings, export_deepness
+
+        settings = DeepnessSettings(gsd=args.gsd, tile_size=args.tile_size, overlap=args.overlap)
+        path, metadata, diff = export_deepness(args.checkpoint, args.onnx, settings, opset=args.opset,
+                                               tolerance=args.tolerance)
+        print(f"wrote {path} for QGIS Deepness; onnxruntime vs PyTorch: max |probability diff| {diff:.2e}")
+        print("metadata: " + ", ".join(f"{k}={v}" for k, v in metadata.items()))
+        return 0
+    if args.gsd is not None:
+        raise BuildsegError("--gsd applies to --format deepness (the resolution the plugin resamples to); drop it")
     path, diff = export_checked(args.checkpoint, args.onnx, args.opset, args.tolerance)
     print(f"wrote {path}; onnxruntime vs PyTorch fp32: max |logit diff| {diff:.2e}")
     return 0

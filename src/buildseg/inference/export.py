@@ -45,14 +45,20 @@ def export_onnx(checkpoint: str | Path, out: str | Path, opset: int = 18) -> Pat
     return export_model_onnx(model, out, opset)
 
 
-def export_model_onnx(model, out: str | Path, opset: int = 18) -> Path:
-    """ONNX of a SegmentationModel (eval mode, CPU, fp32), dynamic batch/height/width."""
+def export_model_onnx(model, out: str | Path, opset: int = 18, *, size: int | None = None,
+                      output_name: str = "logits") -> Path:
+    """ONNX of a SegmentationModel (eval mode, CPU, fp32): dynamic batch, and dynamic height
+    and width unless ``size`` fixes a square input (what Deepness needs)."""
     model = model.eval()
     stride = model.stride
-    example = torch.randint(0, 256, (2, model.card.in_chans, 3 * stride, 4 * stride)).float()
-    dims = {0: torch.export.Dim("batch", min=1, max=4096),
-            2: torch.export.Dim("height", min=stride, max=16384),
-            3: torch.export.Dim("width", min=stride, max=16384)}
+    if size is None:
+        example = torch.randint(0, 256, (2, model.card.in_chans, 3 * stride, 4 * stride)).float()
+        dims = {0: torch.export.Dim("batch", min=1, max=4096),
+                2: torch.export.Dim("height", min=stride, max=16384),
+                3: torch.export.Dim("width", min=stride, max=16384)}
+    else:
+        example = torch.rand(2, model.card.in_chans, size, size)
+        dims = {0: torch.export.Dim("batch", min=1, max=4096)}
     chatter = io.StringIO()  # the exporter prints its progress to stdout, which is the user's output
     quiet = [logging.getLogger(name) for name in ("onnxscript", "onnx_ir", "torch.onnx", "torch.export")]
     levels = [logger.level for logger in quiet]
@@ -60,7 +66,7 @@ def export_model_onnx(model, out: str | Path, opset: int = 18) -> Path:
         for logger in quiet:  # and logs every graph rewrite at INFO
             logger.setLevel(logging.WARNING)
         with contextlib.redirect_stdout(chatter):
-            torch.onnx.export(model, (example,), str(out), input_names=["image"], output_names=["logits"],
+            torch.onnx.export(model, (example,), str(out), input_names=["image"], output_names=[output_name],
                               dynamo=True, dynamic_shapes={"x": dims}, opset_version=opset)
     except ImportError as exc:
         raise BuildsegError(f"ONNX export needs the onnx extra: pip install 'buildseg[onnx]' ({exc})") from None

@@ -26,7 +26,7 @@ from buildseg.inference import postprocess as pp_mod
 from buildseg.inference.engines import build_engine, resolve_engine
 from buildseg.inference.postprocess import PostProcess
 from buildseg.inference.split import split_mask
-from buildseg.inference.tiling import sliding_window_proba
+from buildseg.inference.tiling import OVERLAP, WINDOW, sliding_window_proba
 from buildseg.inference.tta import predict_tta, transforms
 from buildseg.models.factory import SegmentationModel
 from buildseg.runtime.checkpoint import checkpoint_paths, load_model
@@ -53,8 +53,8 @@ class Segmenter:
         tta: str = "none",
         postprocess: PostProcess | None = None,
         channels_last: bool = True,
-        window: int = 1024,
-        overlap: float = 0.25,
+        window: int = WINDOW,
+        overlap: float = OVERLAP,
         empty_vote: int = 0,
         engine: str = "torch",
         checkpoints: Sequence[Path] | None = None,

@@ -11,6 +11,9 @@ from typing import Callable
 
 import torch
 
+WINDOW = 1024  # the sliding window buildseg predicts large images with (predict --window)
+OVERLAP = 0.25  # its overlap, a fraction of the window (predict --overlap)
+
 
 def window_starts(length: int, window: int, overlap: float) -> list[int]:
     if length <= window:
@@ -32,8 +35,8 @@ def gaussian_weights(height: int, width: int, sigma_scale: float = 0.25) -> torc
 def sliding_window_proba(
     predict_prob: Callable[[torch.Tensor], torch.Tensor],
     image: torch.Tensor,
-    window: int = 512,
-    overlap: float = 0.25,
+    window: int = WINDOW,
+    overlap: float = OVERLAP,
     batch_size: int = 4,
 ) -> torch.Tensor:
     """Probability map of a (C, H, W) image, window by window: (H, W), or (K, H, W) when
