@@ -16,7 +16,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install --quiet -e '.[test,onnx,smp,geo,footprints,tensorboard,cpu,weights]'
+	$(BIN)/pip install --quiet -e '.[test,onnx,smp,geo,footprints,tensorboard,cpu,weights,ray]'
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -5,6 +5,7 @@ with its manifest (resume after a kill, invalidation by a changed checkpoint).""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -137,7 +138,7 @@ def test_many_scenes_manifest_resume_and_merged_layer(scene_folder, tmp_path, mo
     real, calls = scenes_mod.predict_geotiff, []
 
     def dies_on_second(segmenter, scene, *args, **kwargs):
-        calls.append(scene.name)
+        calls.append(Path(scene).name)  # the scene's location: a path or a URL string
         if len(calls) == 2:
             raise KeyboardInterrupt
         return real(segmenter, scene, *args, **kwargs)
@@ -146,7 +147,7 @@ def test_many_scenes_manifest_resume_and_merged_layer(scene_folder, tmp_path, mo
     assert _predict_folder(checkpoint, scene_folder, out) == 130
     assert not (out / "manifest.json").exists() and not (out / "tile_1_mask.tif").exists()
     calls.clear()
-    monkeypatch.setattr(scenes_mod, "predict_geotiff", lambda *a, **k: (calls.append(a[1].name), real(*a, **k))[1])
+    monkeypatch.setattr(scenes_mod, "predict_geotiff", lambda *a, **k: (calls.append(Path(a[1]).name), real(*a, **k))[1])
     assert _predict_folder(checkpoint, scene_folder, out) == 0
     assert calls == ["tile_1.tif", "tile_2.tif"]
     resumed = gpd.read_file(out / "footprints.gpkg")

@@ -121,11 +121,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     shared = inference_flags()
     p = sub.add_parser("predict", parents=[shared], help="predict a test CSV/folder into a submission CSV")
-    p.add_argument("--checkpoint", action="append", required=True, help="checkpoint .pt or run folder; repeat to ensemble")
-    p.add_argument("--data", required=True, help="test CSV (img_id,img_path) or folder with images/; a GeoTIFF; or "
-                   "many scenes: a folder of GeoTIFFs or a CSV with a 'path' column")
-    p.add_argument("--out", required=True, help="submission CSV to write (GeoTIFF input: the mask COG; many scenes: "
-                   "the output folder)")
+    p.add_argument("--checkpoint", action="append", help="checkpoint .pt or run folder; repeat to ensemble (required "
+                   "except with --merge)")
+    p.add_argument("--data", help="test CSV (img_id,img_path) or folder with images/; a GeoTIFF (a path, an https:// or "
+                   "s3:// URL or a GDAL /vsi path); or many scenes: a folder of GeoTIFFs, a CSV with a 'path' column "
+                   "(paths or URLs), or a STAC ItemCollection/Catalog JSON")
+    p.add_argument("--out", help="submission CSV to write (GeoTIFF input: the mask COG; many scenes: the output folder)")
+    p.add_argument("--stac-asset", help="STAC input: the item asset holding the image (default: the item's only GeoTIFF "
+                   "asset, else 'visual')")
+    p.add_argument("--shard", type=_shard, metavar="I/N", help="many scenes: predict only every N-th scene from the "
+                   "I-th (0-based; an array job's index, e.g. $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT); the last "
+                   "shard to finish merges")
+    p.add_argument("--merge", metavar="OUT_DIR", help="only merge OUT_DIR's finished scenes into its layer and "
+                   "manifest (after array jobs); no model needed")
+    p.add_argument("--runner", choices=["local", "ray"], default="local",
+                   help="many scenes: local (this process, or torchrun's ranks) or ray (a pool of Ray workers, one "
+                        "model each, scenes handed out largest first, a dead worker's scene retried)")
+    p.add_argument("--ray-address", help="--runner ray: the cluster to join (default: start a local Ray for the run)")
+    p.add_argument("--ray-workers", type=POSITIVE_INT, help="--runner ray: workers (default: one per GPU, else one "
+                   "per 2 CPU cores of the cluster)")
+    p.add_argument("--max-retries", type=_ranged(int, 0), default=2,
+                   help="--runner ray: times a scene is retried when its worker dies (default 2)")
     p.add_argument("--threshold", type=PROBABILITY, help="probability threshold (default: the checkpoint's, else 0.5)")
     p.add_argument("--min-area", type=_ranged(int, 0), help="remove components smaller than this many pixels")
     p.add_argument("--ds-ensemble", action=argparse.BooleanOptionalAction, default=None,
@@ -305,16 +321,59 @@ def _geo_settings(args: argparse.Namespace, segmenter) -> dict[str, Any]:
             "min_area_m2": args.min_area_m2, "regularize": args.regularize}
 
 
+def _shard(text: str) -> tuple[int, int]:
+    """``I/N`` with 0 <= I < N."""
+    try:
+        first, count = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not I/N (e.g. 3/10: the 4th of 10 shards, 0-based)") from None
+    if count < 1 or not 0 <= first < count:
+        raise argparse.ArgumentTypeError(f"{text!r}: need 0 <= I < N (I is 0-based; with SLURM use --array=0-{max(count, 1) - 1})")
+    return first, count
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from buildseg.inference.scenes import merge_outputs
+
+    summary = merge_outputs(args.merge)
+    print(f"merged {summary['scenes']} scenes into {summary['merged']} ({summary['n_footprints']} footprints); "
+          f"manifest {Path(args.merge) / 'manifest.json'}")
+    return 0
+
+
+def _segmenter_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``Segmenter.from_checkpoint``'s keywords from predict's flags (the checkpoint aside)."""
+    return dict(device=args.device, precision=args.precision, tta=args.tta, threshold=args.threshold,
+                min_area=args.min_area, ds_ensemble=args.ds_ensemble, window=args.window, overlap=args.overlap,
+                empty_vote=args.empty_vote, engine=args.engine, threads=args.threads)
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from buildseg.distributed import cleanup, init_distributed
+    from buildseg.formats.locations import is_remote, location_suffix
     from buildseg.formats.tables import load_records
     from buildseg.inference.predict import TILE_FORMATS, predict_records
-    from buildseg.inference.scenes import FORMATS, is_scene_collection
+    from buildseg.inference.scene_sources import is_scene_collection, list_scene_sources
+    from buildseg.inference.scenes import FORMATS
     from buildseg.inference.segmenter import Segmenter
     from buildseg.inference.tile_layers import TILE_LAYERS
 
-    geotiff = Path(args.data).suffix.lower() in (".tif", ".tiff") and Path(args.data).is_file()
+    if args.merge:
+        if args.checkpoint or args.data or args.out:
+            raise BuildsegError("--merge OUT_DIR works from the folder's done-records alone: drop --checkpoint, --data "
+                                "and --out")
+        return cmd_merge(args)
+    for flag in ("checkpoint", "data", "out"):
+        if not getattr(args, flag):
+            raise BuildsegError(f"predict needs --{flag} (or --merge OUT_DIR to merge finished scenes)")
+    geotiff = location_suffix(args.data) in (".tif", ".tiff") and (is_remote(args.data) or Path(args.data).is_file())
     many = not geotiff and is_scene_collection(args.data)
+    if not many and (args.shard or args.runner != "local" or args.stac_asset):
+        flag = "--shard" if args.shard else "--runner" if args.runner != "local" else "--stac-asset"
+        raise BuildsegError(f"{flag} applies to many scenes (a folder or list of GeoTIFFs, or a STAC catalogue); "
+                            f"--data {args.data} is not one")
+    if args.runner == "ray" and args.shard:
+        raise BuildsegError("--shard splits scenes over array jobs; --runner ray hands them out itself: use one of them")
     if not (geotiff or many) and (args.gsd or args.bands or args.native_resolution or args.footprints or args.geojson):
         raise BuildsegError("--gsd, --bands, --native-resolution, --footprints and --geojson apply to GeoTIFF input; "
                             f"--data {args.data} is not a GeoTIFF or a folder/list of them")
@@ -334,30 +393,36 @@ def cmd_predict(args: argparse.Namespace) -> int:
                   (args.geojson, "--geojson", FILE))
     scenes = None
     if many:
-        from buildseg.data.geo import list_scenes
-
-        scenes = [s.path for s in list_scenes(args.data)]
-        missing = [s for s in scenes if not s.is_file()]
-        if missing:
-            raise BuildsegError(f"scene not found: {missing[0]} (listed in {args.data})")
+        scenes = list_scene_sources(args.data, args.stac_asset)
+        for scene in scenes:
+            scene.check()
     records = None if (geotiff or many) else load_records(args.data)  # bad data fails before the models load
     layer = args.format in TILE_LAYERS  # coco / spacenet: that file at --out instead of the submission CSV
     dist = init_distributed(args.device)
     device = str(dist.device) if dist.device.type == "cuda" else args.device  # each rank on its LOCAL_RANK GPU
     try:
-        segmenter = Segmenter.from_checkpoint(
-            args.checkpoint, device=device, precision=args.precision, tta=args.tta, threshold=args.threshold,
-            min_area=args.min_area, ds_ensemble=args.ds_ensemble, window=args.window, overlap=args.overlap,
-            empty_vote=args.empty_vote, engine=args.engine, threads=args.threads,
-        )
+        segmenter = Segmenter.from_checkpoint(args.checkpoint, **{**_segmenter_options(args), "device": device})
         if many:
             from buildseg.inference.scenes import SceneSettings, predict_scenes
 
             settings = SceneSettings(**_geo_settings(args, segmenter), format=args.format or LAYER_FORMATS[0])
-            summary = predict_scenes(segmenter, scenes, args.out, settings, dist, progress=not args.no_progress)
+            if args.runner == "ray":
+                from buildseg.inference.ray_runner import RayOptions, predict_scenes_ray
+
+                options = RayOptions(address=args.ray_address, workers=args.ray_workers, max_retries=args.max_retries)
+                summary = predict_scenes_ray(segmenter, _segmenter_options(args), scenes, args.out, settings, options,
+                                             progress=not args.no_progress)
+            else:
+                summary = predict_scenes(segmenter, scenes, args.out, settings, dist, progress=not args.no_progress,
+                                         shard=args.shard or (0, 1))
             if dist.is_main:
-                print(f"{summary['predicted']} scenes predicted, {summary['skipped']} already done; merged layer "
-                      f"{summary['merged']} ({summary['n_footprints']} footprints); manifest {Path(args.out) / 'manifest.json'}")
+                done = f"{summary['predicted']} scenes predicted, {summary['skipped']} already done"
+                if summary["remaining"]:
+                    print(f"{done}; {summary['remaining']} scenes of other shards remain: the last shard merges, or run "
+                          f"buildseg predict --merge {args.out}")
+                else:
+                    print(f"{done}; merged layer {summary['merged']} ({summary['n_footprints']} footprints); manifest "
+                          f"{Path(args.out) / 'manifest.json'}")
             return 0
         if geotiff:
             from buildseg.inference.geotiff import GeoTiffSettings, predict_geotiff

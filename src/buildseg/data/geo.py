@@ -44,13 +44,13 @@ from buildseg.data.augment import train_transform
 from buildseg.data.datasets import grid_offsets, to_tensors
 from buildseg.data.targets import target_stack
 from buildseg.errors import BuildsegError
+from buildseg.formats.locations import RASTER_SUFFIXES
 from buildseg.formats.rasters import SceneGrid, check_bands, open_raster, raster_stretch, read_window, scene_grid
 from buildseg.formats.stretch import Stretch
 from buildseg.formats.vectors import Footprints, read_footprints
 
 log = logging.getLogger("buildseg")
 
-RASTER_SUFFIXES = (".tif", ".tiff", ".vrt", ".jp2", ".img")
 OPEN_SCENES = 8  # raster handles kept open per process (LRU)
 DRAWS = 40  # window draws before giving up on a scene
 

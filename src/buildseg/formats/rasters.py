@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from buildseg.errors import BuildsegError
+from buildseg.formats.locations import READ_ATTEMPTS, gdal_location, is_remote, prepare_remote_reads
 from buildseg.formats.stretch import Stretch, fit_stretch
 
 log = logging.getLogger("buildseg")
@@ -48,8 +50,16 @@ def _short(exc: Exception) -> str:
 
 
 def open_raster(path: str | Path):
-    """A rasterio dataset; a one-line error for a missing or unreadable file."""
+    """A rasterio dataset of a local file or a remote URL (``formats/locations.py``); a
+    one-line error for a missing, unreachable or unreadable one."""
     rasterio = require_rasterio()
+    if is_remote(path):
+        prepare_remote_reads()
+        try:
+            return rasterio.open(gdal_location(path))
+        except rasterio.errors.RasterioIOError as exc:
+            raise BuildsegError(f"cannot open {path} as a raster: {_short(exc)} (check the URL, that it is a "
+                                "GeoTIFF, and the credentials in GDAL's environment variables)") from None
     path = Path(path)
     if not path.is_file():
         raise BuildsegError(f"GeoTIFF not found: {path}")
@@ -179,13 +189,23 @@ def read_window(src, bands: list[int], grid: SceneGrid, row: float, col: float, 
 
     window = grid.source_window(row, col, height, width)
     shape = (len(bands), height, width)
-    try:
-        raw = src.read(bands, window=window, out_shape=shape, boundless=True, fill_value=0,
-                       resampling=Resampling.bilinear if grid.resampled else Resampling.nearest)
-        masks = src.read_masks(bands, window=window, out_shape=shape, boundless=True, resampling=Resampling.nearest)
-    except rasterio.errors.RasterioIOError as exc:
-        raise BuildsegError(f"cannot read {src.name} at grid pixels row={row}, col={col}: the file is damaged "
-                            f"there ({_short(exc)}); re-export it") from None
+    remote = is_remote(src.name)
+    for attempt in range(1, (READ_ATTEMPTS if remote else 1) + 1):
+        try:
+            raw = src.read(bands, window=window, out_shape=shape, boundless=True, fill_value=0,
+                           resampling=Resampling.bilinear if grid.resampled else Resampling.nearest)
+            masks = src.read_masks(bands, window=window, out_shape=shape, boundless=True, resampling=Resampling.nearest)
+            break
+        except rasterio.errors.RasterioIOError as exc:
+            if remote and attempt < READ_ATTEMPTS:
+                log.warning("reading %s failed (%s); retrying (%d of %d)", src.name, _short(exc), attempt + 1, READ_ATTEMPTS)
+                time.sleep(0.5 * attempt)
+                continue
+            if remote:
+                raise BuildsegError(f"cannot read {src.name} at grid pixels row={row}, col={col} after {attempt} tries: "
+                                    f"{_short(exc)}; check the network and the URL, then run again") from None
+            raise BuildsegError(f"cannot read {src.name} at grid pixels row={row}, col={col}: the file is damaged "
+                                f"there ({_short(exc)}); re-export it") from None
     valid = (masks > 0).all(axis=0) & np.isfinite(raw).all(axis=0)
     if fill_is_nodata:
         valid &= (raw != 0).any(axis=0)

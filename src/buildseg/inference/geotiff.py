@@ -37,6 +37,7 @@ from buildseg.errors import BuildsegError
 from buildseg.footprints.clean import FootprintOptions, clean_footprints
 from buildseg.footprints.polygons import block_parts, join_border_parts
 from buildseg.footprints.writers import check_footprint_path, to_cog, write_footprints
+from buildseg.formats.locations import is_remote, location_name
 from buildseg.formats.rasters import (
     check_bands,
     metres_per_unit,
@@ -105,7 +106,9 @@ def predict_geotiff(
     settings = replace(settings or GeoTiffSettings(), **overrides)  # e.g. block=128 from a test or a script
     block, simplify, stretch, gsd = settings.block, settings.simplify, settings.stretch, settings.gsd
     bands, min_area_m2, regularize = settings.bands, settings.min_area_m2, settings.regularize
-    src_path, mask_path = Path(src_path), Path(mask_path)
+    src_path = src_path if is_remote(src_path) else Path(src_path)
+    src_name = location_name(src_path)
+    mask_path = Path(mask_path)
     if footprints_path is not None:
         footprints_path = check_footprint_path(footprints_path)
     bands = list(bands) if bands else list(range(1, segmenter.in_chans + 1))
@@ -131,7 +134,7 @@ def predict_geotiff(
         blocks = [(y, x) for y in range(0, src.height, block) for x in range(0, src.width, block)]
         try:
             with rasterio.open(tmp, "w", **profile) as dst:
-                for y, x in tqdm(blocks, desc=src_path.name, unit="block", disable=not progress or len(blocks) < 2):
+                for y, x in tqdm(blocks, desc=src_name, unit="block", disable=not progress or len(blocks) < 2):
                     h, w = min(block, src.height - y), min(block, src.width - x)
                     size = (h + 2 * margin, w + 2 * margin)
                     rows, cols = max(1, round(size[0] / grid.step_y)), max(1, round(size[1] / grid.step_x))
@@ -161,7 +164,7 @@ def predict_geotiff(
     if footprints_path is not None:
         parts = inner + join_border_parts(border)
         options = FootprintOptions(min_area_m2, simplify, regularize)
-        frame = clean_footprints(parts, crs, pixel, unit, options, src_path.name)
+        frame = clean_footprints(parts, crs, pixel, unit, options, src_name)
         write_footprints(frame, footprints_path)
     area_unit = "m^2" if unit else ("px^2" if crs is None else None)
     return GeoResult(mask_path, footprints_path, 0 if frame is None else len(frame),

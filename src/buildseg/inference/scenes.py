@@ -1,18 +1,22 @@
 """Predicting many scenes: one mask and one footprint layer per scene, a merged layer, a manifest,
 and a re-run that does only what is left.
 
-``buildseg predict --data SCENES_DIR_OR_LIST --out OUT_DIR`` writes, per scene ``NAME.tif``,
+``buildseg predict --data SCENES --out OUT_DIR`` writes, per scene ``NAME``,
 ``OUT_DIR/NAME_mask.tif`` (COG) and ``OUT_DIR/NAME.<format>``; when a scene is finished its
 record goes to ``OUT_DIR/.buildseg-done/NAME.json`` (atomically, after both outputs are in
 place). A re-run skips a scene whose record matches the *run key* (a hash of the checkpoint
-files' contents and every setting that changes the outputs), the scene's size and mtime, and
-whose outputs still exist: a killed run resumes, and a changed checkpoint or setting redoes
-everything. At the end the merged layer ``OUT_DIR/footprints.<format>`` (all scenes, in the
-first scene's CRS) and ``OUT_DIR/manifest.json`` are rebuilt from the per-scene files, so they
-equal those of an uninterrupted run.
+files' contents and every setting that changes the outputs), the scene's identity (size and
+mtime of a local file, the URL of a remote one) and whose outputs still exist: a killed run
+resumes, and a changed checkpoint or setting redoes everything. At the end the merged layer
+``OUT_DIR/footprints.<format>`` (all scenes, in the first scene's CRS) and
+``OUT_DIR/manifest.json`` are rebuilt from the done-records, in the scenes' order, so they
+equal those of an uninterrupted run whichever process predicted which scene.
 
-Under torchrun, scene ``i`` goes to rank ``i % world_size`` (one node or many: every rank
-needs the same OUT_DIR, e.g. on a shared file system); rank 0 merges after a barrier.
+Who predicts what: under torchrun, scene ``i`` goes to rank ``i % world_size``; with
+``shard=(I, N)`` (a batch scheduler's array job) the scenes ``I, I+N, ...``; with the Ray
+runner (``ray_runner.py``) a pool of workers takes them largest first. Whoever finishes the
+last scene merges; ``merge_outputs`` (``predict --merge OUT_DIR``) merges from the records
+alone.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from buildseg.distributed import SINGLE_PROCESS, DistInfo, barrier
 from buildseg.errors import BuildsegError
 from buildseg.footprints.writers import write_footprints
 from buildseg.inference.geotiff import GeoTiffSettings, predict_geotiff
+from buildseg.inference.scene_sources import SceneSource
 from buildseg.inference.segmenter import Segmenter
 
 log = logging.getLogger("buildseg")
@@ -43,26 +48,6 @@ class SceneSettings(GeoTiffSettings):
     """The GeoTIFF settings of every scene, plus the footprint layers' format."""
 
     format: str = "gpkg"
-
-
-def is_scene_collection(data: str | Path) -> bool:
-    """A folder of rasters (not a competition folder with images/), or a CSV with a ``path``
-    column (no ``img_id``) whose first entry is a raster file name."""
-    import csv
-
-    from buildseg.data.geo import RASTER_SUFFIXES
-
-    path = Path(data)
-    if path.is_dir():
-        return not (path / "images").is_dir() and any(p.suffix.lower() in RASTER_SUFFIXES for p in path.iterdir())
-    if path.suffix.lower() == ".csv" and path.is_file():
-        with path.open(encoding="utf-8", errors="replace", newline="") as handle:
-            reader = csv.DictReader(handle)
-            first = next(reader, None)
-            columns = reader.fieldnames or []
-        return ("path" in columns and "img_id" not in columns and first is not None
-                and Path(first.get("path") or "").suffix.lower() in RASTER_SUFFIXES)
-    return False
 
 
 def _file_digest(path: Path) -> str:
@@ -84,75 +69,119 @@ def run_key(segmenter: Segmenter, settings: SceneSettings) -> str:
     return digest.hexdigest()[:16]
 
 
-def _record_path(out_dir: Path, scene: Path) -> Path:
-    return out_dir / DONE / f"{scene.stem}.json"
+def _record_path(out_dir: Path, name: str) -> Path:
+    return out_dir / DONE / f"{name}.json"
 
 
-def _finished(out_dir: Path, scene: Path, key: str) -> dict | None:
+def _finished(out_dir: Path, scene: SceneSource, key: str) -> dict | None:
     """The scene's record when it is done with this key and its outputs are there."""
-    path = _record_path(out_dir, scene)
     try:
-        record = json.loads(path.read_text())
+        record = json.loads(_record_path(out_dir, scene.name).read_text())
     except (OSError, ValueError):
         return None
-    stat = scene.stat()
-    same = (record.get("run_key") == key and record.get("size") == stat.st_size
-            and record.get("mtime_ns") == stat.st_mtime_ns)
+    same = record.get("run_key") == key and all(record.get(k) == v for k, v in scene.identity().items())
     outputs = all((out_dir / record.get(k, "")).is_file() for k in ("mask", "footprints"))
     return record if same and outputs else None
 
 
-def predict_scenes(segmenter: Segmenter, scenes: list[Path], out_dir: str | Path, settings: SceneSettings,
-                   dist: DistInfo = SINGLE_PROCESS, progress: bool = True) -> dict[str, Any]:
-    """Predict every scene not yet done (this rank's share); rank 0 writes the merged layer and manifest."""
-    out_dir = Path(out_dir)
-    stems = [s.stem for s in scenes]
-    duplicated = sorted({s for s in stems if stems.count(s) > 1})
+def check_scenes(scenes: list[SceneSource], settings: SceneSettings) -> str:
+    """Unique names and a known format; the footprint files' suffix."""
+    names = [s.name for s in scenes]
+    duplicated = sorted({n for n in names if names.count(n) > 1})
     if duplicated:
         raise BuildsegError(f"scene names must be unique (outputs are named after them): {', '.join(duplicated[:5])}")
     if settings.format not in FORMATS:
         raise BuildsegError(f"--format {settings.format!r}: use one of {', '.join(FORMATS)}")
+    return FORMATS[settings.format]
+
+
+def predict_scene(segmenter: Segmenter, scene: SceneSource, index: int, out_dir: Path, settings: SceneSettings,
+                  key: str, *, progress: bool = False) -> dict:
+    """Predict one scene into OUT_DIR and write its done-record; the record."""
+    started = time.monotonic()
     suffix = FORMATS[settings.format]
+    mask_name, layer_name = f"{scene.name}_mask.tif", f"{scene.name}{suffix}"
+    result = predict_geotiff(segmenter, scene.location, out_dir / mask_name, out_dir / layer_name,
+                             GeoTiffSettings(**{f.name: getattr(settings, f.name) for f in fields(GeoTiffSettings)}),
+                             progress=progress)
+    record = {"scene": scene.location, "name": scene.name, "index": index, "run_key": key, **scene.identity(),
+              "mask": mask_name, "footprints": layer_name, "n_footprints": result.n_polygons,
+              "crs": result.crs, "seconds": round(time.monotonic() - started, 2)}
+    with atomic_open(_record_path(out_dir, scene.name), "w") as handle:
+        handle.write(json.dumps(record))
+    return record
+
+
+def pending_scenes(scenes: list[SceneSource], out_dir: Path, key: str) -> list[int]:
+    """Indices (into ``scenes``) of the scenes without a valid done-record."""
+    return [i for i, scene in enumerate(scenes) if _finished(out_dir, scene, key) is None]
+
+
+def finish(out_dir: Path, scenes: list[SceneSource], key: str, suffix: str) -> dict[str, Any]:
+    """Merge when every scene is done; else say how many remain (other shards at work)."""
+    remaining = pending_scenes(scenes, out_dir, key)
+    if remaining:
+        return {"merged": None, "n_footprints": 0, "remaining": len(remaining)}
+    return {**_merge(out_dir, [_finished(out_dir, s, key) for s in scenes], key, suffix), "remaining": 0}
+
+
+def predict_scenes(segmenter: Segmenter, scenes: list[SceneSource], out_dir: str | Path, settings: SceneSettings,
+                   dist: DistInfo = SINGLE_PROCESS, progress: bool = True,
+                   shard: tuple[int, int] = (0, 1)) -> dict[str, Any]:
+    """Predict every scene of this process's share not yet done (``shard`` = (I, N): every N-th
+    scene from the I-th, then this rank's part of it); rank 0 merges when all scenes are done."""
+    out_dir = Path(out_dir)
+    suffix = check_scenes(scenes, settings)
     (out_dir / DONE).mkdir(parents=True, exist_ok=True)
     key = run_key(segmenter, settings)
-    mine = scenes[dist.rank :: dist.world_size]
-    done = skipped = 0
-    for k, scene in enumerate(mine, start=1):
-        if _finished(out_dir, scene, key):
-            skipped += 1
+    first, count = shard
+    mine = list(range(first, len(scenes), count))[dist.rank :: dist.world_size]
+    todo = {mine[k] for k in pending_scenes([scenes[i] for i in mine], out_dir, key)}
+    done = 0
+    for k, i in enumerate(mine, start=1):
+        if i not in todo:
             continue
-        started = time.monotonic()
-        mask_name, layer_name = f"{scene.stem}_mask.tif", f"{scene.stem}{suffix}"
-        result = predict_geotiff(segmenter, scene, out_dir / mask_name, out_dir / layer_name,
-                                 GeoTiffSettings(**{f.name: getattr(settings, f.name) for f in fields(GeoTiffSettings)}),
-                                 progress=progress)
-        stat = scene.stat()
-        record = {"scene": str(scene), "run_key": key, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
-                  "mask": mask_name, "footprints": layer_name, "n_footprints": result.n_polygons,
-                  "crs": result.crs, "seconds": round(time.monotonic() - started, 2)}
-        with atomic_open(_record_path(out_dir, scene), "w") as handle:
-            handle.write(json.dumps(record))
+        record = predict_scene(segmenter, scenes[i], i, out_dir, settings, key, progress=progress)
         done += 1
         if progress:
-            log.info("[%d/%d] %s: %d footprints in %.1f s", k, len(mine), scene.name, result.n_polygons, record["seconds"])
+            log.info("[%d/%d] %s: %d footprints in %.1f s", k, len(mine), scenes[i].name, record["n_footprints"],
+                     record["seconds"])
     barrier(dist)
-    summary = {"predicted": done, "skipped": skipped, "scenes": len(scenes)}
+    summary = {"predicted": done, "skipped": len(mine) - done, "scenes": len(scenes)}
     if dist.is_main:
-        summary.update(_merge(out_dir, scenes, key, suffix))
+        summary.update(finish(out_dir, scenes, key, suffix))
     return summary
 
 
-def _merge(out_dir: Path, scenes: list[Path], key: str, suffix: str) -> dict[str, Any]:
+def merge_outputs(out_dir: str | Path) -> dict[str, Any]:
+    """The merged layer and manifest from OUT_DIR's done-records alone (``predict --merge``),
+    for array jobs whose shards finished in any order."""
+    out_dir = Path(out_dir)
+    paths = sorted((out_dir / DONE).glob("*.json")) if (out_dir / DONE).is_dir() else []
+    if not paths:
+        raise BuildsegError(f"{out_dir} has no finished scene ({DONE}/ is empty or missing); predict the scenes first")
+    records = []
+    for path in paths:
+        try:
+            records.append(json.loads(path.read_text()))
+        except ValueError:
+            raise BuildsegError(f"{path} is not a done-record (not JSON); delete it and predict its scene again") from None
+    keys = sorted({str(r.get("run_key")) for r in records})
+    if len(keys) > 1:
+        raise BuildsegError(f"{out_dir} holds scenes of {len(keys)} different runs (run keys {', '.join(keys)}); "
+                            "predict them again with one checkpoint and one set of settings")
+    lost = [r.get("name", "?") for r in records if not all((out_dir / r.get(k, "")).is_file() for k in ("mask", "footprints"))]
+    if lost:
+        raise BuildsegError(f"{len(lost)} finished scenes in {out_dir} lost their outputs (e.g. {lost[0]}); run predict again")
+    records.sort(key=lambda r: (r.get("index", 0), r.get("name", "")))
+    return {"scenes": len(records), **_merge(out_dir, records, keys[0], Path(records[0]["footprints"]).suffix)}
+
+
+def _merge(out_dir: Path, records: list[dict], key: str, suffix: str) -> dict[str, Any]:
     """The merged layer (first scene's CRS) and manifest.json, from the per-scene files."""
     import geopandas as gpd
     import pandas as pd
 
-    records = []
-    for scene in scenes:
-        record = _finished(out_dir, scene, key)
-        if record is None:
-            raise BuildsegError(f"{scene} has no finished prediction in {out_dir}; run the command again to finish it")
-        records.append(record)
     frames, crs = [], None
     for record in records:
         frame = gpd.read_file(out_dir / record["footprints"]) if suffix not in (".parquet",) else \
@@ -167,4 +196,3 @@ def _merge(out_dir: Path, scenes: list[Path], key: str, suffix: str) -> dict[str
     with atomic_open(out_dir / "manifest.json", "w") as handle:
         handle.write(json.dumps(manifest, indent=1))
     return {"merged": str(merged_path), "n_footprints": len(merged)}
-
