@@ -75,3 +75,14 @@ def prepare_remote_reads() -> None:
     """GDAL's retry and listing settings for remote rasters, unless the user set them."""
     for key, value in GDAL_REMOTE_DEFAULTS.items():
         os.environ.setdefault(key, value)
+
+
+def uncache_remote(gdal_path: str) -> None:
+    """Stop GDAL caching ``gdal_path`` (a ``/vsicurl/...`` path) for the rest of the process,
+    which also drops what it cached of it: after a connection cut off mid-response, the cache
+    can hold the truncated bytes, and every retry would read them again. GDAL splits this
+    option at ``:``, so in effect every URL of that scheme goes uncached from then on: slower
+    after a failure, never wrong."""
+    prefixes = [p for p in os.environ.get("CPL_VSIL_CURL_NON_CACHED", "").split(":") if p]
+    if gdal_path not in prefixes:
+        os.environ["CPL_VSIL_CURL_NON_CACHED"] = ":".join([*prefixes, gdal_path])

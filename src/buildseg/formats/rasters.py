@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from buildseg.errors import BuildsegError
-from buildseg.formats.locations import READ_ATTEMPTS, gdal_location, is_remote, prepare_remote_reads
+from buildseg.formats.locations import READ_ATTEMPTS, gdal_location, is_remote, prepare_remote_reads, uncache_remote
 from buildseg.formats.stretch import Stretch, fit_stretch
 
 log = logging.getLogger("buildseg")
@@ -185,27 +185,40 @@ def read_window(src, bands: list[int], grid: SceneGrid, row: float, col: float, 
     pixels are set to 0.
     """
     rasterio = require_rasterio()
+    from rasterio._err import CPLE_BaseError
     from rasterio.enums import Resampling
 
     window = grid.source_window(row, col, height, width)
     shape = (len(bands), height, width)
     remote = is_remote(src.name)
-    for attempt in range(1, (READ_ATTEMPTS if remote else 1) + 1):
-        try:
-            raw = src.read(bands, window=window, out_shape=shape, boundless=True, fill_value=0,
-                           resampling=Resampling.bilinear if grid.resampled else Resampling.nearest)
-            masks = src.read_masks(bands, window=window, out_shape=shape, boundless=True, resampling=Resampling.nearest)
-            break
-        except rasterio.errors.RasterioIOError as exc:
-            if remote and attempt < READ_ATTEMPTS:
-                log.warning("reading %s failed (%s); retrying (%d of %d)", src.name, _short(exc), attempt + 1, READ_ATTEMPTS)
-                time.sleep(0.5 * attempt)
-                continue
-            if remote:
-                raise BuildsegError(f"cannot read {src.name} at grid pixels row={row}, col={col} after {attempt} tries: "
-                                    f"{_short(exc)}; check the network and the URL, then run again") from None
-            raise BuildsegError(f"cannot read {src.name} at grid pixels row={row}, col={col}: the file is damaged "
-                                f"there ({_short(exc)}); re-export it") from None
+    reader, fresh = src, None
+    try:
+        for attempt in range(1, (READ_ATTEMPTS if remote else 1) + 1):
+            try:
+                raw = reader.read(bands, window=window, out_shape=shape, boundless=True, fill_value=0,
+                                  resampling=Resampling.bilinear if grid.resampled else Resampling.nearest)
+                masks = reader.read_masks(bands, window=window, out_shape=shape, boundless=True,
+                                          resampling=Resampling.nearest)
+                break
+            except (rasterio.errors.RasterioIOError, CPLE_BaseError) as exc:  # GDAL's read errors come as either
+                if remote and attempt < READ_ATTEMPTS:
+                    log.warning("reading %s failed (%s); retrying (%d of %d)", src.name, _short(exc), attempt + 1,
+                                READ_ATTEMPTS)
+                    time.sleep(0.5 * attempt)
+                    if fresh is not None:
+                        fresh.close()
+                    # GDAL may have kept the cut-off bytes: stop caching this file, read it on a new handle
+                    uncache_remote(src.name)
+                    reader = fresh = rasterio.open(src.name)
+                    continue
+                if remote:
+                    raise BuildsegError(f"cannot read {src.name} at grid pixels row={row}, col={col} after {attempt} "
+                                        f"tries: {_short(exc)}; check the network and the URL, then run again") from None
+                raise BuildsegError(f"cannot read {src.name} at grid pixels row={row}, col={col}: the file is damaged "
+                                    f"there ({_short(exc)}); re-export it") from None
+    finally:
+        if fresh is not None:
+            fresh.close()
     valid = (masks > 0).all(axis=0) & np.isfinite(raw).all(axis=0)
     if fill_is_nodata:
         valid &= (raw != 0).any(axis=0)
