@@ -1,0 +1,111 @@
+"""`predict --runner ray` on a local Ray of 2 workers: the local runner's outputs, a worker
+killed mid-scene retried, a re-run that redoes only the scenes whose outputs were deleted."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from buildseg.cli import main
+from buildseg.inference.ray_runner import RayOptions, SceneWorker, predict_scenes_ray
+from conftest import write_tiny_checkpoint
+
+ray = pytest.importorskip("ray")
+gpd = pytest.importorskip("geopandas")
+pytestmark = pytest.mark.slow
+TESTS = Path(__file__).resolve().parent
+
+
+class DiesOnceWorker(SceneWorker):
+    """Kills its own process the first time it starts ``scene_1`` (a marker file says it did)."""
+
+    def predict(self, scene, index):
+        marker = self.out_dir / "killed-once"
+        if scene.name == "scene_1" and not marker.exists():
+            marker.write_text(str(os.getpid()))
+            os._exit(1)  # as a pre-empted or OOM-killed worker: no cleanup, no exception
+        return super().predict(scene, index)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(TESTS), "OMP_NUM_THREADS": "1"}})
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture()
+def scenes(tmp_path):
+    from test_remote_scenes import write_cog
+
+    folder = tmp_path / "scenes"
+    folder.mkdir()
+    for k, size in enumerate((320, 128, 256, 192)):  # mixed sizes: largest first matters
+        write_cog(folder / f"scene_{k}.tif", seed=k, size=size, origin=(500000.0 + 200 * k, 4100000.0))
+    return folder
+
+
+def records(out: Path) -> list[dict]:
+    manifest = json.loads((out / "manifest.json").read_text())
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in manifest["scenes"]]
+
+
+def same_layer(a: Path, b: Path) -> bool:
+    x, y = gpd.read_file(a / "footprints.gpkg"), gpd.read_file(b / "footprints.gpkg")
+    return len(x) == len(y) and bool(x.geometry.geom_equals(y.geometry).all()) and list(x["source"]) == list(y["source"])
+
+
+def test_ray_runner_matches_the_local_runner_survives_a_killed_worker_and_redoes_only_what_is_gone(
+        local_ray, scenes, tmp_path, capsys):
+    from buildseg.inference.scene_sources import list_scene_sources
+    from buildseg.inference.scenes import SceneSettings
+    from buildseg.inference.segmenter import Segmenter
+
+    ckpt = write_tiny_checkpoint(tmp_path / "m.pt")
+    common = ["--checkpoint", str(ckpt), "--data", str(scenes), "--block", "128", "--window", "128", "--device", "cpu",
+              "--engine", "torch", "--no-progress", "--threshold", "0.3"]
+    assert main(["predict", *common, "--out", str(tmp_path / "local")]) == 0
+    assert main(["predict", *common, "--out", str(tmp_path / "ray"), "--runner", "ray", "--ray-workers", "2"]) == 0
+    assert records(tmp_path / "ray") == records(tmp_path / "local")
+    assert same_layer(tmp_path / "ray", tmp_path / "local")
+
+    # delete two scenes' outputs, then re-run with a worker that dies on one of them
+    out = tmp_path / "ray"
+    kept = (out / ".buildseg-done" / "scene_0.json").stat().st_mtime_ns
+    for name in ("scene_1", "scene_3"):
+        (out / f"{name}_mask.tif").unlink()
+    options = dict(device="cpu", precision="auto", tta="none", threshold=0.3, min_area=None, ds_ensemble=None,
+                   window=128, overlap=0.25, empty_vote=0, engine="torch", threads=None)
+    segmenter = Segmenter.from_checkpoint(ckpt, **options)
+    summary = predict_scenes_ray(segmenter, options, list_scene_sources(scenes), out,
+                                 SceneSettings(block=128), RayOptions(workers=2, max_retries=2), progress=False,
+                                 worker_class=DiesOnceWorker)
+    assert (out / "killed-once").exists(), "no worker died: the retry was not exercised"
+    assert summary["predicted"] == 2 and summary["skipped"] == 2 and summary["remaining"] == 0
+    assert (out / ".buildseg-done" / "scene_0.json").stat().st_mtime_ns == kept  # not redone
+    assert records(out) == records(tmp_path / "local")
+    assert same_layer(out, tmp_path / "local")
+
+
+def test_ray_runner_with_a_worker_that_always_dies_stops_with_one_line(local_ray, scenes, tmp_path):
+    from buildseg.errors import BuildsegError
+    from buildseg.inference.scene_sources import list_scene_sources
+    from buildseg.inference.scenes import SceneSettings
+    from buildseg.inference.segmenter import Segmenter
+
+    class AlwaysDies(SceneWorker):
+        def predict(self, scene, index):
+            os._exit(1)
+
+    ckpt = write_tiny_checkpoint(tmp_path / "m.pt")
+    options = dict(device="cpu", engine="torch", window=128)
+    segmenter = Segmenter.from_checkpoint(ckpt, **options)
+    with pytest.raises(BuildsegError, match="died 2 times"):
+        predict_scenes_ray(segmenter, options, list_scene_sources(scenes)[:1], tmp_path / "out",
+                           SceneSettings(block=128), RayOptions(workers=1, max_retries=1), progress=False,
+                           worker_class=AlwaysDies)
+    assert not (tmp_path / "out" / "manifest.json").exists()
