@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 # Flags of other tools that the docs show beside buildseg's (torchrun, pip, make, the CLI of python).
 FOREIGN = {"--nproc_per_node", "--nnodes", "--node_rank", "--rdzv_backend", "--rdzv_endpoint", "--rdzv_id",
-           "--standalone", "--master_addr", "--master_port", "--headless", "--logdir"}  # + tensorboard
+           "--standalone", "--master_addr", "--master_port", "--headless", "--logdir",  # + tensorboard
+           "--array", "--cpus-per-task", "--mem", "--dependency", "--wrap"}  # SLURM (sbatch)
 
 
 def parser_flags() -> set[str]:
