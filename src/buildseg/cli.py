@@ -401,7 +401,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     dist = init_distributed(args.device)
     device = str(dist.device) if dist.device.type == "cuda" else args.device  # each rank on its LOCAL_RANK GPU
     try:
-        segmenter = Segmenter.from_checkpoint(args.checkpoint, **{**_segmenter_options(args), "device": device})
+        driver = {**_segmenter_options(args), "device": device}
+        if many and args.runner == "ray":  # the driver only needs the run key: no engine to compile here
+            driver.update(engine="torch", device="cpu", precision="fp32")
+        segmenter = Segmenter.from_checkpoint(args.checkpoint, **driver)
         if many:
             from buildseg.inference.scenes import SceneSettings, predict_scenes
 
