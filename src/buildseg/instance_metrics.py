@@ -139,13 +139,19 @@ class MaskResult:
     pred_labels: np.ndarray | None = None
 
 
+def area_kept(area: np.ndarray, *, min_area: float, truth: bool) -> np.ndarray:
+    """SpaceNet's area rule, the one place it is written: truth buildings of area >= min_area
+    take part, predicted ones of area > min_area; nothing of zero area does."""
+    area = np.asarray(area, dtype=np.float64)
+    return (area > 0) & (area >= min_area if truth else area > min_area)
+
+
 def drop_small(labels: np.ndarray, count: int, *, min_area: float, truth: bool) -> tuple[np.ndarray, int]:
     """Labels without the buildings SpaceNet's area rule drops (truth: area < min_area;
     predictions: area <= min_area), relabelled 1..kept in the old order."""
     if min_area <= 0 or count == 0:
         return labels, count
-    area = np.bincount(labels.ravel(), minlength=count + 1)[1:]
-    keep = area >= min_area if truth else area > min_area
+    keep = area_kept(np.bincount(labels.ravel(), minlength=count + 1)[1:], min_area=min_area, truth=truth)
     new_label = np.zeros(count + 1, dtype=labels.dtype)
     new_label[1:][keep] = np.arange(1, int(keep.sum()) + 1, dtype=labels.dtype)
     return new_label[labels], int(keep.sum())
@@ -193,5 +199,4 @@ def kept_polygons(polygons: Sequence, *, min_area: float, truth: bool) -> np.nda
         return polygons
     import shapely
 
-    area = shapely.area(polygons)
-    return polygons[area >= min_area if truth else area > min_area]
+    return polygons[area_kept(shapely.area(polygons), min_area=min_area, truth=truth)]

@@ -28,7 +28,15 @@ from pathlib import Path
 from buildseg.errors import BuildsegError
 from buildseg.formats import spacenet
 from buildseg.formats.tables import write_atomic_csv
-from buildseg.instance_metrics import IOU_THRESHOLD, InstanceCounts, Match, confidence_order_match, greedy_match, polygon_pairs
+from buildseg.instance_metrics import (
+    IOU_THRESHOLD,
+    InstanceCounts,
+    Match,
+    area_kept,
+    confidence_order_match,
+    greedy_match,
+    polygon_pairs,
+)
 
 MATCHING = ("spacenet", "buildseg")  # the first is the default
 SPACENET_MIN_AREA = 20.0  # SpaceNet 2's rule, in px² (pixel WKT)
@@ -53,13 +61,11 @@ class ImageScore:
 
 
 def kept_by_area(image: spacenet.SpaceNetImage | None, *, min_area: float, truth: bool) -> tuple[list, list[float]]:
-    """(polygons, confidences) that take part: truth of area >= min_area, proposals of area >
-    min_area (SpaceNet's rule); zero-area polygons never do."""
-    if image is None:
+    """(polygons, confidences) that take part under SpaceNet's area rule (``area_kept``)."""
+    if image is None or not image.polygons:
         return [], []
-    keep = [k for k, g in enumerate(image.polygons)
-            if g.area > 0 and (g.area >= min_area if truth else g.area > min_area)]
-    return [image.polygons[k] for k in keep], [image.confidence[k] for k in keep]
+    keep = area_kept([g.area for g in image.polygons], min_area=min_area, truth=truth)
+    return [g for g, k in zip(image.polygons, keep) if k], [c for c, k in zip(image.confidence, keep) if k]
 
 
 def score_image(image: str, truth: spacenet.SpaceNetImage | None, pred: spacenet.SpaceNetImage | None, *,
