@@ -96,7 +96,8 @@ def inference_flags() -> argparse.ArgumentParser:
     parent.add_argument("--batch-size", type=POSITIVE_INT, default=32)
     parent.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parent.add_argument("--precision", default="auto", choices=[*PRECISIONS, "int8"],
-                        help="auto: bf16 on GPUs and CPUs with native bf16, else fp32; int8 after `buildseg quantize`")
+                        help="auto: bf16 on GPUs and CPUs with native bf16; on other CPUs int8 when the run has an "
+                             "accepted int8 model (made at the end of `train`, or by `buildseg quantize`), else fp32")
     parent.add_argument("--engine", default="auto", choices=ENGINES,
                         help="inference engine (default auto: openvino on x86 CPUs where installed, else torch; falls "
                              "back to torch if the model does not compile); openvino and onnxruntime cache the ONNX "
@@ -106,6 +107,7 @@ def inference_flags() -> argparse.ArgumentParser:
 
 def build_parser() -> argparse.ArgumentParser:
     from buildseg import __version__
+    from buildseg.inference.quantize import MAX_DROP
     from buildseg.inference.tiling import OVERLAP, WINDOW
 
     parser = Parser(prog="buildseg", description="Building footprint segmentation in overhead imagery.")
@@ -243,9 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="validation CSV/folder with masks: calibration tiles and the Dice check")
     p.add_argument("--n-tiles", type=POSITIVE_INT, default=300, help="calibration tiles (default 300)")
     p.add_argument("--tile", type=_ranged(int, 32), default=224)
-    p.add_argument("--max-drop", type=_ranged(float, 0.0), default=0.005,
+    p.add_argument("--max-drop", type=_ranged(float, 0.0), default=MAX_DROP,
                    help="largest Dice loss allowed; beyond it NNCF's accuracy control keeps the costliest layers in "
-                        "fp32 (default 0.005; 0 disables the control: plain int8)")
+                        f"fp32, and a model still beyond it is refused for --precision auto (default {MAX_DROP}; 0 "
+                        "disables the control: plain int8)")
 
     p = sub.add_parser("cache", help="decode a training set once into the disk store ahead of a run")
     p.add_argument("--data", required=True, help="training CSV or images/+masks/ folder")
@@ -296,7 +299,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     overrides = overrides_from(args)
     config = apply_overrides(base, overrides, {k: flag_name(k) for k in overrides if k != "loss"})
     check_outputs((config.train.out, "--out", FOLDER))
-    result, tuned = train_and_tune(config, resume=args.resume)
+    result, finished = train_and_tune(config, resume=args.resume)
+    tuned, int8 = finished.tuned, finished.int8
     if result.is_main:
         print(f"best val {'building F1' if result.monitor == 'f1' else 'Dice'} {result.best_score:.4f} after {result.epochs_done} epochs (stopped by {result.stopped_by})")
         print(f"checkpoints: {result.run_dir / 'best.pt'}  {result.run_dir / 'last.pt'}")
@@ -307,7 +311,21 @@ def cmd_train(args: argparse.Namespace) -> int:
                   f"min_area {p.min_area}, empty if max prob < {p.empty_max_prob:.2f}; Dice {a['dice']:.4f} -> "
                   f"{b['dice']:.4f}, building F1 {a['f1']:.4f} -> {b['f1']:.4f}, empty-tile FP rate "
                   f"{a['empty_fp_rate']:.3f} -> {b['empty_fp_rate']:.3f}")
+        if int8 is not None:
+            print(_int8_line(int8, "end of training"))
     return 0
+
+
+def _int8_line(verdict, when: str) -> str:
+    """One line on an int8 calibration: kept or refused, the Dice of both, the time it took."""
+    scored = "" if verdict.dice_int8 is None else (f"; Dice fp32 {verdict.dice_fp32:.4f}, int8 {verdict.dice_int8:.4f} "
+                                                   f"({verdict.change:+.4f})")
+    control = " with NNCF accuracy control" if verdict.accuracy_control else ""
+    use = ("`predict --precision auto` uses it on CPUs without bf16" if verdict.accepted
+           else "predict stays fp32/bf16; `buildseg quantize` can retry")
+    state = f"accepted ({verdict.path})" if verdict.accepted else f"refused: {verdict.reason}"
+    return (f"int8 model ({when}, {verdict.n_calibration} calibration / {verdict.n_validation} validation tiles"
+            f"{control}, {verdict.seconds:.0f} s) {state}{scored}; {use}")
 
 
 def _geo_settings(args: argparse.Namespace, segmenter) -> dict[str, Any]:
@@ -579,13 +597,14 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_quantize(args: argparse.Namespace) -> int:
     from buildseg.inference.quantize import quantize
 
-    result = quantize(args.checkpoint, args.data, args.n_tiles, args.tile, args.max_drop or None)
-    print(f"wrote {result.path} (int8, calibrated on {result.n_calibration} tiles)")
-    if result.accuracy_control:
-        print(f"plain int8 lost {result.dice_fp32 - result.dice_plain_int8:.4f} Dice (> --max-drop {args.max_drop}); "
+    verdict = quantize(args.checkpoint, args.data, n_tiles=args.n_tiles, tile=args.tile, max_drop=args.max_drop or None)
+    print(f"wrote {verdict.path} (int8, calibrated on {verdict.n_calibration} tiles)")
+    if verdict.accuracy_control:
+        print(f"plain int8 lost {verdict.dice_fp32 - verdict.dice_plain_int8:.4f} Dice (> --max-drop {args.max_drop}); "
               "NNCF's accuracy control kept the costliest layers in fp32")
-    print(f"competition Dice on the validation tiles: fp32 {result.dice_fp32:.4f}, int8 {result.dice_int8:.4f} "
-          f"(change {result.dice_int8 - result.dice_fp32:+.4f})")
+    print(f"competition Dice on the validation tiles: fp32 {verdict.dice_fp32:.4f}, int8 {verdict.dice_int8:.4f} "
+          f"(change {verdict.change:+.4f}); {'accepted' if verdict.accepted else 'refused'} for --precision auto: "
+          f"{verdict.reason}")
     return 0
 
 

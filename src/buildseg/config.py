@@ -109,6 +109,8 @@ class TrainConfig:
     threshold: float = 0.5  # for validation Dice
     monitor: str = "dice"  # dice | f1 (building F1 at IoU 0.5): what best.pt and early stopping follow
     tune_at_end: bool = True  # search threshold x min-area x empty rule on the validation tiles; stored in best.pt
+    quantize_at_end: bool = True  # int8 OpenVINO model of best.pt, kept if it holds the validation Dice (cpu extra)
+    quantize_time_limit: float = 5.0  # minutes the end-of-training int8 step may take; past it the model is refused
     sync_bn: bool = False  # SyncBatchNorm across GPUs under torchrun (timm's converter keeps fused activations)
     progress: bool = True
     tensorboard: bool = True  # scalars in RUN/tensorboard when the tensorboard package is installed
@@ -208,6 +210,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.max_nonfinite": _at_least(1),
     "train.threshold": _open_unit(),
     "train.monitor": _choice("dice", "f1"),
+    "train.quantize_time_limit": ((lambda v: v > 0), "> 0 minutes"),
 }
 
 _TRUE = ("true", "yes", "on", "1")

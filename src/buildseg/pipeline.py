@@ -1,10 +1,15 @@
-"""Training followed by the post-processing search: what ``buildseg train`` runs.
+"""Training followed by the post-processing search and the int8 model: what ``buildseg train`` runs.
 
 Kept apart from ``training/`` (which never imports ``inference/``) and from the CLI (which only
 parses and prints). After training, when there are validation tiles and ``train.tune_at_end``
 is on, the threshold x min-area x empty-tile rule that scores best on them (by the monitored
 score, Dice or building F1) is stored in ``best.pt``, where ``predict`` picks it up. The
 empty-tile false-positive rate (a speck on an empty tile scores 0) is reported with it.
+
+Then, with ``train.quantize_at_end`` (default) and the ``cpu`` extra installed, an int8
+OpenVINO model of ``best.pt`` is calibrated on training crops and kept only if the validation
+Dice (after the tuned post-processing) stays within ``quantize.MAX_DROP`` of fp32
+(``inference/quantize.py``); ``predict --precision auto`` uses it on CPUs without bf16.
 """
 
 from __future__ import annotations
@@ -41,12 +46,40 @@ def tune_best(config: Config, run_dir: Path, val_set) -> TuneOutcome | None:
     return TuneOutcome(tuned.best, tuned.default.summary, after)
 
 
+def quantize_best(config: Config, run_dir: Path, train_set, val_set):
+    """The int8 model of ``run_dir/best.pt`` and its verdict (``quantize.Int8Verdict``), or
+    None when there is nothing to judge it on or the ``cpu`` extra is missing."""
+    from buildseg.inference import engines
+    from buildseg.inference.quantize import CALIBRATION_TILES, VALIDATION_TILES, calibrate_int8, sample_images, sample_tiles
+
+    best = Path(run_dir) / "best.pt"
+    if val_set is None or len(val_set) == 0 or train_set is None or len(train_set) == 0 or not best.is_file():
+        return None
+    if not (engines._installed("openvino") and engines._installed("nncf")):
+        log.info("int8 at the end of training skipped: it needs the cpu extra (pip install 'buildseg[cpu]')")
+        return None
+    tiles = sample_tiles(val_set, VALIDATION_TILES, seed=config.train.seed)
+    images = sample_images(train_set, CALIBRATION_TILES, side=config.data.val_tile, seed=config.train.seed)
+    return calibrate_int8(best, calibration=images, validation=tiles, time_limit=config.train.quantize_time_limit * 60)
+
+
+@dataclass
+class Finished:
+    """What ``buildseg train`` did after the loop: the post-processing search and the int8 model."""
+
+    tuned: TuneOutcome | None = None
+    int8: object | None = None  # quantize.Int8Verdict
+
+
 def train_and_tune(config: Config, resume: str | Path | None = None):
-    """(TrainResult, TuneOutcome or None); tuning runs on rank 0 only."""
+    """(TrainResult, Finished); tuning and int8 run on rank 0 only, tuning first (the
+    int8 verdict judges the tuned post-processing)."""
     from buildseg.training.loop import train
 
     result = train(config, resume=resume)
-    outcome = None
+    finished = Finished()
     if config.train.tune_at_end and result.is_main:
-        outcome = tune_best(config, result.run_dir, result.val_set)
-    return result, outcome
+        finished.tuned = tune_best(config, result.run_dir, result.val_set)
+    if config.train.quantize_at_end and result.is_main:
+        finished.int8 = quantize_best(config, result.run_dir, result.train_set, result.val_set)
+    return result, finished

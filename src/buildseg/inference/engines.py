@@ -23,7 +23,7 @@ import logging
 import os
 import platform
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -31,8 +31,9 @@ import torch
 from buildseg.atomic import atomic_path
 from buildseg.errors import BuildsegError
 from buildseg.models.factory import SegmentationModel
+from buildseg.runtime import device as device_rules
 from buildseg.runtime import user_cache_dir
-from buildseg.runtime.device import autocast, cpu_has_native_bf16
+from buildseg.runtime.device import autocast
 
 log = logging.getLogger("buildseg")
 ENGINES = ("auto", "torch", "openvino", "onnxruntime")
@@ -140,22 +141,79 @@ def torch_engine(model: SegmentationModel, device: torch.device, precision: str,
     return run
 
 
-def int8_path(model: SegmentationModel, folder: Path) -> Path:
-    """Where ``buildseg quantize`` puts the int8 OpenVINO model of ``model``."""
-    return folder / f"{model_key(model)}.int8.xml"
+INT8_FOLDER = "int8"  # beside the checkpoint: RUN/int8/<model key>.xml/.bin and .json (the verdict)
+
+
+def int8_path(model: SegmentationModel, checkpoint: Path | None) -> Path:
+    """Where a new int8 OpenVINO model of ``model`` is written: with the run
+    (``<checkpoint folder>/int8/<key>.xml``), so it travels with ``best.pt``; the engine
+    cache when the run folder is read-only or there is no checkpoint."""
+    if checkpoint is not None and os.access(checkpoint.parent, os.W_OK):
+        return checkpoint.parent / INT8_FOLDER / f"{model_key(model)}.xml"
+    return cache_folder(checkpoint) / f"{model_key(model)}.int8.xml"
+
+
+def _int8_places(model: SegmentationModel, checkpoint: Path | None) -> list[Path]:
+    """With the run first, then the engine cache (where ``buildseg quantize`` wrote int8
+    models before they moved into the run folder)."""
+    key = model_key(model)
+    places = [checkpoint.parent / INT8_FOLDER / f"{key}.xml"] if checkpoint is not None else []
+    return [*places, cache_folder(checkpoint) / f"{key}.int8.xml"]
+
+
+def find_int8(model: SegmentationModel, checkpoint: Path | None) -> Path | None:
+    """The int8 OpenVINO model of ``model``, or None."""
+    return next((p for p in _int8_places(model, checkpoint) if p.is_file()), None)
+
+
+def int8_verdict(model: SegmentationModel, checkpoint: Path | None) -> dict | None:
+    """The record written with the int8 model (fp32 and int8 Dice, accepted or refused and
+    why; a refused model's record stays even though its model is not kept). None when none
+    was recorded (no int8 yet, or one made before verdicts were recorded)."""
+    import json
+
+    for place in _int8_places(model, checkpoint):
+        try:
+            return json.loads(place.with_suffix(".json").read_text())
+        except FileNotFoundError:
+            continue
+        except (OSError, ValueError) as exc:
+            log.warning("ignoring an unreadable int8 record %s (%s)", place.with_suffix(".json"), exc)
+    return None
+
+
+def auto_cpu_precision(engine: str, models: Sequence[SegmentationModel],
+                       checkpoints: Sequence[Path | None]) -> tuple[str, str]:
+    """``--precision auto`` on the CPU: (precision, why). bf16 where the CPU runs it natively
+    (AMX, AVX512-BF16); elsewhere int8 when every model has an int8 model whose verdict says
+    accepted (it kept the validation Dice), the fastest path there; fp32 otherwise."""
+    if device_rules.cpu_has_native_bf16():
+        return "bf16", "this CPU has native bf16 (AMX/AVX512-BF16)"
+    if engine != "openvino":
+        return "fp32", f"no native bf16 on this CPU, and int8 runs on the openvino engine only (this is {engine})"
+    verdicts = [int8_verdict(m, c) for m, c in zip(models, checkpoints)]
+    usable = [bool(v and v.get("accepted")) and find_int8(m, c) is not None
+              for v, m, c in zip(verdicts, models, checkpoints)]
+    if all(usable):
+        changes = ", ".join(f"{v['dice_int8'] - v['dice_fp32']:+.4f}" for v in verdicts)
+        return "int8", f"no native bf16 on this CPU; the run's int8 model was accepted (validation Dice change {changes})"
+    refused = next((v for v in verdicts if v and not v.get("accepted")), None)
+    if refused is not None:
+        return "fp32", f"no native bf16 on this CPU; the run's int8 model was refused ({refused.get('reason')})"
+    return "fp32", "no native bf16 on this CPU and no accepted int8 model with the run (`buildseg quantize` makes one)"
 
 
 def openvino_engine(model: SegmentationModel, precision: str, folder: Path, checkpoint: Path | None = None,
                     threads: int | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
     import openvino as ov
 
-    if precision == "bf16" and not cpu_has_native_bf16():
+    if precision == "bf16" and not device_rules.cpu_has_native_bf16():
         log.warning("this CPU has no native bf16 (AVX512-BF16/AMX): OpenVINO emulates it, usually slower than fp32")
     core = ov.Core()
     core.set_property({"CACHE_DIR": str(folder / "openvino")})
     if precision == "int8":
-        source = int8_path(model, folder)
-        if not source.is_file():
+        source = find_int8(model, checkpoint)
+        if source is None:
             raise BuildsegError(f"no int8 model for {checkpoint or 'this model'}: calibrate one first with "
                                 f"`buildseg quantize --checkpoint {checkpoint or 'CKPT'} --data VAL`")
         config = {"PERFORMANCE_HINT": "LATENCY"}

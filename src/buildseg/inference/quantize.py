@@ -1,107 +1,200 @@
-"""``buildseg quantize``: post-training int8 quantisation with NNCF for the OpenVINO engine.
+"""int8 models for the OpenVINO engine, calibrated with NNCF and kept only if they keep the Dice.
 
-The model's cached ONNX graph (see ``engines.py``) is read by OpenVINO and quantised with
-NNCF on a few hundred tiles of validation images (a grid of ``tile`` tiles, as validation
-cuts them); the int8 model is written next to the checkpoint's ONNX cache, where
-``--engine openvino --precision int8`` finds it. The competition Dice of fp32 and int8 on
-the validation tiles is printed, so the cost of int8 is known before it is used.
+On CPUs without native bf16 (AVX2, AVX-512 without BF16) int8 is the fast path
+(benchmarks/README.md, "Engines"). Two ways make one:
+
+* at the end of ``buildseg train`` (``pipeline.quantize_best``, on by default when there are
+  validation tiles and the ``cpu`` extra is installed): calibrated on training crops,
+  judged on the validation tiles, bounded by ``train.quantize_time_limit``;
+* ``buildseg quantize --checkpoint CKPT --data VAL`` for older runs and checkpoints from
+  elsewhere: calibrated and judged on the tiles of ``VAL``.
+
+Either way plain post-training quantisation comes first; when it loses more than
+:data:`MAX_DROP` competition Dice (after the run's tuned post-processing), NNCF's accuracy
+control puts the costliest layers back in fp32 until the loss is within it. The model
+(``RUN/int8/<model key>.xml``) and its verdict (``.json`` beside it: both Dice, accepted or
+refused and why) are written atomically with the run; ``--precision auto`` uses int8 on a
+CPU without bf16 only when the verdict says accepted. A refused model is not kept at the end
+of training (its verdict is); ``buildseg quantize`` keeps it, since a user asked for it.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-from dataclasses import dataclass
+import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable, Sequence
 
 import numpy as np
 
-from buildseg.atomic import atomic_path
-from buildseg.data.datasets import GridTileDataset
+from buildseg import __version__
+from buildseg.atomic import atomic_open, atomic_path
 from buildseg.errors import BuildsegError
-from buildseg.formats.tables import load_records
 from buildseg.inference import engines
-from buildseg.inference.segmenter import Segmenter
-from buildseg.inference.tune import predict_tiles, search
-from buildseg.runtime.checkpoint import checkpoint_paths
+from buildseg.inference.postprocess import PostProcess, apply
+from buildseg.metrics import Scoreboard
+from buildseg.runtime.checkpoint import checkpoint_paths, load_model
 
 log = logging.getLogger("buildseg")
+MAX_DROP = 0.005  # the competition Dice int8 may lose against fp32 and still be accepted
+CALIBRATION_TILES = 300  # NNCF's own default subset size
+VALIDATION_TILES = 500  # tiles the verdict is judged on (a random subset of larger validation sets)
+RANKING_TILES = 100  # accuracy control ranks layers on this many of them
+
+Tile = tuple[np.ndarray, np.ndarray]  # (1, C, h, w) float32 raw pixels, (h, w) uint8 truth
+
+
+class TimeCapReached(Exception):
+    """Raised from the Dice function once the time cap has passed: stops NNCF mid-search."""
 
 
 @dataclass
-class QuantizeResult:
-    path: Path
-    n_calibration: int
+class Int8Verdict:
+    """What a calibration found; written as JSON beside the int8 model."""
+
+    accepted: bool
+    reason: str
     dice_fp32: float
-    dice_int8: float
-    accuracy_control: bool = False  # True: plain PTQ lost more than max_drop; NNCF kept some layers in fp32
-    dice_plain_int8: float | None = None  # the plain PTQ's Dice when accuracy control replaced it
+    dice_int8: float | None  # the kept candidate's Dice (None: none was scored in time)
+    max_drop: float | None  # None: plain int8 only, no acceptance rule (``buildseg quantize --max-drop 0``)
+    n_calibration: int
+    n_validation: int
+    accuracy_control: bool = False  # the candidate came from NNCF's accuracy control
+    dice_plain_int8: float | None = None  # the plain PTQ model's Dice
+    seconds: float = 0.0
+    path: str | None = None  # the int8 model's .xml; None when it was refused and not kept
+
+    @property
+    def change(self) -> float | None:
+        return None if self.dice_int8 is None else self.dice_int8 - self.dice_fp32
 
 
-def _tile_dice(post):
-    """NNCF validation function: the competition Dice of a compiled model's logits on
-    (image, mask) tiles after the segmenter's post-processing ``post`` (threshold, min
-    area, empty rule): the quantity int8 must not lose."""
-    from buildseg.inference.postprocess import apply
-    from buildseg.metrics import Scoreboard
+def tile_dice(post: PostProcess, deadline: float | None = None) -> Callable[[object, Sequence[Tile]], float]:
+    """The competition Dice of a compiled OpenVINO model on ``(image, truth)`` tiles after
+    the run's post-processing: the quantity int8 must not lose, and NNCF's validation
+    function. Raises :class:`TimeCapReached` once ``deadline`` (time.monotonic) has passed."""
 
-    def validate(compiled, items) -> float:
+    def score(compiled, tiles: Sequence[Tile]) -> float:
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeCapReached
         board = Scoreboard()
-        for image, mask in items:
+        for image, truth in tiles:
             logits = np.asarray(compiled(image)[0], dtype=np.float64)[0, 0]
-            board.add(apply((1.0 / (1.0 + np.exp(-logits))).astype(np.float32), post), mask)
+            board.add(apply((1.0 / (1.0 + np.exp(-logits))).astype(np.float32), post), truth)
         return float(board.summary()["dice"])
 
-    return validate
+    return score
 
 
-def _dice(segmenter: Segmenter, dataset: GridTileDataset) -> float:
-    probs, truths = predict_tiles(segmenter, dataset)
-    post = segmenter.postprocess
-    return search(probs, truths, (post.threshold,), (post.min_area,), (post.empty_max_prob,))[0].summary["dice"]
-
-
-def quantize(checkpoint: str | Path, data: str | Path, n_tiles: int = 300, tile: int = 224,
-             max_drop: float | None = 0.005) -> QuantizeResult:
-    """Plain NNCF post-training quantisation; when that loses more than ``max_drop`` Dice on
-    the tiles, NNCF's accuracy control instead (layers that cost the most go back to fp32
-    until the drop is within ``max_drop``). None: plain PTQ only."""
+def calibrate_int8(checkpoint: str | Path, *, calibration: Sequence[np.ndarray], validation: Sequence[Tile],
+                   max_drop: float | None = MAX_DROP, time_limit: float | None = None,
+                   keep_refused: bool = False) -> Int8Verdict:
+    """Quantise ``checkpoint``'s graph on ``calibration`` images ((1, C, h, w) float32 raw
+    pixels) and judge it on ``validation`` tiles; write the model (when accepted or
+    ``keep_refused``) and the verdict with the run. ``time_limit``: seconds for the whole
+    step; past it the step stops at the next Dice evaluation and the candidate is refused."""
     if not engines._installed("openvino") or not engines._installed("nncf"):
         raise BuildsegError("int8 quantisation needs openvino and nncf: pip install 'buildseg[cpu]'")
+    if not calibration or not validation:
+        raise BuildsegError("int8 calibration needs at least one calibration image and one validation tile")
     import nncf
     import openvino as ov
+    from nncf.quantization.advanced_parameters import AdvancedAccuracyRestorerParameters
 
-    path = checkpoint_paths(checkpoint)[0]
-    fp32 = Segmenter.from_checkpoint(path, device="cpu", precision="fp32", engine="openvino")
-    dataset = GridTileDataset(load_records(data, require_masks=True), tile=tile, in_chans=fp32.in_chans)
-    if len(dataset) == 0:
-        raise BuildsegError(f"{data} yields no validation tiles for calibration")
-    picks = np.random.default_rng(0).permutation(len(dataset))[:n_tiles]
-    items = [(image[None].float().numpy(), mask.numpy().reshape(tile, tile).astype(np.uint8))
-             for image, mask, _ in (dataset[int(i)] for i in picks)]  # each tile read once
-    model = fp32.models[0]
-    folder = engines.cache_folder(path)
-    onnx = str(engines.cached_onnx(model, folder))
-    calibration = nncf.Dataset(items, lambda item: item[0])
-    out = engines.int8_path(model, folder)
-    quantized = nncf.quantize(ov.Core().read_model(onnx), calibration, subset_size=len(items))
-    _save(quantized, out)
-    int8 = Segmenter.from_checkpoint(path, device="cpu", precision="int8", engine="openvino")
-    dice_fp32, dice_int8 = _dice(fp32, dataset), _dice(int8, dataset)
-    result = QuantizeResult(out, len(items), dice_fp32, dice_int8)
-    if max_drop is None or dice_fp32 - dice_int8 <= max_drop:
-        return result
-    log.info("int8 lost %.4f Dice (> %.4f): quantising again with NNCF accuracy control", dice_fp32 - dice_int8, max_drop)
-    controlled = nncf.quantize_with_accuracy_control(
-        ov.Core().read_model(onnx), calibration, calibration, _tile_dice(fp32.postprocess),
-        max_drop=max_drop, drop_type=nncf.DropType.ABSOLUTE, subset_size=len(items))
-    _save(controlled, out)
-    int8 = Segmenter.from_checkpoint(path, device="cpu", precision="int8", engine="openvino")
-    return QuantizeResult(out, len(items), dice_fp32, _dice(int8, dataset), True, dice_int8)
+    start = time.monotonic()
+    path = Path(checkpoint)
+    model, payload = load_model(path)
+    post = PostProcess.from_dict(payload.get("postprocess"))
+    onnx = str(engines.cached_onnx(model, engines.cache_folder(path)))
+    core = ov.Core()
+    score = tile_dice(post, None if time_limit is None else start + time_limit)
+    out = engines.int8_path(model, path)
+    tally = dict(max_drop=max_drop, n_calibration=len(calibration), n_validation=len(validation))
+    candidate, plain, controlled, dice_fp32 = None, None, False, float("nan")
+    try:
+        dice_fp32 = score(core.compile_model(onnx, "CPU", {"INFERENCE_PRECISION_HINT": "f32"}), validation)
+        dataset = nncf.Dataset(list(calibration))
+        candidate = nncf.quantize(core.read_model(onnx), dataset, subset_size=len(calibration))
+        plain = score(core.compile_model(candidate, "CPU"), validation)
+        dice_int8 = plain
+        if max_drop is not None and dice_fp32 - plain > max_drop:
+            log.info("plain int8 lost %.4f Dice (> %.4f): quantising again with NNCF's accuracy control",
+                     dice_fp32 - plain, max_drop)
+            restorer = AdvancedAccuracyRestorerParameters(ranking_subset_size=min(len(validation), RANKING_TILES))
+            candidate = nncf.quantize_with_accuracy_control(
+                core.read_model(onnx), dataset, nncf.Dataset(list(validation), lambda tile: tile[0]), score,
+                max_drop=max_drop, drop_type=nncf.DropType.ABSOLUTE, subset_size=len(calibration),
+                advanced_accuracy_restorer_parameters=restorer)
+            controlled = True
+            dice_int8 = score(core.compile_model(candidate, "CPU"), validation)
+    except TimeCapReached:
+        seconds = time.monotonic() - start
+        verdict = Int8Verdict(False, f"stopped at the time cap ({time_limit:.0f} s) before a candidate was judged",
+                              dice_fp32=dice_fp32, dice_int8=None,
+                              accuracy_control=plain is not None, dice_plain_int8=plain, seconds=seconds, **tally)
+        return _record(verdict, None, out)
+    accepted = max_drop is None or dice_fp32 - dice_int8 <= max_drop
+    if max_drop is None:
+        reason = "plain int8, no accuracy rule asked for"
+    elif accepted:
+        reason = f"Dice change {dice_int8 - dice_fp32:+.4f} is within {max_drop:g} of fp32"
+    else:
+        reason = f"Dice change {dice_int8 - dice_fp32:+.4f} exceeds the {max_drop:g} allowed, even with accuracy control"
+    verdict = Int8Verdict(accepted, reason, dice_fp32=dice_fp32, dice_int8=dice_int8, accuracy_control=controlled,
+                          dice_plain_int8=plain, seconds=time.monotonic() - start, **tally)
+    return _record(verdict, candidate if accepted or keep_refused else None, out)
 
 
-def _save(model, out: Path) -> None:
-    """Write the int8 model atomically: a temp .xml/.bin pair renamed into place."""
+def _record(verdict: Int8Verdict, model, out: Path) -> Int8Verdict:
+    """Write the model (or remove a stale one of the same weights) and then the verdict,
+    each atomically: an accepted verdict on disk always has its model beside it."""
     import openvino as ov
 
-    with atomic_path(out, suffix=".xml", companions=(".bin",)) as tmp:
-        ov.save_model(model, str(tmp))
+    if model is not None:
+        with atomic_path(out, suffix=".xml", companions=(".bin",)) as tmp:
+            ov.save_model(model, str(tmp))
+        verdict.path = str(out)
+    else:
+        for stale in (out, out.with_suffix(".bin")):
+            stale.unlink(missing_ok=True)
+    with atomic_open(out.with_suffix(".json"), "w") as handle:
+        json.dump({**asdict(verdict), "buildseg_version": __version__}, handle, indent=1)
+    return verdict
+
+
+def sample_tiles(dataset, n: int, *, seed: int = 0) -> list[Tile]:
+    """Up to ``n`` random ``(image, truth)`` tiles of a validation dataset (items
+    ``(image, mask, valid)``), cropped to their real pixels: each tile read once."""
+    picks = np.random.default_rng(seed).permutation(len(dataset))[:n]
+    tiles = []
+    for index in sorted(int(i) for i in picks):  # in dataset order: grid datasets cache one image at a time
+        image, mask, valid = dataset[index]
+        h, w = (int(v) for v in valid)
+        truth = mask.numpy().reshape(-1, *mask.shape[-2:])[0]
+        tiles.append((image[None, :, :h, :w].float().numpy(), truth[:h, :w].astype(np.uint8)))
+    return tiles
+
+
+def sample_images(dataset, n: int, *, side: int, seed: int = 0) -> list[np.ndarray]:
+    """Up to ``n`` calibration images from a training dataset (items start with a (C, H, W)
+    image), cropped to ``side`` px: the pixels the model meets, at the validation tile's size."""
+    picks = np.random.default_rng(seed).permutation(len(dataset))[:n]
+    return [dataset[int(i)][0][None, :, :side, :side].float().numpy() for i in picks]
+
+
+def quantize(checkpoint: str | Path, data: str | Path, *, n_tiles: int = CALIBRATION_TILES, tile: int = 224,
+             max_drop: float | None = MAX_DROP) -> Int8Verdict:
+    """``buildseg quantize``: calibrate and judge on the tiles of a labelled ``data`` set."""
+    from buildseg.data.datasets import GridTileDataset
+    from buildseg.formats.tables import load_records
+
+    path = checkpoint_paths(checkpoint)[0]
+    model, _ = load_model(path)
+    dataset = GridTileDataset(load_records(data, require_masks=True), tile=tile, in_chans=model.card.in_chans)
+    if len(dataset) == 0:
+        raise BuildsegError(f"{data} yields no validation tiles for calibration")
+    tiles = sample_tiles(dataset, n_tiles)
+    return calibrate_int8(path, calibration=[image for image, _ in tiles], validation=tiles, max_drop=max_drop,
+                          keep_refused=True)

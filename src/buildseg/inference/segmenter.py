@@ -23,7 +23,7 @@ import torch
 from buildseg.data.datasets import to_tensors
 from buildseg.errors import BuildsegError
 from buildseg.inference import postprocess as pp_mod
-from buildseg.inference.engines import build_engine, resolve_engine
+from buildseg.inference.engines import auto_cpu_precision, build_engine, resolve_engine
 from buildseg.inference.postprocess import PostProcess
 from buildseg.inference.split import split_mask
 from buildseg.inference.tiling import OVERLAP, WINDOW, sliding_window_proba
@@ -64,7 +64,6 @@ class Segmenter:
         if not models:
             raise BuildsegError("a Segmenter needs at least one model")
         self.device = resolve_device(str(device)) if not isinstance(device, torch.device) else device
-        self.precision = "int8" if precision == "int8" else resolve_precision(precision, self.device)
         transforms(tta)  # validates the mode
         self.tta = tta
         self.channels_last = channels_last
@@ -95,17 +94,24 @@ class Segmenter:
         self.empty_vote = int(empty_vote)  # >0: tile is empty if at least this many models predict it empty
         self.engine = resolve_engine(engine, self.device)
         paths = list(checkpoints) if checkpoints is not None else [None] * len(self.models)
+        if precision == "auto" and self.device.type == "cpu":
+            self.precision, why = auto_cpu_precision(self.engine, self.models, paths)
+            log.info("precision auto: %s (%s)", self.precision, why)
+        else:
+            self.precision = "int8" if precision == "int8" else resolve_precision(precision, self.device)
         self.input: dict = {}  # what the models were trained on: {"gsd": metres or None, "bands": [...]}
         self.checkpoint_paths: list[Path] = [p for p in (checkpoints or []) if p is not None]
         try:
             self.runners = [build_engine(self.engine, m, self.device, self.precision, channels_last, p, threads)
                             for m, p in zip(self.models, paths)]
         except Exception as exc:  # auto: a model that does not export or compile still predicts, with torch
-            if engine != "auto" or self.engine == "torch" or self.precision == "int8":
+            if engine != "auto" or self.engine == "torch" or precision == "int8":
                 raise
             log.warning("engine %s failed for this model (%s: %s); predicting with torch instead",
                         self.engine, type(exc).__name__, (str(exc).strip().splitlines() or [""])[0][:200])
             self.engine = "torch"
+            if self.precision == "int8":  # chosen by auto: torch has no int8
+                self.precision = resolve_precision("auto", self.device)
             self.runners = [build_engine("torch", m, self.device, self.precision, channels_last, p, threads)
                             for m, p in zip(self.models, paths)]
 

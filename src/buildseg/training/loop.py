@@ -64,6 +64,7 @@ class TrainResult:
     stopped_by: str = "epochs"
     nonfinite_skipped: int = 0
     val_set: Any = field(default=None, repr=False)  # the validation tiles, for tuning after training
+    train_set: Any = field(default=None, repr=False)  # the training samples, for int8 calibration after training
     is_main: bool = True  # this process is rank 0 (DistInfo.is_main): it prints and tunes
 
 
@@ -137,7 +138,8 @@ class Trainer:
         self._check_replicas()
         barrier(self.dist)
         return TrainResult(self.run_dir, self.best_score, self.config.train.monitor, self.epoch, self.history,
-                           self.stopped_by or "epochs", self.nonfinite_total, self.val_set, self.dist.is_main)
+                           self.stopped_by or "epochs", self.nonfinite_total, self.val_set, is_main=self.dist.is_main,
+                           train_set=self.train_set)
 
     def _train_epoch(self) -> None:
         t = self.config.train
