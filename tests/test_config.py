@@ -63,6 +63,7 @@ def test_yaml_file_values_are_typed(tmp_path):
         ("train", {"lr": 0}, "> 0"),
         ("train", {"device": "gpu"}, "cuda:N"),
         ("train", {"threshold": 1.0}, "between 0 and 1"),
+        ("train", {"quantize_time_limit": 0}, "> 0 minutes"),
         ("model", {"dropout": 0.9}, "[0, 0.5]"),
         ("model", {"arch": "unet3"}, "smp.<Name>"),
         ("data", {"val_fraction": 1.0}, "[0, 1)"),

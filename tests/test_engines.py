@@ -97,26 +97,6 @@ def test_fp16_is_refused_off_torch():
         engines.build_engine("openvino", None, torch.device("cpu"), "fp16", False)
 
 
-@pytest.mark.slow
-def test_int8_needs_a_calibrated_model_then_follows_fp32(synth_data, tmp_path, monkeypatch):
-    monkeypatch.delenv("BUILDSEG_ENGINE_CACHE", raising=False)  # int8 models beside this test's checkpoint only
-    pytest.importorskip("openvino")
-    pytest.importorskip("nncf")
-    from buildseg.inference.quantize import quantize
-
-    ckpt = write_tiny_checkpoint(tmp_path / "m.pt", seed=5)
-    with pytest.raises(BuildsegError, match="buildseg quantize"):
-        Segmenter.from_checkpoint(ckpt, device="cpu", precision="int8", engine="openvino")
-    result = quantize(ckpt, synth_data / "test_truth.csv", n_tiles=12, tile=64, max_drop=None)
-    assert result.path.is_file() and result.n_calibration == 12 and not result.accuracy_control
-    int8 = Segmenter.from_checkpoint(ckpt, device="cpu", precision="int8", engine="openvino")
-    fp32 = Segmenter.from_checkpoint(ckpt, device="cpu", precision="fp32", engine="torch")
-    image = np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8)
-    assert np.abs(int8.probabilities(image).mean[0, 0] - fp32.probabilities(image).mean[0, 0]).mean() < 0.02
-    with pytest.raises(BuildsegError, match="openvino"):
-        Segmenter.from_checkpoint(ckpt, device="cpu", precision="int8", engine="torch")
-
-
 def test_auto_falls_back_to_torch_when_the_engine_fails(checkpoints, monkeypatch, caplog):
     monkeypatch.setattr(engines, "resolve_engine", lambda name, device: "onnxruntime" if name != "torch" else "torch")
     monkeypatch.setattr("buildseg.inference.segmenter.resolve_engine",
@@ -132,35 +112,3 @@ def test_auto_falls_back_to_torch_when_the_engine_fails(checkpoints, monkeypatch
     assert seg.probabilities(image).mean[0, 0].shape == (64, 64)
     with pytest.raises(RuntimeError, match="Foo"):  # asked for by name: the failure is the answer
         Segmenter.from_checkpoint(checkpoints[0], device="cpu", precision="fp32", engine="onnxruntime")
-
-
-@pytest.mark.slow
-def test_quantize_falls_back_to_accuracy_control_when_int8_loses_too_much(tmp_path, synth_data, monkeypatch):
-    """Plain int8 that loses more than max_drop is redone with NNCF's accuracy control,
-    whose validation function is the tile Dice; the int8 model that lands is the controlled one."""
-    monkeypatch.delenv("BUILDSEG_ENGINE_CACHE", raising=False)  # int8 models beside this test's checkpoint only
-    pytest.importorskip("nncf")
-    from buildseg.inference import quantize as quantize_mod
-
-    ckpt = write_tiny_checkpoint(tmp_path / "m.pt", seed=6)
-    real_dice = quantize_mod._dice
-    scores = iter([0.9, 0.5])  # fp32, plain int8: a 0.4 loss, far over max_drop
-
-    def first_two_faked(segmenter, dataset):
-        return next(scores, None) or real_dice(segmenter, dataset)
-
-    monkeypatch.setattr(quantize_mod, "_dice", first_two_faked)
-    calls = []
-    real_validate = quantize_mod._tile_dice
-
-    def counting(post):
-        validate = real_validate(post)
-        return lambda compiled, items: calls.append(1) or validate(compiled, items)
-
-    monkeypatch.setattr(quantize_mod, "_tile_dice", counting)
-    result = quantize_mod.quantize(ckpt, synth_data / "test_truth.csv", n_tiles=8, tile=64, max_drop=0.01)
-    assert result.accuracy_control and result.dice_plain_int8 == 0.5 and calls
-    assert result.path.is_file() and 0.0 <= result.dice_int8 <= 1.0
-    int8 = Segmenter.from_checkpoint(ckpt, device="cpu", precision="int8", engine="openvino")
-    image = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
-    assert int8.probabilities(image).mean[0, 0].shape == (64, 64)

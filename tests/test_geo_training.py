@@ -28,7 +28,8 @@ from buildseg.formats.rasters import raster_stretch  # noqa: E402
 BANDS = [1, 2, 3]
 TRAIN_FAST = ["--encoder", "resnet18", "--weights", "none", "--epochs", "1", "--batch-size", "2", "--crop-size", "64",
               "--val-tile", "64", "--crops-per-image", "2", "--decoder-channels", "8", "8", "8", "8", "8",
-              "--precision", "fp32", "--num-workers", "0", "--no-progress", "--no-tensorboard"]
+              "--precision", "fp32", "--num-workers", "0", "--no-progress", "--no-tensorboard",
+              "--no-quantize-at-end"]
 
 
 @pytest.fixture(scope="module")

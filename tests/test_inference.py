@@ -187,7 +187,8 @@ def test_cli_flags_reach_the_config(synth_data, tmp_path):
     code = main(["train", "--data", str(synth_data / "train.csv"), "--out", str(out), "--encoder", "resnet18", "--weights", "none",
                  "--epochs", "1", "--batch-size", "2", "--crop-size", "64", "--val-tile", "64", "--crops-per-image", "1",
                  "--decoder-channels", "16", "16", "16", "16", "8", "--deep-supervision", "--dropout", "0.2",
-                 "--norm", "group", "--loss", "bce:0.5,lovasz_symmetric", "--precision", "fp32", "--num-workers", "0", "--no-progress"])
+                 "--norm", "group", "--loss", "bce:0.5,lovasz_symmetric", "--precision", "fp32", "--num-workers", "0", "--no-progress",
+                 "--no-quantize-at-end"])
     assert code == 0
     import yaml
 

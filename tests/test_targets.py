@@ -93,7 +93,8 @@ def test_two_target_model_trains_and_predicts_split(tmp_path):
     assert main(["train", "--data", str(tmp_path / "d" / "train.csv"), "--out", str(run), "--targets",
                  "footprint,contact", "--encoder", "resnet18", "--weights", "none", "--epochs", "1", "--batch-size", "2",
                  "--crop-size", "64", "--val-tile", "64", "--crops-per-image", "2", "--decoder-channels", "8", "8", "8",
-                 "8", "8", "--num-workers", "0", "--no-progress", "--no-tensorboard", "--precision", "fp32"]) == 0
+                 "8", "8", "--num-workers", "0", "--no-progress", "--no-tensorboard", "--precision", "fp32",
+                 "--no-quantize-at-end"]) == 0
     payload = torch.load(run / "best.pt", weights_only=False)
     assert payload["model_card"]["targets"] == ["footprint", "contact"]
     assert payload["model"]["net.head.weight"].shape[0] == 2

@@ -96,7 +96,7 @@ def test_train_cli_tunes_at_the_end_and_stores_it_in_best_pt(synth_data, tmp_pat
     args = ["train", "--data", str(synth_data / "train.csv"), "--out", str(run), "--encoder", "resnet18", "--weights",
             "none", "--epochs", "1", "--batch-size", "2", "--crop-size", "64", "--val-tile", "64", "--crops-per-image", "2",
             "--decoder-channels", "8", "8", "8", "8", "8", "--num-workers", "0", "--no-progress", "--no-tensorboard",
-            "--precision", "fp32"]
+            "--precision", "fp32", "--no-quantize-at-end"]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "post-processing tuned on the validation tiles" in out and "empty-tile FP rate" in out

@@ -107,6 +107,7 @@ def inference_flags() -> argparse.ArgumentParser:
 
 def build_parser() -> argparse.ArgumentParser:
     from buildseg import __version__
+    from buildseg.inference.engines import OPENVINO_MODES
     from buildseg.inference.quantize import MAX_DROP
     from buildseg.inference.tiling import OVERLAP, WINDOW
 
@@ -158,6 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-bad", action="store_true", help="write -1 for unreadable images instead of stopping")
     p.add_argument("--threads", type=POSITIVE_INT, help="the engine's compute threads (default: the engine's own, all "
                    "cores this process may use)")
+    p.add_argument("--engine-mode", default="auto", choices=OPENVINO_MODES,
+                   help="openvino: latency (the whole batch in one request on every core) or throughput (the batch "
+                        "split over OpenVINO's streams, all in flight); auto: the one measured faster on this many "
+                        "cores (benchmarks/README.md), latency where not measured")
     p.add_argument("--profile", action="store_true", help="print seconds per pipeline stage (decode wait, model, "
                    "post-processing, CSV) and the engine's threads")
     p.add_argument("--footprints", help="GeoTIFF input: also write building footprints here; the format follows the "
@@ -363,7 +368,7 @@ def _segmenter_options(args: argparse.Namespace) -> dict[str, Any]:
     """``Segmenter.from_checkpoint``'s keywords from predict's flags (the checkpoint aside)."""
     return dict(device=args.device, precision=args.precision, tta=args.tta, threshold=args.threshold,
                 min_area=args.min_area, ds_ensemble=args.ds_ensemble, window=args.window, overlap=args.overlap,
-                empty_vote=args.empty_vote, engine=args.engine, threads=args.threads)
+                empty_vote=args.empty_vote, engine=args.engine, threads=args.threads, engine_mode=args.engine_mode)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:

@@ -38,6 +38,10 @@ from buildseg.runtime.device import autocast
 log = logging.getLogger("buildseg")
 ENGINES = ("auto", "torch", "openvino", "onnxruntime")
 MAX_STATIC_SHAPES = 4  # OpenVINO compiles per input shape up to this many, then uses the dynamic graph
+OPENVINO_MODES = ("auto", "latency", "throughput")
+# --engine-mode auto: the mode that won on each measured core count (benchmarks/engine_modes.py,
+# benchmarks/README.md "OpenVINO modes"); core counts not measured yet take the latency mode.
+MEASURED_MODES = {1: "latency", 2: "latency"}
 EXTRAS = {"openvino": ("openvino", "cpu"), "onnxruntime": ("onnxruntime", "onnx")}
 
 
@@ -203,8 +207,18 @@ def auto_cpu_precision(engine: str, models: Sequence[SegmentationModel],
     return "fp32", "no native bf16 on this CPU and no accepted int8 model with the run (`buildseg quantize` makes one)"
 
 
+def openvino_mode(name: str, cores: int | None = None) -> str:
+    """``latency`` (one synchronous request of the whole batch on every core) or
+    ``throughput`` (the batch split over OpenVINO's streams, in flight together)."""
+    if name not in OPENVINO_MODES:
+        raise BuildsegError(f"unknown engine mode {name!r}; use one of {', '.join(OPENVINO_MODES)}")
+    if name != "auto":
+        return name
+    return MEASURED_MODES.get(cores or device_rules.usable_cores(), "latency")
+
+
 def openvino_engine(model: SegmentationModel, precision: str, folder: Path, checkpoint: Path | None = None,
-                    threads: int | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+                    threads: int | None = None, mode: str = "auto") -> Callable[[torch.Tensor], torch.Tensor]:
     import openvino as ov
 
     if precision == "bf16" and not device_rules.cpu_has_native_bf16():
@@ -216,13 +230,15 @@ def openvino_engine(model: SegmentationModel, precision: str, folder: Path, chec
         if source is None:
             raise BuildsegError(f"no int8 model for {checkpoint or 'this model'}: calibrate one first with "
                                 f"`buildseg quantize --checkpoint {checkpoint or 'CKPT'} --data VAL`")
-        config = {"PERFORMANCE_HINT": "LATENCY"}
+        config = {}
     else:
         source = cached_onnx(model, folder)
-        config = {"INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32", "PERFORMANCE_HINT": "LATENCY"}
+        config = {"INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32"}
+    mode = openvino_mode(mode, threads)
+    config["PERFORMANCE_HINT"] = mode.upper()
     if threads:
         config["INFERENCE_NUM_THREADS"] = int(threads)
-    compiled = _ShapeCompiled(core, str(source), config, MAX_STATIC_SHAPES)
+    compiled = (_StreamCompiled if mode == "throughput" else _ShapeCompiled)(core, str(source), config, MAX_STATIC_SHAPES)
     pad = _PadSmall(model)
 
     def run(images: torch.Tensor) -> torch.Tensor:
@@ -248,17 +264,56 @@ class _ShapeCompiled:
         self.static: dict[tuple[int, ...], object] = {}
         self.dynamic = None
 
-    def __call__(self, array: np.ndarray) -> np.ndarray:
-        compiled = self.static.get(array.shape)
+    def _compiled(self, shape: tuple[int, ...]):
+        compiled = self.static.get(shape)
         if compiled is None and len(self.static) < self.max_shapes:
             graph = self.core.read_model(self.source)
-            graph.reshape({graph.inputs[0]: list(array.shape)})
-            compiled = self.static[array.shape] = self.core.compile_model(graph, "CPU", self.config)
+            graph.reshape({graph.inputs[0]: list(shape)})
+            compiled = self.static[shape] = self.core.compile_model(graph, "CPU", self.config)
         if compiled is None:
             if self.dynamic is None:
                 self.dynamic = self.core.compile_model(self.core.read_model(self.source), "CPU", self.config)
             compiled = self.dynamic
-        return compiled(array)[0]
+        return compiled
+
+    def __call__(self, array: np.ndarray) -> np.ndarray:
+        return self._compiled(array.shape)(array)[0]
+
+
+class _StreamCompiled(_ShapeCompiled):
+    """OpenVINO's throughput mode: the batch cut into one chunk per infer request, all in
+    flight at once on the plugin's streams (each stream a few cores), gathered in order.
+    On many cores a small model's single batch cannot keep every core busy; several
+    streams can. The chunk shapes are compiled statically like the latency mode's batches."""
+
+    def __init__(self, core, source: str, config: dict, max_shapes: int) -> None:
+        super().__init__(core, source, config, max_shapes)
+        self.queues: dict[int, object] = {}  # id(compiled model) -> its AsyncInferQueue
+        self.requests = 0  # OpenVINO's optimal number of requests in flight (one per stream), read once
+
+    def __call__(self, array: np.ndarray) -> np.ndarray:
+        import openvino as ov
+
+        if not self.requests:
+            probe = self.core.compile_model(self.core.read_model(self.source), "CPU", self.config)
+            self.requests = int(probe.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
+        requests = self.requests
+        size = -(-len(array) // min(requests, len(array)))
+        chunks = [array[i : i + size] for i in range(0, len(array), size)]
+        outputs: list[np.ndarray | None] = [None] * len(chunks)
+        queues = []
+        for k, chunk in enumerate(chunks):
+            compiled = self._compiled(chunk.shape)
+            queue = self.queues.get(id(compiled))
+            if queue is None:
+                queue = self.queues[id(compiled)] = ov.AsyncInferQueue(compiled, requests)
+                queue.set_callback(lambda request, slot: slot[0].__setitem__(
+                    slot[1], request.get_output_tensor(0).data.copy()))
+            queue.start_async({0: chunk}, userdata=(outputs, k))
+            queues.append(queue)
+        for queue in {id(q): q for q in queues}.values():
+            queue.wait_all()
+        return np.concatenate(outputs)
 
 
 def onnxruntime_engine(model: SegmentationModel, folder: Path,
@@ -280,11 +335,13 @@ def onnxruntime_engine(model: SegmentationModel, folder: Path,
 
 
 def build_engine(name: str, model: SegmentationModel, device: torch.device, precision: str, channels_last: bool,
-                 checkpoint: Path | None = None, threads: int | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+                 checkpoint: Path | None = None, threads: int | None = None,
+                 mode: str = "auto") -> Callable[[torch.Tensor], torch.Tensor]:
     """The logits function of ``model`` on engine ``name`` (already resolved, not ``auto``).
 
     ``threads``: the engine's compute threads (None: the engine's default, all cores this
     process may use). torch's setting is process-wide (``torch.set_num_threads``).
+    ``mode``: OpenVINO's latency or throughput mode (:func:`openvino_mode`).
     """
     if threads:
         torch.set_num_threads(int(threads))  # also the thread count of pre/post-processing in torch
@@ -296,7 +353,7 @@ def build_engine(name: str, model: SegmentationModel, device: torch.device, prec
         raise BuildsegError(f"--engine {name} runs fp32 or bf16 on the CPU; fp16 is for CUDA GPUs (--engine torch)")
     folder = cache_folder(checkpoint)
     if name == "openvino":
-        return openvino_engine(model, precision, folder, checkpoint, threads)
+        return openvino_engine(model, precision, folder, checkpoint, threads, mode)
     if precision == "int8":
         raise BuildsegError("int8 runs on --engine openvino (after `buildseg quantize`)")
     if precision == "bf16":

@@ -60,6 +60,7 @@ class Segmenter:
         checkpoints: Sequence[Path] | None = None,
         split: bool | None = None,
         threads: int | None = None,
+        engine_mode: str = "auto",
     ) -> None:
         if not models:
             raise BuildsegError("a Segmenter needs at least one model")
@@ -102,8 +103,8 @@ class Segmenter:
         self.input: dict = {}  # what the models were trained on: {"gsd": metres or None, "bands": [...]}
         self.checkpoint_paths: list[Path] = [p for p in (checkpoints or []) if p is not None]
         try:
-            self.runners = [build_engine(self.engine, m, self.device, self.precision, channels_last, p, threads)
-                            for m, p in zip(self.models, paths)]
+            self.runners = [build_engine(self.engine, m, self.device, self.precision, channels_last, p, threads,
+                                         mode=engine_mode) for m, p in zip(self.models, paths)]
         except Exception as exc:  # auto: a model that does not export or compile still predicts, with torch
             if engine != "auto" or self.engine == "torch" or precision == "int8":
                 raise

@@ -1,0 +1,183 @@
+"""int8 without an extra step: made at the end of training, accepted or refused by the Dice
+rule, used by ``--precision auto`` only on CPUs without native bf16; ``buildseg quantize``
+for older runs; OpenVINO's throughput mode gives the latency mode's probabilities."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from buildseg.cli import main
+from buildseg.inference import engines
+from buildseg.inference import quantize as quantize_mod
+from buildseg.inference.segmenter import Segmenter
+from buildseg.runtime import device as device_rules
+from conftest import write_tiny_checkpoint
+
+pytest.importorskip("openvino")
+pytest.importorskip("nncf")
+TINY = ["--encoder", "resnet18", "--weights", "none", "--epochs", "2", "--crop-size", "64", "--val-tile", "64",
+        "--crops-per-image", "2", "--decoder-channels", "32", "16", "16", "16", "8", "--precision", "fp32",
+        "--num-workers", "0", "--no-progress", "--lr", "3e-3", "--warmup-steps", "1"]
+
+
+def _no_bf16(monkeypatch, native: bool) -> None:
+    monkeypatch.setattr(device_rules, "cpu_has_native_bf16", lambda: native)
+
+
+@pytest.fixture(autouse=True)
+def _int8_beside_the_checkpoint(monkeypatch):
+    monkeypatch.delenv("BUILDSEG_ENGINE_CACHE", raising=False)  # each test's graphs and int8 models in its own folder
+
+
+@pytest.mark.slow
+def test_train_makes_an_accepted_int8_model_that_auto_uses_only_without_bf16(synth_data, tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(synth_data / "train.csv"), "--out", str(run), *TINY]) == 0
+    assert "int8 model (end of training" in capsys.readouterr().out
+    (verdict_file,) = (run / "int8").glob("*.json")
+    verdict = json.loads(verdict_file.read_text())
+    assert verdict["accepted"] and abs(verdict["dice_int8"] - verdict["dice_fp32"]) <= quantize_mod.MAX_DROP
+    assert verdict_file.with_suffix(".xml").is_file() and verdict_file.with_suffix(".bin").is_file()
+    assert verdict["n_calibration"] > 0 and verdict["n_validation"] > 0
+    _no_bf16(monkeypatch, False)  # an AVX2 / AVX-512 CPU without bf16
+    seg = Segmenter.from_checkpoint(run, device="cpu", engine="auto")
+    assert (seg.engine, seg.precision) == ("openvino", "int8")
+    assert Segmenter.from_checkpoint(run, device="cpu", engine="torch").precision == "fp32"  # torch has no int8
+    _no_bf16(monkeypatch, True)  # AMX / AVX512-BF16: bf16 stays the fast path
+    assert Segmenter.from_checkpoint(run, device="cpu", engine="auto").precision == "bf16"
+    _no_bf16(monkeypatch, False)
+    out = tmp_path / "sub.csv"
+    assert main(["predict", "--checkpoint", str(run), "--data", str(synth_data / "test.csv"), "--out", str(out),
+                 "--device", "cpu", "--profile"]) == 0
+    assert "precision int8" in capsys.readouterr().out and out.is_file()
+
+
+def _scores(monkeypatch, values):
+    """Replace the Dice function by one returning ``values`` in turn (fp32, plain int8, ...)."""
+    sequence = iter(values)
+    monkeypatch.setattr(quantize_mod, "tile_dice", lambda post, deadline=None: lambda compiled, tiles: next(sequence))
+
+
+def _tiles(n: int = 6, side: int = 64):
+    rng = np.random.default_rng(0)
+    return [(rng.integers(0, 256, (1, 3, side, side)).astype(np.float32),
+             (rng.random((side, side)) > 0.7).astype(np.uint8)) for _ in range(n)]
+
+
+@pytest.mark.slow
+def test_int8_that_loses_too_much_is_refused_and_not_used(tmp_path, monkeypatch):
+    """Plain int8 loses 0.4 Dice; accuracy control (here unable to restore it) still loses
+    0.3: refused, the model not kept, the verdict says why, auto predicts fp32."""
+    import nncf
+
+    ckpt = write_tiny_checkpoint(tmp_path / "m.pt", seed=6)
+    _scores(monkeypatch, [0.9, 0.5, 0.6])
+    controlled = []
+    monkeypatch.setattr(nncf, "quantize_with_accuracy_control",
+                        lambda model, *args, **kwargs: controlled.append(kwargs["max_drop"]) or model)
+    tiles = _tiles()
+    verdict = quantize_mod.calibrate_int8(ckpt, calibration=[t[0] for t in tiles], validation=tiles)
+    assert controlled == [quantize_mod.MAX_DROP] and verdict.accuracy_control
+    assert not verdict.accepted and verdict.dice_plain_int8 == 0.5 and verdict.dice_int8 == 0.6
+    assert verdict.path is None and not list((tmp_path / "int8").glob("*.xml"))
+    assert not json.loads(next((tmp_path / "int8").glob("*.json")).read_text())["accepted"]
+    _no_bf16(monkeypatch, False)
+    seg = Segmenter.from_checkpoint(ckpt, device="cpu", engine="openvino")
+    assert seg.precision == "fp32"
+    with pytest.raises(Exception, match="buildseg quantize"):  # nothing to run int8 with
+        Segmenter.from_checkpoint(ckpt, device="cpu", engine="openvino", precision="int8")
+
+
+@pytest.mark.slow
+def test_the_time_cap_stops_calibration_and_refuses(tmp_path):
+    ckpt = write_tiny_checkpoint(tmp_path / "m.pt", seed=7)
+    tiles = _tiles(2)
+    verdict = quantize_mod.calibrate_int8(ckpt, calibration=[t[0] for t in tiles], validation=tiles, time_limit=1e-9)
+    assert not verdict.accepted and "time cap" in verdict.reason and verdict.path is None
+    assert not list((tmp_path / "int8").glob("*.xml"))
+
+
+@pytest.mark.slow
+def test_quantize_command_keeps_its_model_and_the_verdict_reaches_auto(synth_data, tmp_path, monkeypatch, capsys):
+    """``buildseg quantize`` for a checkpoint made elsewhere: the int8 model lands with the
+    checkpoint, follows fp32, and auto uses it when accepted (here: judged within 0.005)."""
+    ckpt = write_tiny_checkpoint(tmp_path / "m.pt", seed=5)
+    with pytest.raises(Exception, match="buildseg quantize"):
+        Segmenter.from_checkpoint(ckpt, device="cpu", precision="int8", engine="openvino")
+    assert main(["quantize", "--checkpoint", str(ckpt), "--data", str(synth_data / "test_truth.csv"),
+                 "--n-tiles", "12", "--tile", "64"]) == 0
+    printed = capsys.readouterr().out
+    assert "calibrated on 12 tiles" in printed and "for --precision auto" in printed
+    int8 = Segmenter.from_checkpoint(ckpt, device="cpu", precision="int8", engine="openvino")
+    fp32 = Segmenter.from_checkpoint(ckpt, device="cpu", precision="fp32", engine="torch")
+    image = np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8)
+    assert np.abs(int8.probabilities(image).mean[0, 0] - fp32.probabilities(image).mean[0, 0]).mean() < 0.02
+    verdict = json.loads(next((tmp_path / "int8").glob("*.json")).read_text())
+    _no_bf16(monkeypatch, False)
+    auto = Segmenter.from_checkpoint(ckpt, device="cpu", engine="auto")
+    assert auto.precision == ("int8" if verdict["accepted"] else "fp32")
+
+
+@pytest.mark.slow
+def test_quantize_falls_back_to_accuracy_control_when_int8_loses_too_much(tmp_path, synth_data, monkeypatch):
+    """Plain int8 that loses more than max_drop is redone with NNCF's real accuracy control,
+    whose validation function is the tile Dice; the int8 model that lands is the controlled one."""
+    ckpt = write_tiny_checkpoint(tmp_path / "m.pt", seed=6)
+    real = quantize_mod.tile_dice
+    calls = []
+
+    def first_two_faked(post, deadline=None):
+        score = real(post, deadline)
+        return lambda compiled, tiles: calls.append(1) or ([0.9, 0.5][len(calls) - 1] if len(calls) <= 2
+                                                           else score(compiled, tiles))
+
+    monkeypatch.setattr(quantize_mod, "tile_dice", first_two_faked)
+    verdict = quantize_mod.quantize(ckpt, synth_data / "test_truth.csv", n_tiles=8, tile=64, max_drop=0.01)
+    assert verdict.accuracy_control and verdict.dice_plain_int8 == 0.5 and len(calls) > 3
+    assert verdict.path is not None and 0.0 <= verdict.dice_int8 <= 1.0  # kept: a user asked for it
+    int8 = Segmenter.from_checkpoint(ckpt, device="cpu", precision="int8", engine="openvino")
+    image = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    assert int8.probabilities(image).mean[0, 0].shape == (64, 64)
+
+
+def test_a_run_without_the_cpu_extra_trains_and_predicts_as_before(trained_run, tmp_path, monkeypatch):
+    """No openvino/nncf: the end-of-training int8 step is skipped, auto predicts with torch."""
+    from buildseg.config import Config
+    from buildseg.pipeline import quantize_best
+
+    monkeypatch.setattr(engines, "_installed", lambda module: False)
+    assert quantize_best(Config(), trained_run, train_set=[1], val_set=[1]) is None
+    _no_bf16(monkeypatch, False)
+    seg = Segmenter.from_checkpoint(trained_run, device="cpu", engine="auto")
+    assert (seg.engine, seg.precision) == ("torch", "fp32")
+    image = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    assert seg.predict(image).shape == (64, 64)
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("modes") / "m.pt", seed=8)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_openvino_throughput_mode_gives_the_latency_modes_probabilities(tiny_checkpoint, precision):
+    ckpt = tiny_checkpoint
+    modes = {mode: Segmenter.from_checkpoint(ckpt, device="cpu", precision=precision, engine="openvino",
+                                             engine_mode=mode) for mode in ("latency", "throughput")}
+    rng = np.random.default_rng(2)
+    for shape in ((5, 3, 64, 96), (1, 3, 64, 64), (3, 3, 40, 72)):  # odd batch sizes split over the streams
+        batch = torch.from_numpy(rng.integers(0, 256, shape, dtype=np.uint8))
+        np.testing.assert_allclose(modes["throughput"].probabilities(batch).mean,
+                                   modes["latency"].probabilities(batch).mean, atol=1e-5 if precision == "fp32" else 1e-2)
+
+
+def test_engine_mode_auto_follows_the_measured_core_counts():
+    for cores, mode in engines.MEASURED_MODES.items():
+        assert engines.openvino_mode("auto", cores) == mode
+    assert engines.openvino_mode("throughput", 2) == "throughput"
+    with pytest.raises(Exception, match="latency, throughput"):
+        engines.openvino_mode("fast")
