@@ -38,7 +38,7 @@ def cpu_flags() -> str:
         return platform.processor()
     model = next((l.split(":", 1)[1].strip() for l in text.splitlines() if l.startswith("model name")), "?")
     flags = next((l.split(":", 1)[1].split() for l in text.splitlines() if l.startswith("flags")), [])
-    wanted = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16") if f in flags]
+    wanted = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8") if f in flags]
     return f"{model} ({', '.join(wanted) or 'no AVX2'})"
 
 

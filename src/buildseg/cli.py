@@ -56,6 +56,23 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
                         help="loss sum, e.g. bce+dice, 'bce:0.5,dice:1,lovasz:0.5' (default: bce+dice)")
 
 
+def add_adapt_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per :class:`AdaptSettings` field, with its default and comment's meaning."""
+    from buildseg.adaptation.loop import AdaptSettings
+
+    kinds = {"steps": POSITIVE_INT, "batch_size": POSITIVE_INT, "crop": _ranged(int, 32), "bn_batches": POSITIVE_INT,
+             "val_every": POSITIVE_INT, "time_limit": _ranged(float, 0.0, low_open=True),
+             "lr": _ranged(float, 0.0, low_open=True), "ema": _ranged(float, 0.0, 1.0), "low": _ranged(float, 0.0, 1.0),
+             "high": _ranged(float, 0.0, 1.0, high_open=False), "save_every": _ranged(float, 0.0), "seed": int}
+    for f in fields(AdaptSettings):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type == "bool":
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default)
+        else:
+            parser.add_argument(flag, dest=f.name, type=kinds.get(f.name, str), default=f.default,
+                                help=f"default: {f.default}")
+
+
 def _ranged(kind: type, low: float | None = None, high: float | None = None, high_open: bool = True,
             low_open: bool = False) -> Callable[[str], Any]:
     """An argparse type: ``kind`` within [low, high) (or the bounds asked for)."""
@@ -244,6 +261,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"deepness: the tile the plugin feeds, in pixels (default {WINDOW}, buildseg's window)")
     p.add_argument("--overlap", type=_ranged(float, 0.0, 1.0), default=OVERLAP,
                    help=f"deepness: tile overlap as a fraction, in [0, 1) (default {OVERLAP}, buildseg's)")
+
+    p = sub.add_parser("adapt", help="adapt a trained model to unlabelled imagery of a new place (self-training)")
+    p.add_argument("--checkpoint", required=True, help="the trained run folder or checkpoint to adapt")
+    p.add_argument("--data", required=True, help="the target imagery, anything predict reads (a test CSV, an images "
+                   "folder, a GeoTIFF or many scenes); only pixels are read, never masks")
+    p.add_argument("--out", required=True, help="the new run folder: best.pt predicts like any run")
+    p.add_argument("--resume", action="store_true", help="continue the adapt run in --out from its last.pt")
+    p.add_argument("--stac-asset", help="STAC target: the item asset holding the image")
+    add_adapt_flags(p)
 
     p = sub.add_parser("quantize", help="int8 model for --engine openvino --precision int8, calibrated with NNCF")
     p.add_argument("--checkpoint", required=True, help="checkpoint .pt or run folder")
@@ -599,6 +625,31 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_adapt(args: argparse.Namespace) -> int:
+    from buildseg.adaptation.loop import AdaptSettings, adapt
+
+    settings = AdaptSettings(**{f.name: getattr(args, f.name) for f in fields(AdaptSettings)})
+    if settings.low >= settings.high:
+        raise BuildsegError(f"--low {settings.low} must be below --high {settings.high}: pixels in between are ignored")
+    if not settings.self_training and not settings.bn:
+        raise BuildsegError("--no-self-training with --no-bn adapts nothing: turn one of them on")
+    out = Path(args.out)
+    if args.resume and not (out / "last.pt").is_file():
+        raise BuildsegError(f"cannot resume: {out / 'last.pt'} does not exist; drop --resume to start a new adapt run")
+    if not args.resume:
+        check_outputs((out, "--out", FOLDER))
+        if (out / "best.pt").exists() or (out / "last.pt").exists():
+            raise BuildsegError(f"{out} already holds a run; give a new --out, or --resume to continue it")
+    result = adapt(args.checkpoint, args.data, out, settings, resume=args.resume, stac_asset=args.stac_asset)
+    print(f"adapted for {result.steps_done} steps (stopped by {result.stopped_by}); {100 * result.kept_fraction:.0f}% of "
+          f"target pixels were confident pseudo-labels")
+    if result.history:
+        best = max(result.history, key=lambda r: r["val_dice"])
+        print(f"target validation Dice: best {best['val_dice']:.4f} at step {best['step']}")
+    print(f"adapted model: {out / 'best.pt'} (predict with --checkpoint {out})")
+    return 0
+
+
 def cmd_quantize(args: argparse.Namespace) -> int:
     from buildseg.inference.quantize import quantize
 
@@ -644,7 +695,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"quantize": cmd_quantize, "cache": cmd_cache, "train": cmd_train, "predict": cmd_predict, "evaluate": cmd_evaluate, "report": cmd_report, "tune": cmd_tune, "export": cmd_export, "synth": cmd_synth, "demo": cmd_demo}
+COMMANDS = {"adapt": cmd_adapt, "quantize": cmd_quantize, "cache": cmd_cache, "train": cmd_train, "predict": cmd_predict, "evaluate": cmd_evaluate, "report": cmd_report, "tune": cmd_tune, "export": cmd_export, "synth": cmd_synth, "demo": cmd_demo}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -9,6 +9,10 @@ Crops are cut by the dataset at the image's own resolution, then augmented. The 
 * ``clahe``: local contrast equalisation, now and then;
 * ``blur``: a Gaussian blur or a sharpening (resampled and over-sharpened products);
 * ``jpeg``: JPEG artefacts (quality 40-90: web tiles, compressed archives);
+* ``histmatch``: randomised histogram matching, applied by the dataset to the crop before
+  the pipeline: half the crops take the per-channel colour distribution of a random other
+  training image (scikit-image's ``match_histograms``), blended 50-100%, so a source's
+  colours are not a cue for its buildings;
 * ``scale``: random ground sample distance, applied by the dataset before the crop is cut
   (a window of ``crop x s`` px resized to ``crop``, ``s`` log-uniform in ``data.scale_range``),
   so buildings are seen larger and smaller than in the training imagery (sources range from
@@ -20,15 +24,55 @@ decides the defaults.
 
 from __future__ import annotations
 
-import albumentations as A
+from pathlib import Path
+from typing import Sequence
 
-AUGMENTATIONS = ("d4", "colour", "hsv", "gamma", "clahe", "blur", "jpeg", "scale")
-PHOTOMETRIC = {"colour", "hsv", "gamma", "clahe", "blur", "jpeg"}
+import albumentations as A
+import cv2
+import numpy as np
+
+AUGMENTATIONS = ("d4", "colour", "hsv", "gamma", "clahe", "blur", "jpeg", "histmatch", "scale")
+PHOTOMETRIC = {"colour", "hsv", "gamma", "clahe", "blur", "jpeg", "histmatch"}
+REFERENCE_SIDE = 96  # histmatch references are thumbnails: a colour distribution needs no detail
+MAX_REFERENCES = 256  # thumbnails kept in memory (about 7 MB), drawn from the training images
+
+
+def reference_thumbnails(paths: Sequence[Path], *, seed: int = 0) -> list[np.ndarray]:
+    """Small RGB thumbnails of up to :data:`MAX_REFERENCES` random images: histmatch's references."""
+    from buildseg.formats.images import read_rgb
+
+    picks = np.random.default_rng(seed).permutation(len(paths))[:MAX_REFERENCES]
+    thumbs = []
+    for i in picks:
+        image = read_rgb(paths[int(i)])
+        scale = REFERENCE_SIDE / max(image.shape[:2])
+        thumbs.append(cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA) if scale < 1 else image)
+    return thumbs
+
+
+def match_colours(image: np.ndarray, reference: np.ndarray, blend: float = 1.0) -> np.ndarray:
+    """``image`` with each channel's histogram matched to ``reference``'s (scikit-image's
+    ``match_histograms``), blended with the original by ``blend`` (1: fully matched)."""
+    from skimage.exposure import match_histograms
+
+    matched = match_histograms(image, reference, channel_axis=-1)
+    mixed = blend * matched + (1.0 - blend) * image.astype(np.float64)
+    return np.clip(np.rint(mixed), 0, 255).astype(np.uint8)
+
+
+def random_histogram_match(image: np.ndarray, references: Sequence[np.ndarray], rng: np.random.Generator,
+                           p: float = 0.5) -> np.ndarray:
+    """histmatch: with probability ``p``, a random reference's colours, blended 50-100%."""
+    if not references or rng.random() >= p:
+        return image
+    reference = references[int(rng.integers(len(references)))]
+    return match_colours(image, reference, float(rng.uniform(0.5, 1.0)))
 
 
 def train_transform(augment: bool = True, colour: bool = True, names: tuple[str, ...] | list[str] = ("d4", "colour")
                     ) -> A.Compose:
-    """The albumentations pipeline for a crop (``scale`` is the dataset's, not listed here)."""
+    """The albumentations pipeline for a crop (``scale`` and ``histmatch`` are the dataset's,
+    not listed here)."""
     steps: list[A.BasicTransform] = []
     if not augment:
         return A.Compose(steps)

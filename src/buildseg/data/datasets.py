@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 from torch.utils.data.distributed import DistributedSampler
 
-from buildseg.data.augment import train_transform
+from buildseg.data.augment import random_histogram_match, reference_thumbnails, train_transform
 from buildseg.data.targets import target_stack
 from buildseg.formats.images import read_image
 from buildseg.formats.tables import Record
@@ -85,6 +85,8 @@ class TrainCropDataset(Dataset):
         self.seed = seed
         self.in_chans = in_chans
         self.store = store
+        self.references = (reference_thumbnails([r.image_path for r in self.records], seed=seed)
+                           if augment and "histmatch" in augmentations and in_chans == 3 else [])
         self.transform = train_transform(augment, colour=in_chans == 3, names=augmentations)
         self.masks = MaskCache()
 
@@ -133,6 +135,8 @@ class TrainCropDataset(Dataset):
     def __getitem__(self, key: tuple[int, int] | int) -> tuple[torch.Tensor, torch.Tensor]:
         image, mask, sample_seed = self.crop(key)
         self.transform.set_random_seed(sample_seed)
+        if self.references:
+            image = random_histogram_match(image, self.references, np.random.default_rng([sample_seed, 1]))
         out = self.transform(image=image, mask=mask)
         image_t, mask_t = to_tensors(out["image"], out["mask"])
         if self.targets != ["footprint"]:
