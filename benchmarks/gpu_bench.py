@@ -106,7 +106,7 @@ def train_table(args, device: torch.device, budget: Budget) -> dict[str, int]:
                 if budget.left < 0:
                     print(f"{label} skipped: budget | | | | |", flush=True)
                     continue
-                if "+" in setting and setting.count("+") > 1 and device.type == "cpu" and "graphs" in setting:
+                if "graphs" in setting and device.type != "cuda":
                     print(f"{label} n/a: CUDA graphs need a GPU | | | | |", flush=True)
                     continue
                 try:

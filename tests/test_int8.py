@@ -163,7 +163,7 @@ def tiny_checkpoint(tmp_path_factory):
     return write_tiny_checkpoint(tmp_path_factory.mktemp("modes") / "m.pt", seed=8)
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("precision", ["fp32"])  # bf16 shares the code path (and is emulated, slowly, off AMX)
 def test_openvino_throughput_mode_gives_the_latency_modes_probabilities(tiny_checkpoint, precision):
     ckpt = tiny_checkpoint
     modes = {mode: Segmenter.from_checkpoint(ckpt, device="cpu", precision=precision, engine="openvino",

@@ -64,13 +64,21 @@ def add_adapt_flags(parser: argparse.ArgumentParser) -> None:
              "val_every": POSITIVE_INT, "time_limit": _ranged(float, 0.0, low_open=True),
              "lr": _ranged(float, 0.0, low_open=True), "ema": _ranged(float, 0.0, 1.0), "low": _ranged(float, 0.0, 1.0),
              "high": _ranged(float, 0.0, 1.0, high_open=False), "save_every": _ranged(float, 0.0), "seed": int}
+    helps = {"steps": "optimizer steps: the stopping rule without --val", "time_limit": "minutes; stops at a step "
+             "boundary and saves", "crop": "target crop side in pixels", "ema": "teacher = ema x teacher + (1 - ema) x "
+             "student after each step", "low": "teacher probability at or below: background pseudo-label",
+             "high": "at or above: building pseudo-label (in between: ignored)", "self_training": "the mean-teacher "
+             "loop (off: only --bn)", "bn": "re-estimate batch-norm statistics on the target first",
+             "bn_batches": "target batches for --bn", "labelled": "the original labelled data (CSV/folder): one "
+             "labelled batch per step", "val": "labelled target tiles (CSV/folder): best.pt = the best-scoring step",
+             "val_every": "steps between --val scores", "save_every": "minutes between last.pt checkpoints"}
     for f in fields(AdaptSettings):
         flag = "--" + f.name.replace("_", "-")
+        text = f"{helps.get(f.name, f.name.replace('_', ' '))} (default: {f.default})"
         if f.type == "bool":
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default)
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default, help=text)
         else:
-            parser.add_argument(flag, dest=f.name, type=kinds.get(f.name, str), default=f.default,
-                                help=f"default: {f.default}")
+            parser.add_argument(flag, dest=f.name, type=kinds.get(f.name, str), default=f.default, help=text)
 
 
 def _ranged(kind: type, low: float | None = None, high: float | None = None, high_open: bool = True,
