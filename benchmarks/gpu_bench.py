@@ -32,11 +32,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from buildseg.config import Config  # noqa: E402
 from buildseg.losses import DeepSupervisionLoss, parse_loss  # noqa: E402
 from buildseg.models import ModelCard, build_model  # noqa: E402
-from buildseg.runtime.device import autocast  # noqa: E402
+from train_throughput import training_step  # noqa: E402
 
 SETTINGS = ("fp32", "bf16+cl", "bf16+cl+compile", "bf16+cl+graphs")
 
@@ -72,14 +73,7 @@ def train_rate(encoder: str, batch: int, setting: str, device: torch.device, siz
     x = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=device).contiguous(memory_format=fmt)
     y = (torch.rand(batch, 1, size, size, device=device) > 0.8).float()
 
-    def step() -> None:
-        with autocast(device, precision):
-            out = forward(x)
-        loss = loss_fn(out, y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
+    step = training_step(forward, loss_fn, optimizer, x, y, device, precision)
     start = time.perf_counter()
     for _ in range(3):
         step()

@@ -60,6 +60,20 @@ def smp_plain(encoder: str, batch: int, warmup: int, iters: int) -> float:
     return time_steps(step, warmup, iters, batch)
 
 
+def training_step(forward, loss_fn, optimizer, x, y, device, precision):
+    """One buildseg training step on a fixed batch: autocast forward, loss, AdamW update."""
+
+    def step() -> None:
+        with autocast(device, precision):
+            out = forward(x)
+        loss = loss_fn(out, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
 def buildseg_default(encoder: str, batch: int, warmup: int, iters: int, compile: bool = False) -> tuple[float, str]:
     defaults = Config()
     device = torch.device("cpu")
@@ -74,14 +88,7 @@ def buildseg_default(encoder: str, batch: int, warmup: int, iters: int, compile:
     x = torch.randint(0, 256, (batch, 3, 224, 224), dtype=torch.uint8).contiguous(memory_format=fmt)
     y = (torch.rand(batch, 1, 224, 224) > 0.8).float()
 
-    def step():
-        with autocast(device, precision):
-            out = forward(x)
-        loss = loss_fn(out, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
+    step = training_step(forward, loss_fn, opt, x, y, device, precision)
     label = f"{precision}{', channels_last' if defaults.train.channels_last else ''}"
     return time_steps(step, warmup, iters, batch), label
 
