@@ -207,3 +207,25 @@ def test_bad_adapt_input_is_one_line_exit_2_and_writes_nothing(case, trained_run
     assert {"no_image": "a.png", "not_a_run": "not a buildseg checkpoint", "time_limit": "time-limit",
             "low_high": "--low"}[case] in err
     assert not out.exists()
+
+
+def test_report_shows_before_and_after_on_the_same_tiles(synth_data, tmp_path):
+    """The before/after section's Dice equal the competition scorer's on each file."""
+    import csv
+
+    from buildseg.evaluation import evaluate_csv
+    from buildseg.report import render_report
+
+    truth = synth_data / "test_truth.csv"
+    with open(truth) as handle:
+        rows = list(csv.DictReader(handle))
+    before = tmp_path / "before.csv"
+    with open(before, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["img_id", "mask_rle"])
+        writer.writerows((r["img_id"], "-1" if k % 3 == 0 else r["mask_rle"]) for k, r in enumerate(rows))
+    page = render_report(truth, truth, tmp_path / "r.html", shape=(64, 64), before=before).read_text()
+    want_before = evaluate_csv(before, truth, shape=(64, 64))["dice"]
+    section = page[page.index("id='before-after'"):page.index("id='changes'")]
+    assert f"<td>{want_before:.3f}</td><td>1.000</td><td>{1 - want_before:+.3f}</td>" in section
+    assert page.count("class='change-row'") >= 1

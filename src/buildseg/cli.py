@@ -222,6 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", help="folder with <img_id>.png (when the truth CSV has no img_path)")
     p.add_argument("--shape", type=int, nargs=2, metavar=("H", "W"), help="mask size when no image gives it")
     p.add_argument("--worst", type=POSITIVE_INT, default=12, help="how many worst tiles to show (default 12)")
+    p.add_argument("--before", help="predictions of the same tiles by another model (e.g. before `buildseg adapt`): "
+                   "a before/after section with the Dice change per tile and per source")
     p.add_argument("--out", required=True, help="the HTML file to write")
 
     p = sub.add_parser("evaluate", help="score predictions: competition Dice and building F1")
@@ -523,7 +525,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     check_outputs((args.out, "--out", FILE))
     path = render_report(args.pred, args.truth, args.out, args.images, tuple(args.shape) if args.shape else None,
-                         args.worst)
+                         args.worst, before=args.before)
     print(f"wrote {path}")
     return 0
 

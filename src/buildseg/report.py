@@ -23,6 +23,7 @@ import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -174,12 +175,41 @@ window.addEventListener('load', function () {
 """
 
 
+def _dice_of(scores: Sequence[ImageScore]) -> float:
+    return summarize(np.array([[s.tp, s.fp, s.fn] for s in scores], dtype=np.int64).reshape(-1, 3))["dice"]
+
+
+def comparison_html(before: Sequence[ImageScore], after: Sequence[ImageScore], top: int) -> str:
+    """Before/after on the same tiles (e.g. a model before and after ``buildseg adapt``): the
+    competition Dice of each, per source, and the tiles that changed most either way. A tile
+    empty in truth and prediction is unscored ('—'); its change counts only where both are scored."""
+    rows = []
+    groups = [("all", list(range(len(after))))]
+    groups += [(src, [k for k, s in enumerate(after) if s.source == src]) for src in sorted({s.source for s in after if s.source})]
+    for name, idx in groups:
+        b, a = _dice_of([before[k] for k in idx]), _dice_of([after[k] for k in idx])
+        rows.append(f"<tr><td>{html.escape(name)}</td><td>{len(idx)}</td><td>{_num(b)}</td><td>{_num(a)}</td>"
+                    f"<td>{a - b:+.3f}</td></tr>")
+    changes = sorted(((a.dice - b.dice, a.img_id, b.dice, a.dice, a.source) for b, a in zip(before, after)
+                      if not (math.isnan(a.dice) or math.isnan(b.dice))), key=lambda c: (c[0], c[1]))
+    shown = changes[:top] + [c for c in changes[-top:][::-1] if c not in changes[:top]]
+    tiles = "".join(f"<tr class='change-row'><td>{html.escape(i)}</td><td>{_num(b)}</td><td>{_num(a)}</td>"
+                    f"<td>{d:+.3f}</td><td>{html.escape(src)}</td></tr>" for d, i, b, a, src in shown)
+    up = sum(c[0] > 0 for c in changes)
+    return ("<h2>Before / after</h2><table id='before-after'><tr><th>tiles</th><th>images</th><th>Dice before</th>"
+            "<th>Dice after</th><th>change</th></tr>" + "".join(rows) + "</table>"
+            f"<p>{up} of {len(changes)} tiles scored in both went up.</p><table id='changes'><tr><th>img_id</th>"
+            "<th>before</th><th>after</th><th>change</th><th>source</th></tr>" + tiles + "</table>")
+
+
 def render_report(pred_csv: str | Path, truth_csv: str | Path, out: str | Path, images: str | Path | None = None,
-                  shape: tuple[int, int] | None = None, worst: int = 12) -> Path:
-    """Write the report page; returns its path."""
+                  shape: tuple[int, int] | None = None, worst: int = 12, before: str | Path | None = None) -> Path:
+    """Write the report page; returns its path. ``before``: predictions of the same tiles by
+    another model (unadapted, say), shown side by side with the Dice change per tile and source."""
     from buildseg.atomic import atomic_open
 
     scores = score_images(pred_csv, truth_csv, images, shape)
+    before_scores = score_images(before, truth_csv, images, shape) if before else None
     if not scores:
         raise BuildsegError(f"{truth_csv} has no images to report on")
     pred = read_rle_table(pred_csv)
@@ -207,6 +237,8 @@ def render_report(pred_csv: str | Path, truth_csv: str | Path, out: str | Path, 
             ("building precision / recall", f"{_num(buildings_summary['precision'])} / {_num(buildings_summary['recall'])}"),
             ("buildings true / predicted / matched",
              f"{buildings_summary['n_true']} / {buildings_summary['n_pred']} / {buildings_summary['n_matched']}")]) + "</table>")
+    if before_scores is not None:
+        parts.append(comparison_html(before_scores, scores, worst))
     parts.append(f"<h2>Per-image Dice</h2><img alt='histogram of per-image Dice' src='{_histogram(dice)}'>")
     parts.append(f"<h2 id='worst'>Worst tiles ({len(worst_cases)} lowest Dice)</h2><div id='worst-tiles'>"
                  + "".join(_triptych(s, pred[s.img_id], truth[s.img_id]) for s in worst_cases) + "</div>")
