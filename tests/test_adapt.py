@@ -229,3 +229,24 @@ def test_report_shows_before_and_after_on_the_same_tiles(synth_data, tmp_path):
     section = page[page.index("id='before-after'"):page.index("id='changes'")]
     assert f"<td>{want_before:.3f}</td><td>1.000</td><td>{1 - want_before:+.3f}</td>" in section
     assert page.count("class='change-row'") >= 1
+
+
+def test_per_image_standardisation_ignores_colour_and_contrast_and_exports(tmp_path):
+    """input_norm=image: a per-channel brightness/contrast change of the input leaves the
+    output unchanged, in torch and in the exported ONNX graph (the engines' input)."""
+    from buildseg.inference.export import export_checked
+    from buildseg.models import ModelCard, build_model
+    from buildseg.runtime.checkpoint import FORMAT, save_atomic
+
+    torch.manual_seed(0)
+    card = ModelCard(encoder="resnet18", input_norm="image", decoder_channels=[16, 16, 8, 8, 8], deep_supervision=False)
+    model = build_model(card, "none").eval()
+    x = torch.randint(0, 200, (2, 3, 64, 80)).float()
+    gain, offset = torch.tensor([0.6, 1.1, 0.8]).view(1, 3, 1, 1), torch.tensor([30.0, -5.0, 12.0]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), model(x * gain + offset), atol=1e-4, rtol=0)
+        flat = torch.full((1, 3, 64, 64), 90.0)
+        assert torch.isfinite(model(flat)).all()  # the std floor: a flat tile is not divided by zero
+    ckpt = save_atomic({"format": FORMAT, "model_card": card.to_dict(), "model": model.state_dict()}, tmp_path / "m.pt")
+    _, diff = export_checked(ckpt, tmp_path / "m.onnx", 18, 1e-3)
+    assert diff < 1e-3

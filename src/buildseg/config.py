@@ -184,6 +184,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model.dropout": _between(0.0, 0.5, closed_high=True),
     "model.attention": _choice("scse", "none"),
     "model.upsample": _choice("nearest", "bilinear"),
+    "model.input_norm": _choice("dataset", "image"),
     "model.targets": ((lambda v: len(v) == len(set(v)) and v[:1] == ["footprint"] and set(v) <= set(TARGETS)),
                       "footprint first, then optionally contact (e.g. footprint,contact)"),
     "model.ds_weights": ((lambda v: len(v) > 0 and all(w >= 0 for w in v)), "a non-empty list of weights >= 0"),

@@ -32,6 +32,9 @@ class ModelCard:
     deep_supervision: bool = True  # auxiliary heads on the coarser decoder stages
     ds_ensemble: bool = True  # predict with the mean sigmoid of all heads
     targets: list[str] = field(default_factory=lambda: ["footprint"])  # footprint[,contact]: one output channel each
+    input_norm: str = "dataset"  # dataset: the encoder's (ImageNet) mean/std | image: each image's own per-channel
+    # mean/std, so a sensor's or season's overall colour and contrast are gone before the encoder (in the graph: every
+    # engine and export gets it; a sliding window or GeoTIFF block is standardised on its own pixels)
     mean: list[float] = field(default_factory=list)
     std: list[float] = field(default_factory=list)
 

@@ -23,6 +23,7 @@ from buildseg.models.card import ARCHS, ModelCard
 
 __all__ = ["ModelCard", "SegmentationModel", "build_model", "build_net"]
 MIN_SIZE = 16
+MIN_IMAGE_STD = 8.0  # grey levels: input_norm="image" never divides by less
 
 
 class SegmentationModel(nn.Module):
@@ -51,6 +52,16 @@ class SegmentationModel(nn.Module):
                 f"stride {self.stride} would dominate; use tiles of at least {MIN_SIZE} px (ideally >= {self.stride})"
             )
 
+    def _standardise(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw 0..255 pixels -> the encoder's input scale: by the dataset's statistics, or by
+        each image's own (``input_norm="image"``; the std floored at :data:`MIN_IMAGE_STD`
+        grey levels, so a flat tile is not amplified into noise)."""
+        if self.card.input_norm != "image":
+            return (x - self.mean) / self.std
+        mean = x.mean(dim=(-2, -1), keepdim=True)
+        std = x.std(dim=(-2, -1), keepdim=True).clamp(min=MIN_IMAGE_STD)
+        return (x - mean) / std
+
     def _pad(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
         ph, pw = (-h) % self.stride, (-w) % self.stride
@@ -64,7 +75,7 @@ class SegmentationModel(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         self.check_input(x)
         h, w = x.shape[-2:]
-        x = (x.float() - self.mean) / self.std
+        x = self._standardise(x.float())
         x = self._pad(x)
         hp, wp = x.shape[-2:]
         outs = self.net(x)
