@@ -124,8 +124,13 @@ def target_folder(synth_data, tmp_path):
 
 def test_adapt_never_reads_a_mask(trained_run, target_folder, tmp_path, monkeypatch):
     _unreadable_masks(target_folder, monkeypatch)
+    (target_folder / "masks" / next(target_folder.glob("masks/*.png")).name).unlink()  # one image without a mask
     result = adapt(trained_run, target_folder, tmp_path / "adapted", FAST)
     assert result.steps_done == 3 and (tmp_path / "adapted" / "best.pt").is_file()
+    table = tmp_path / "target.csv"  # a CSV whose mask_rle column is garbage: never parsed
+    table.write_text("img_id,img_path,mask_rle\n" + "".join(
+        f"{p.stem},{p},not an rle\n" for p in sorted((target_folder / "images").glob("*.png"))))
+    assert adapt(trained_run, table, tmp_path / "adapted2", FAST).steps_done == 3
 
 
 @pytest.mark.slow

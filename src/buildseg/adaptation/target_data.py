@@ -42,7 +42,7 @@ def target_sources(data: str | Path, *, stac_asset: str | None = None) -> list[T
         return [TargetScene(str(s.location)) for s in list_scene_sources(text, stac_asset)]
     from buildseg.formats.tables import load_records
 
-    return [TargetImage(Path(r.image_path)) for r in load_records(text)]
+    return [TargetImage(Path(r.image_path)) for r in load_records(text, masks=False)]
 
 
 class TargetCrops(torch.utils.data.Dataset):

@@ -55,12 +55,13 @@ class Record:
             raise RleError(f"{self.source}: {exc}") from None
 
 
-def load_records(source: str | os.PathLike, require_masks: bool = False) -> list[Record]:
-    """Records from a competition CSV or an images/[masks/] folder."""
+def load_records(source: str | os.PathLike, require_masks: bool = False, masks: bool = True) -> list[Record]:
+    """Records from a competition CSV or an images/[masks/] folder. ``masks=False``: images
+    only; a ``mask_rle`` column or ``masks/`` folder is not looked at (``buildseg adapt``)."""
     path = Path(source)
     if not path.exists():
         raise BuildsegError(f"data not found: {path} (give a competition CSV or a folder with images/ and masks/)")
-    records = _read_folder(path) if path.is_dir() else _read_csv(path)
+    records = _read_folder(path, masks) if path.is_dir() else _read_csv(path, masks)
     if require_masks:
         missing = [r.img_id for r in records if not r.has_mask]
         if missing:
@@ -91,10 +92,10 @@ def read_csv_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
         raise BuildsegError(f"{path} is not a valid CSV: {exc}") from None
 
 
-def _read_csv(path: Path) -> list[Record]:
+def _read_csv(path: Path, masks: bool = True) -> list[Record]:
     columns, rows = read_csv_rows(path)
     _check_columns(path, columns, ("img_id", "img_path"), "img_id,img_path[,mask_rle]")
-    has_rle = "mask_rle" in columns
+    has_rle = masks and "mask_rle" in columns
     records = []
     for line, row in enumerate(rows, start=2):
         img_id = (row.get("img_id") or "").strip()
@@ -117,18 +118,18 @@ def _read_csv(path: Path) -> list[Record]:
     return records
 
 
-def _read_folder(path: Path) -> list[Record]:
+def _read_folder(path: Path, read_masks: bool = True) -> list[Record]:
     images_dir = path / "images"
     if not images_dir.is_dir():
         raise BuildsegError(f"{path} is a folder without images/: a folder dataset needs images/ and (for training) masks/")
     masks_dir = path / "masks"
     masks = {}
-    if masks_dir.is_dir():
+    if read_masks and masks_dir.is_dir():
         masks = {p.stem: p for p in masks_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
     images = sorted(p for p in images_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not images:
         raise BuildsegError(f"{images_dir} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-    if masks_dir.is_dir():
+    if read_masks and masks_dir.is_dir():
         lonely = [p.name for p in images if p.stem not in masks]
         if lonely:
             raise BuildsegError(f"{len(lonely)} images in {images_dir} have no mask in {masks_dir} (e.g. {lonely[0]})")
