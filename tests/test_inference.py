@@ -166,7 +166,8 @@ def test_distributed_predict_matches_single_process(trained, synth_data, tmp_pat
     assert subprocess.run([sys.executable, *base, "--out", str(one)], capture_output=True).returncode == 0
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *base[0:], "--out", str(two)],
                           capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    rank_lines = [line for line in proc.stderr.splitlines() if "Warning" not in line and not line.startswith("  ")]
+    assert proc.returncode == 0, "\n".join(rank_lines[:80])  # the ranks' own errors, not only torchrun's summary
     assert one.read_text() == two.read_text()
 
 

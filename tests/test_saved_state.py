@@ -1,18 +1,22 @@
 """What buildseg saves outlives its version: run folders and checkpoints written before the
 schema was versioned (config.yaml without ``version`` and ``decoder_width``, checkpoints
 without ``schema``, ``best_dice`` instead of ``best_score``) still predict, resume and re-run
-with ``--config`` to the same network. And outputs get the modes of the user's umask."""
+with ``--config`` to the same network. Outputs get the modes of the user's umask, and
+caches shared by several processes are filled by one at a time."""
 
 from __future__ import annotations
 
 import os
 import stat
+import threading
+import time
 
 import pytest
 import torch
 import yaml
 
 from buildseg.atomic import atomic_open, atomic_path, default_file_mode
+from buildseg.runtime.locks import folder_lock
 from buildseg.schema import SCHEMA_VERSION, upgrade_checkpoint, upgrade_config
 from conftest import tiny_config
 
@@ -50,6 +54,36 @@ def test_atomic_path_leaves_nothing_when_the_writer_fails(tmp_path):
     with pytest.raises(IsADirectoryError):
         with atomic_open(tmp_path):
             pass
+
+
+def test_folder_lock_lets_one_holder_in_at_a_time(tmp_path):
+    """flock conflicts between separate open()s even within one process, so threads stand in
+    for torchrun's ranks: all released together, each block must run alone."""
+    events: list[str] = []
+    start = threading.Barrier(4)
+
+    def worker(name: str) -> None:
+        start.wait()
+        with folder_lock(tmp_path / "cache"):
+            events.append(f"{name} in")
+            time.sleep(0.05)  # long enough for an unlocked neighbour to interleave
+            events.append(f"{name} out")
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in "abcd"]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert len(events) == 8
+    assert all(events[i].split()[0] == events[i + 1].split()[0] for i in range(0, 8, 2)), events
+    blocked = tmp_path / "a-file"
+    blocked.write_text("x")
+    with pytest.raises(OSError):
+        with folder_lock(blocked / "cache"):
+            pass
+    with folder_lock(blocked / "cache", required=False):  # a read-only cache: run unlocked
+        events.append("unlocked")
+    assert events[-1] == "unlocked"
 
 
 def test_upgrades_on_random_v1_dicts_fill_only_what_v1_implied():

@@ -23,7 +23,6 @@ half-written entry.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import logging
 import os
@@ -38,6 +37,7 @@ from buildseg.atomic import atomic_open
 from buildseg.formats.images import image_size, read_image
 from buildseg.formats.tables import Record
 from buildseg.runtime import user_cache_dir
+from buildseg.runtime.locks import folder_lock
 
 log = logging.getLogger("buildseg")
 STORE_VERSION = 1
@@ -129,13 +129,8 @@ class DecodedStore:
             size = sum(a.nbytes + m.nbytes for a, m in self._arrays.values())
             return StoreStats(len(self.records), len(self.records), size, "ram", None)
         try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            with open(self.folder / ".lock", "a+") as lock:
-                fcntl.flock(lock, fcntl.LOCK_EX)  # one builder at a time; the next finds the entries done
-                try:
-                    built = self._build_disk(progress)
-                finally:
-                    fcntl.flock(lock, fcntl.LOCK_UN)
+            with folder_lock(self.folder):  # one builder at a time; the next finds the entries done
+                built = self._build_disk(progress)
         except OSError as exc:
             raise StoreUnavailable(f"cannot build the decoded-image store in {self.folder}: {exc}") from None
         size = sum(self._paths(k)[0].stat().st_size + self._paths(k)[1].stat().st_size for k in self._keys)

@@ -34,6 +34,7 @@ from buildseg.models.factory import SegmentationModel
 from buildseg.runtime import device as device_rules
 from buildseg.runtime import user_cache_dir
 from buildseg.runtime.device import autocast
+from buildseg.runtime.locks import folder_lock
 
 log = logging.getLogger("buildseg")
 ENGINES = ("auto", "torch", "openvino", "onnxruntime")
@@ -100,12 +101,13 @@ def cached_onnx(model: SegmentationModel, folder: Path) -> Path:
     from buildseg.inference.export import export_model_onnx
 
     path = folder / f"{model_key(model)}.onnx"
-    if path.is_file():
-        log.info("engine cache: reusing %s", path)
-        return path
-    log.info("engine cache: exporting the model to %s (once per checkpoint)", path)
-    with atomic_path(path, scratch=(".data",)) as tmp:
-        export_model_onnx(model.to("cpu").float().to(memory_format=torch.contiguous_format), tmp)
+    with folder_lock(folder, required=False):  # torchrun's ranks and Ray workers start together: one exports, the rest reuse
+        if path.is_file():
+            log.info("engine cache: reusing %s", path)
+            return path
+        log.info("engine cache: exporting the model to %s (once per checkpoint)", path)
+        with atomic_path(path, scratch=(".data",)) as tmp:
+            export_model_onnx(model.to("cpu").float().to(memory_format=torch.contiguous_format), tmp)
     return path
 
 
@@ -224,7 +226,8 @@ def openvino_engine(model: SegmentationModel, precision: str, folder: Path, chec
     if precision == "bf16" and not device_rules.cpu_has_native_bf16():
         log.warning("this CPU has no native bf16 (AVX512-BF16/AMX): OpenVINO emulates it, usually slower than fp32")
     core = ov.Core()
-    core.set_property({"CACHE_DIR": str(folder / "openvino")})
+    blobs = folder / "openvino"
+    core.set_property({"CACHE_DIR": str(blobs)})
     if precision == "int8":
         source = find_int8(model, checkpoint)
         if source is None:
@@ -238,7 +241,8 @@ def openvino_engine(model: SegmentationModel, precision: str, folder: Path, chec
     config["PERFORMANCE_HINT"] = mode.upper()
     if threads:
         config["INFERENCE_NUM_THREADS"] = int(threads)
-    compiled = (_StreamCompiled if mode == "throughput" else _ShapeCompiled)(core, str(source), config, MAX_STATIC_SHAPES)
+    compiled = (_StreamCompiled if mode == "throughput" else _ShapeCompiled)(core, str(source), config, MAX_STATIC_SHAPES,
+                                                                            blobs=blobs)
     pad = _PadSmall(model)
 
     def run(images: torch.Tensor) -> torch.Tensor:
@@ -259,20 +263,27 @@ class _ShapeCompiled:
     run loads them rather than compiling.
     """
 
-    def __init__(self, core, source: str, config: dict, max_shapes: int) -> None:
+    def __init__(self, core, source: str, config: dict, max_shapes: int, *, blobs: Path) -> None:
         self.core, self.source, self.config, self.max_shapes = core, source, config, max_shapes
+        self.blobs = blobs  # OpenVINO's CACHE_DIR: compiles hold its lock (see runtime/locks.py)
         self.static: dict[tuple[int, ...], object] = {}
         self.dynamic = None
+
+    def compile(self, graph):
+        """``compile_model`` under the blob folder's lock: the first process compiles and
+        writes the blob, the others wait and then load it."""
+        with folder_lock(self.blobs, required=False):
+            return self.core.compile_model(graph, "CPU", self.config)
 
     def _compiled(self, shape: tuple[int, ...]):
         compiled = self.static.get(shape)
         if compiled is None and len(self.static) < self.max_shapes:
             graph = self.core.read_model(self.source)
             graph.reshape({graph.inputs[0]: list(shape)})
-            compiled = self.static[shape] = self.core.compile_model(graph, "CPU", self.config)
+            compiled = self.static[shape] = self.compile(graph)
         if compiled is None:
             if self.dynamic is None:
-                self.dynamic = self.core.compile_model(self.core.read_model(self.source), "CPU", self.config)
+                self.dynamic = self.compile(self.core.read_model(self.source))
             compiled = self.dynamic
         return compiled
 
@@ -286,8 +297,8 @@ class _StreamCompiled(_ShapeCompiled):
     On many cores a small model's single batch cannot keep every core busy; several
     streams can. The chunk shapes are compiled statically like the latency mode's batches."""
 
-    def __init__(self, core, source: str, config: dict, max_shapes: int) -> None:
-        super().__init__(core, source, config, max_shapes)
+    def __init__(self, core, source: str, config: dict, max_shapes: int, *, blobs: Path) -> None:
+        super().__init__(core, source, config, max_shapes, blobs=blobs)
         self.queues: dict[int, object] = {}  # id(compiled model) -> its AsyncInferQueue
         self.requests = 0  # OpenVINO's optimal number of requests in flight (one per stream), read once
 
@@ -295,7 +306,7 @@ class _StreamCompiled(_ShapeCompiled):
         import openvino as ov
 
         if not self.requests:
-            probe = self.core.compile_model(self.core.read_model(self.source), "CPU", self.config)
+            probe = self.compile(self.core.read_model(self.source))
             self.requests = int(probe.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
         requests = self.requests
         size = -(-len(array) // min(requests, len(array)))
