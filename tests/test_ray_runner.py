@@ -1,5 +1,6 @@
-"""`predict --runner ray` on a local Ray of 2 workers: the local runner's outputs, a worker
-killed mid-scene retried, a re-run that redoes only the scenes whose outputs were deleted."""
+"""`predict --runner ray` on a local Ray of 2 workers: the local runner's outputs, with scenes
+split into pieces too; a worker killed mid-scene and mid-piece retried; a re-run that redoes
+only the scenes whose outputs were deleted."""
 
 from __future__ import annotations
 
@@ -20,14 +21,23 @@ TESTS = Path(__file__).resolve().parent
 
 
 class DiesOnceWorker(SceneWorker):
-    """Kills its own process the first time it starts ``scene_1`` (a marker file says it did)."""
+    """Kills its own process the first time it starts ``scene_1``, and the first time it starts
+    a piece of a split scene (marker files say it did)."""
+
+    def _die_once(self, marker: str) -> None:
+        if not (self.out_dir / marker).exists():
+            (self.out_dir / marker).write_text(str(os.getpid()))
+            os._exit(1)  # as a pre-empted or OOM-killed worker: no cleanup, no exception
 
     def predict(self, scene, index):
-        marker = self.out_dir / "killed-once"
-        if scene.name == "scene_1" and not marker.exists():
-            marker.write_text(str(os.getpid()))
-            os._exit(1)  # as a pre-empted or OOM-killed worker: no cleanup, no exception
+        if scene.name == "scene_1":
+            self._die_once("killed-once")
         return super().predict(scene, index)
+
+    def piece(self, plan, piece, index):
+        if piece.k == 1:
+            self._die_once("killed-in-a-piece")
+        return super().piece(plan, piece, index)
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +64,18 @@ def records(out: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if k != "seconds"} for r in manifest["scenes"]]
 
 
+def same_masks(a: Path, b: Path) -> bool:
+    import rasterio
+
+    paths = sorted(a.glob("*_mask.tif"))
+    assert [p.name for p in paths] == sorted(p.name for p in b.glob("*_mask.tif")) and paths
+    for path in paths:
+        with rasterio.open(path) as x, rasterio.open(b / path.name) as y:
+            if x.transform != y.transform or not (x.read(1) == y.read(1)).all():
+                return False
+    return True
+
+
 def same_layer(a: Path, b: Path) -> bool:
     x, y = gpd.read_file(a / "footprints.gpkg"), gpd.read_file(b / "footprints.gpkg")
     return len(x) == len(y) and bool(x.geometry.geom_equals(y.geometry).all()) and list(x["source"]) == list(y["source"])
@@ -71,24 +93,32 @@ def test_ray_runner_matches_the_local_runner_survives_a_killed_worker_and_redoes
     assert main(["predict", *common, "--out", str(tmp_path / "local")]) == 0
     assert main(["predict", *common, "--out", str(tmp_path / "ray"), "--runner", "ray", "--ray-workers", "2"]) == 0
     assert records(tmp_path / "ray") == records(tmp_path / "local")
-    assert same_layer(tmp_path / "ray", tmp_path / "local")
+    assert same_layer(tmp_path / "ray", tmp_path / "local") and same_masks(tmp_path / "ray", tmp_path / "local")
+    # scenes over 0.04 Mpx (scene_0: 320 px, scene_2: 256 px) cut into 128 px pieces (9 and 4) over both workers
+    split = tmp_path / "split"
+    assert main(["predict", *common, "--out", str(split), "--runner", "ray", "--ray-workers", "2",
+                 "--ray-split-megapixels", "0.04"]) == 0
+    assert records(split) == records(tmp_path / "local")
+    assert same_layer(split, tmp_path / "local") and same_masks(split, tmp_path / "local")
+    assert not (split / ".buildseg-pieces").exists()
 
-    # delete two scenes' outputs, then re-run with a worker that dies on one of them
+    # delete two scenes' outputs, then re-run with a worker that dies on one of them and in a piece of the other
     out = tmp_path / "ray"
-    kept = (out / ".buildseg-done" / "scene_0.json").stat().st_mtime_ns
-    for name in ("scene_1", "scene_3"):
+    kept = (out / ".buildseg-done" / "scene_3.json").stat().st_mtime_ns
+    for name in ("scene_1", "scene_0"):
         (out / f"{name}_mask.tif").unlink()
     options = dict(device="cpu", precision="auto", tta="none", threshold=0.3, min_area=None, ds_ensemble=None,
                    window=128, overlap=0.25, empty_vote=0, engine="torch", threads=None)
     segmenter = Segmenter.from_checkpoint(ckpt, **options)
     summary = predict_scenes_ray(segmenter, options, list_scene_sources(scenes), out,
-                                 SceneSettings(block=128), RayOptions(workers=2, max_retries=2), progress=False,
-                                 worker_class=DiesOnceWorker)
-    assert (out / "killed-once").exists(), "no worker died: the retry was not exercised"
+                                 SceneSettings(block=128), RayOptions(workers=2, max_retries=2, split_megapixels=0.04),
+                                 progress=False, worker_class=DiesOnceWorker)
+    for marker in ("killed-once", "killed-in-a-piece"):
+        assert (out / marker).exists(), f"no worker died ({marker}): the retry was not exercised"
     assert summary["predicted"] == 2 and summary["skipped"] == 2 and summary["remaining"] == 0
-    assert (out / ".buildseg-done" / "scene_0.json").stat().st_mtime_ns == kept  # not redone
+    assert (out / ".buildseg-done" / "scene_3.json").stat().st_mtime_ns == kept  # not redone
     assert records(out) == records(tmp_path / "local")
-    assert same_layer(out, tmp_path / "local")
+    assert same_layer(out, tmp_path / "local") and same_masks(out, tmp_path / "local")
 
 
 def test_ray_runner_with_a_worker_that_always_dies_stops_with_one_line(local_ray, scenes, tmp_path):

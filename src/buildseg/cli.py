@@ -170,6 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "per 2 CPU cores of the cluster)")
     p.add_argument("--max-retries", type=_ranged(int, 0), default=2,
                    help="--runner ray: times a scene is retried when its worker dies (default 2)")
+    p.add_argument("--ray-split-megapixels", type=_ranged(float, 0.0), metavar="MPX",
+                   help="--runner ray: cut scenes larger than this into pieces of about this size, predicted on "
+                        "several workers and joined (default: buildseg.inference.ray_runner.SPLIT_MEGAPIXELS, 64 = "
+                        "8192 px squares of 2048 px blocks; 0: never split)")
     p.add_argument("--threshold", type=PROBABILITY, help="probability threshold (default: the checkpoint's, else 0.5)")
     p.add_argument("--min-area", type=_ranged(int, 0), help="remove components smaller than this many pixels")
     p.add_argument("--ds-ensemble", action=argparse.BooleanOptionalAction, default=None,
@@ -431,6 +435,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
         flag = "--shard" if args.shard else "--runner" if args.runner != "local" else "--stac-asset"
         raise BuildsegError(f"{flag} applies to many scenes (a folder or list of GeoTIFFs, or a STAC catalogue); "
                             f"--data {args.data} is not one")
+    if args.ray_split_megapixels is not None and args.runner != "ray":
+        raise BuildsegError("--ray-split-megapixels applies to --runner ray (the local runner predicts a scene in one "
+                            "process); add --runner ray or drop it")
     if args.runner == "ray" and args.shard:
         raise BuildsegError("--shard splits scenes over array jobs; --runner ray hands them out itself: use one of them")
     if not (geotiff or many) and (args.gsd or args.bands or args.native_resolution or args.footprints or args.geojson):
@@ -471,7 +478,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
             if args.runner == "ray":
                 from buildseg.inference.ray_runner import RayOptions, predict_scenes_ray
 
-                options = RayOptions(address=args.ray_address, workers=args.ray_workers, max_retries=args.max_retries)
+                split = {} if args.ray_split_megapixels is None else {"split_megapixels": args.ray_split_megapixels}
+                options = RayOptions(address=args.ray_address, workers=args.ray_workers, max_retries=args.max_retries,
+                                     **split)
                 summary = predict_scenes_ray(segmenter, _segmenter_options(args), scenes, args.out, settings, options,
                                              progress=not args.no_progress)
             else:

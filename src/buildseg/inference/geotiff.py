@@ -21,6 +21,12 @@ probabilities resampled back. Nodata pixels are never buildings.
 Post-processing runs per block, so a component cut by a block border is judged by its
 part in each block for ``min_area`` (pixels); ``min_area_m2`` judges whole footprints.
 Needs the ``geo`` extra (rasterio, shapely, geopandas).
+
+The steps are separate so that one scene can be shared out: :func:`plan_scene` fixes what
+every block needs (grid, bands, stretch), :func:`predict_blocks` predicts any subset of the
+blocks into any raster, and :func:`footprint_layer` joins the blocks' parts in block order.
+:func:`predict_geotiff` runs them on all blocks in one process; the Ray runner cuts a large
+scene into pieces of blocks on several workers (``scene_pieces.py``) with the same result.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from buildseg.footprints.polygons import block_parts, join_border_parts
 from buildseg.footprints.writers import check_footprint_path, to_cog, write_footprints
 from buildseg.formats.locations import is_remote, location_name
 from buildseg.formats.rasters import (
+    SceneGrid,
     check_bands,
     metres_per_unit,
     open_raster,
@@ -47,6 +54,7 @@ from buildseg.formats.rasters import (
     require_rasterio,
     scene_grid,
 )
+from buildseg.formats.stretch import Stretch
 from buildseg.inference.segmenter import Segmenter
 
 log = logging.getLogger("buildseg")
@@ -81,6 +89,126 @@ class GeoTiffSettings:
     regularize: bool = False  # right-angle footprints (buildingregulariser)
 
 
+MARGIN = 64  # context pixels read around every block (the network sees past the block's edge)
+
+
+@dataclass(frozen=True)
+class ScenePlan:
+    """What every process predicting blocks of one scene must share, fixed once from the
+    raster's header: the grid, the bands, the stretch (a whole-raster percentile, so it cannot
+    be computed per piece) and the block layout. Picklable: the Ray driver hands it to workers."""
+
+    location: str | Path
+    name: str  # the file name, the footprints' ``source``
+    bands: tuple[int, ...]
+    grid: SceneGrid
+    scaling: Stretch | None
+    height: int  # raster pixels
+    width: int
+    block: int
+    margin: int
+    crs: Any  # rasterio CRS or None
+    transform: Any  # the raster's affine transform
+
+    def blocks(self) -> list[tuple[int, int]]:
+        """(row, col) of every block's top-left pixel, row-major: the order parts are joined in."""
+        return [(y, x) for y in range(0, self.height, self.block) for x in range(0, self.width, self.block)]
+
+    def block_shape(self, y: int, x: int) -> tuple[int, int]:
+        return min(self.block, self.height - y), min(self.block, self.width - x)
+
+    def mask_profile(self, *, height: int, width: int, transform) -> dict:
+        """The rasterio profile of a uint8 mask (the scene's, or one piece's)."""
+        return dict(driver="GTiff", height=height, width=width, count=1, dtype="uint8", crs=self.crs,
+                    transform=transform, compress="deflate", tiled=True, blockxsize=256, blockysize=256)
+
+
+@dataclass
+class BlockParts:
+    """One block's footprint parts: whole buildings, and those cut by the block's edge."""
+
+    y: int
+    x: int
+    inner: list
+    border: list
+
+
+def plan_scene(segmenter: Segmenter, src_path: str | Path, settings: GeoTiffSettings, *,
+               margin: int = MARGIN) -> ScenePlan:
+    """Check the raster against the model and the settings and fix the scene's plan."""
+    src_path = src_path if is_remote(src_path) else Path(src_path)
+    bands = list(settings.bands) if settings.bands else list(range(1, segmenter.in_chans + 1))
+    if len(bands) != segmenter.in_chans:
+        raise BuildsegError(f"--bands {','.join(map(str, bands))} gives {len(bands)} channels but the model expects "
+                            f"{segmenter.in_chans}")
+    with open_raster(src_path) as src:
+        check_bands(src, bands, src_path)
+        if src.crs is None:
+            warnings.warn(f"{src_path} has no CRS: the mask keeps its pixel grid and polygons are in pixel coordinates",
+                          stacklevel=3)
+        grid = scene_grid(src, settings.gsd, src_path)
+        if grid.resampled:
+            log.info("predicting %s at %g m per pixel (resampled x%.3g), written back on its own grid",
+                     location_name(src_path), settings.gsd, 1 / grid.step_x)
+        scaling = raster_stretch(src, bands, settings.stretch)
+        return ScenePlan(src_path, location_name(src_path), tuple(bands), grid, scaling, src.height, src.width,
+                         settings.block, margin, src.crs, src.transform)
+
+
+def predict_blocks(segmenter: Segmenter, plan: ScenePlan, blocks: list[tuple[int, int]], dst, *,
+                   origin: tuple[int, int] = (0, 0), footprints: bool = True,
+                   progress: bool = False) -> list[BlockParts]:
+    """Predict ``blocks`` of the scene and write their masks into ``dst`` (an open rasterio
+    dataset whose pixel (0, 0) is the scene's pixel ``origin``); their footprint parts.
+
+    A block's result depends only on the plan and its own position (its window and margin are
+    read from the raster), so any process predicting it writes the same pixels."""
+    import cv2
+    from rasterio.windows import Window
+    from tqdm import tqdm
+
+    grid, margin, rules = plan.grid, plan.margin, segmenter.rules
+    parts = []
+    with open_raster(plan.location) as src:
+        for y, x in tqdm(blocks, desc=plan.name, unit="block", disable=not progress or len(blocks) < 2):
+            h, w = plan.block_shape(y, x)
+            size = (h + 2 * margin, w + 2 * margin)
+            rows, cols = max(1, round(size[0] / grid.step_y)), max(1, round(size[1] / grid.step_x))
+            image, valid = read_window(src, list(plan.bands), grid, (y - margin) / grid.step_y,
+                                       (x - margin) / grid.step_x, rows, cols, plan.scaling, fill_is_nodata=False)
+            maps = segmenter.probabilities(image).mean[0]  # (K, h, w): the footprint, then e.g. the contact zone
+            if grid.resampled:
+                maps = np.stack([cv2.resize(m, (size[1], size[0]), interpolation=cv2.INTER_LINEAR) for m in maps])
+                valid = cv2.resize(valid.astype(np.uint8), (size[1], size[0]), interpolation=cv2.INTER_NEAREST) > 0
+            centre = (slice(margin, margin + h), slice(margin, margin + w))
+            maps = np.ascontiguousarray(maps[(slice(None), *centre)])
+            mask = rules(maps)
+            mask[~valid[centre]] = 0
+            dst.write(mask[None], window=Window(x - origin[1], y - origin[0], w, h))
+            if footprints:
+                inner, border = block_parts(mask, maps[0], src.window_transform(Window(x, y, w, h)))
+                parts.append(BlockParts(y, x, inner, border))
+    return parts
+
+
+def footprint_layer(plan: ScenePlan, parts: list[BlockParts], settings: GeoTiffSettings, path: Path):
+    """The scene's footprints from its blocks' parts (in block order, whoever predicted them):
+    parts cut by block borders joined, then cleaned, then written to ``path``."""
+    parts = sorted(parts, key=lambda p: (p.y, p.x))
+    joined = [q for p in parts for q in p.inner] + join_border_parts([q for p in parts for q in p.border])
+    options = FootprintOptions(settings.min_area_m2, settings.simplify, settings.regularize)
+    frame = clean_footprints(joined, plan.crs, abs(plan.transform.a), metres_per_unit(plan.crs), options, plan.name)
+    write_footprints(frame, path)
+    return frame
+
+
+def geo_result(plan: ScenePlan, mask_path: Path, footprints_path: Path | None, frame) -> GeoResult:
+    unit = metres_per_unit(plan.crs)
+    area_unit = "m^2" if unit else ("px^2" if plan.crs is None else None)
+    return GeoResult(mask_path, footprints_path, 0 if frame is None else len(frame),
+                     plan.crs.to_string() if plan.crs else None, area_unit, frame)
+
+
 def predict_geotiff(
     segmenter: Segmenter,
     src_path: str | Path,
@@ -88,7 +216,7 @@ def predict_geotiff(
     footprints_path: str | Path | None = None,
     settings: GeoTiffSettings | None = None,
     *,
-    margin: int = 64,
+    margin: int = MARGIN,
     progress: bool = False,
     **overrides: Any,
 ) -> GeoResult:
@@ -99,73 +227,21 @@ def predict_geotiff(
     applies to 0.3 m imagery. ``bands``: the 1-based bands to read (default 1..in_chans).
     ``simplify``: tolerance in CRS units (None: one pixel; 0: exact pixel outlines).
     """
-    import cv2
-    from rasterio.windows import Window
-    from tqdm import tqdm
-
     settings = replace(settings or GeoTiffSettings(), **overrides)  # e.g. block=128 from a test or a script
-    block, simplify, stretch, gsd = settings.block, settings.simplify, settings.stretch, settings.gsd
-    bands, min_area_m2, regularize = settings.bands, settings.min_area_m2, settings.regularize
-    src_path = src_path if is_remote(src_path) else Path(src_path)
-    src_name = location_name(src_path)
     mask_path = Path(mask_path)
     if footprints_path is not None:
         footprints_path = check_footprint_path(footprints_path)
-    bands = list(bands) if bands else list(range(1, segmenter.in_chans + 1))
-    if len(bands) != segmenter.in_chans:
-        raise BuildsegError(f"--bands {','.join(map(str, bands))} gives {len(bands)} channels but the model expects "
-                            f"{segmenter.in_chans}")
     rasterio = require_rasterio()
-    with open_raster(src_path) as src:
-        check_bands(src, bands, src_path)
-        if src.crs is None:
-            warnings.warn(f"{src_path} has no CRS: the mask keeps its pixel grid and polygons are in pixel coordinates", stacklevel=2)
-        grid = scene_grid(src, gsd, src_path)
-        if grid.resampled:
-            log.info("predicting %s at %g m per pixel (resampled x%.3g), written back on its own grid", src_path.name,
-                     gsd, 1 / grid.step_x)
-        profile = dict(driver="GTiff", height=src.height, width=src.width, count=1, dtype="uint8", crs=src.crs,
-                       transform=src.transform, compress="deflate", tiled=True, blockxsize=256, blockysize=256)
-        scaling = raster_stretch(src, bands, stretch)
-        rules = segmenter.rules
-        inner, border = [], []
-        mask_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = mask_path.with_name(f".{mask_path.name}.tmp")
-        blocks = [(y, x) for y in range(0, src.height, block) for x in range(0, src.width, block)]
-        try:
-            with rasterio.open(tmp, "w", **profile) as dst:
-                for y, x in tqdm(blocks, desc=src_name, unit="block", disable=not progress or len(blocks) < 2):
-                    h, w = min(block, src.height - y), min(block, src.width - x)
-                    size = (h + 2 * margin, w + 2 * margin)
-                    rows, cols = max(1, round(size[0] / grid.step_y)), max(1, round(size[1] / grid.step_x))
-                    image, valid = read_window(src, bands, grid, (y - margin) / grid.step_y, (x - margin) / grid.step_x,
-                                               rows, cols, scaling, fill_is_nodata=False)
-                    maps = segmenter.probabilities(image).mean[0]  # (K, h, w): the footprint, then e.g. the contact zone
-                    if grid.resampled:
-                        maps = np.stack([cv2.resize(m, (size[1], size[0]), interpolation=cv2.INTER_LINEAR) for m in maps])
-                        valid = cv2.resize(valid.astype(np.uint8), (size[1], size[0]), interpolation=cv2.INTER_NEAREST) > 0
-                    centre = (slice(margin, margin + h), slice(margin, margin + w))
-                    maps = np.ascontiguousarray(maps[(slice(None), *centre)])
-                    prob = maps[0]
-                    mask = rules(maps)
-                    mask[~valid[centre]] = 0
-                    window = Window(x, y, w, h)
-                    dst.write(mask[None], window=window)
-                    if footprints_path is not None:
-                        block_inner, block_border = block_parts(mask, prob, src.window_transform(window))
-                        inner += block_inner
-                        border += block_border
-            to_cog(tmp, mask_path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        crs, unit = src.crs, metres_per_unit(src.crs)
-        pixel = abs(src.transform.a)
-    frame = None
-    if footprints_path is not None:
-        parts = inner + join_border_parts(border)
-        options = FootprintOptions(min_area_m2, simplify, regularize)
-        frame = clean_footprints(parts, crs, pixel, unit, options, src_name)
-        write_footprints(frame, footprints_path)
-    area_unit = "m^2" if unit else ("px^2" if crs is None else None)
-    return GeoResult(mask_path, footprints_path, 0 if frame is None else len(frame),
-                     crs.to_string() if crs else None, area_unit, frame)
+    plan = plan_scene(segmenter, src_path, settings, margin=margin)
+    mask_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = mask_path.with_name(f".{mask_path.name}.tmp")
+    try:
+        with rasterio.open(tmp, "w", **plan.mask_profile(height=plan.height, width=plan.width,
+                                                          transform=plan.transform)) as dst:
+            parts = predict_blocks(segmenter, plan, plan.blocks(), dst, footprints=footprints_path is not None,
+                                   progress=progress)
+        to_cog(tmp, mask_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    frame = footprint_layer(plan, parts, settings, footprints_path) if footprints_path is not None else None
+    return geo_result(plan, mask_path, footprints_path, frame)

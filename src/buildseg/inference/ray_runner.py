@@ -10,7 +10,12 @@ OUT_DIR, which every worker must see (one machine, or a shared file system). Whe
 are done the driver merges the layer and the manifest as the local runner does, so the
 outputs are the same.
 
-A worker that dies (killed, pre-empted, out of memory) is restarted and its scene retried,
+A scene above ``split_pixels`` is cut into pieces of whole blocks (``scene_pieces.py``):
+the pieces go out like scenes, and when the last one is in, one worker assembles the
+scene's mask and footprints (ahead of any scene still waiting, so finished pieces do not
+sit on disk); the outputs equal the one-process path's.
+
+A worker that dies (killed, pre-empted, out of memory) is restarted and its task retried,
 up to ``max_retries`` times (Ray's ``max_restarts``/``max_task_retries``); a scene that fails
 for a reason of its own (a damaged raster) stops the job with that scene's one-line error.
 Workers on GPUs get ``num_gpus`` (one each by default); CPU workers get ``num_cpus`` cores and
@@ -21,18 +26,34 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from buildseg.errors import BuildsegError
+from buildseg.inference.geotiff import ScenePlan, plan_scene
+from buildseg.inference.scene_pieces import PIECES, Piece, PieceResult, assemble_scene, predict_piece, split_scene
 from buildseg.inference.scene_sources import SceneSource
-from buildseg.inference.scenes import DONE, SceneSettings, check_scenes, finish, pending_scenes, predict_scene, run_key
+from buildseg.inference.scenes import (
+    DONE,
+    SceneSettings,
+    check_scenes,
+    finish,
+    pending_scenes,
+    predict_scene,
+    run_key,
+    scene_outputs,
+    scene_settings,
+    write_done_record,
+)
 from buildseg.inference.segmenter import Segmenter
 
 log = logging.getLogger("buildseg")
 CORES_PER_CPU_WORKER = 2  # default pool on CPUs: one worker per this many cores
+SPLIT_MEGAPIXELS = 64.0  # scenes above this are cut into pieces of about this size (8192 px squares)
 
 
 @dataclass(frozen=True)
@@ -40,6 +61,11 @@ class RayOptions:
     address: str | None = None  # None: start a local Ray for the run
     workers: int | None = None  # None: one per GPU, else one per CORES_PER_CPU_WORKER cores
     max_retries: int = 2
+    split_megapixels: float = SPLIT_MEGAPIXELS  # 0: never split a scene
+
+    @property
+    def split_pixels(self) -> int | None:
+        return int(self.split_megapixels * 1e6) if self.split_megapixels > 0 else None
 
 
 class SceneWorker:
@@ -60,9 +86,27 @@ class SceneWorker:
         except BuildsegError as exc:
             return {"error": str(exc), "name": scene.name}
 
+    def piece(self, plan: ScenePlan, piece: Piece, index: int) -> dict:
+        """One piece of a split scene: ``{"index", "piece": PieceResult}``, or an error."""
+        try:
+            return {"index": index, "piece": predict_piece(self.segmenter, plan, piece, self.out_dir)}
+        except BuildsegError as exc:
+            return {"error": str(exc), "name": plan.name}
 
-def scene_sizes(scenes: list[SceneSource]) -> list[tuple[int, float]]:
-    """(pixels x bands, area in km² when the CRS is metric else 0) of each scene, from its header."""
+    def assemble(self, scene: SceneSource, index: int, plan: ScenePlan, pieces: list[PieceResult]) -> dict:
+        """A split scene's mask, footprints and done-record from all its pieces; the record."""
+        started = time.monotonic()
+        try:
+            mask_path, layer_path = scene_outputs(self.out_dir, scene, self.settings)
+            result = assemble_scene(plan, pieces, mask_path, layer_path, scene_settings(self.settings))
+        except BuildsegError as exc:
+            return {"error": str(exc), "name": scene.name}
+        seconds = time.monotonic() - started + sum(p.seconds for p in pieces)  # worker time, as for a whole scene
+        return write_done_record(self.out_dir, scene, index, self.key, result, seconds)
+
+
+def scene_sizes(scenes: list[SceneSource]) -> list[tuple[int, float, int]]:
+    """(pixels x bands, area in km² when the CRS is metric else 0, pixels) of each scene, from its header."""
     from buildseg.formats.rasters import open_raster
 
     sizes = []
@@ -70,7 +114,7 @@ def scene_sizes(scenes: list[SceneSource]) -> list[tuple[int, float]]:
         with open_raster(scene.location) as src:
             metric = src.crs is not None and src.crs.is_projected and (src.crs.linear_units or "").startswith("met")
             area = src.width * src.height * abs(src.transform.a * src.transform.e) / 1e6 if metric else 0.0
-            sizes.append((src.width * src.height * src.count, area))
+            sizes.append((src.width * src.height * src.count, area, src.width * src.height))
     return sizes
 
 
@@ -102,14 +146,15 @@ def predict_scenes_ray(segmenter: Segmenter, options: dict[str, Any], scenes: li
     if todo:
         sizes = scene_sizes([scenes[i] for i in todo])
         order = [i for _, i in sorted(zip((s[0] for s in sizes), todo), key=lambda t: (-t[0], t[1]))]
+        pixels = dict(zip(todo, (s[2] for s in sizes)))
         area = dict(zip(todo, (s[1] for s in sizes)))
         started_here = not ray.is_initialized()
         if started_here:
             ray.init(address=ray_options.address, include_dashboard=False, logging_level=logging.WARNING,
                      log_to_driver=False, **({} if ray_options.address else {"num_cpus": os.cpu_count() or 1}))
         try:
-            summary["predicted"] = _run_pool(ray, segmenter, options, scenes, order, area, out_dir, settings, key,
-                                             ray_options, worker_class, tqdm, progress)
+            summary["predicted"] = _run_pool(ray, segmenter, options, scenes, order, pixels, area, out_dir, settings,
+                                             key, ray_options, worker_class, tqdm, progress)
         finally:
             if started_here:
                 ray.shutdown()
@@ -117,14 +162,42 @@ def predict_scenes_ray(segmenter: Segmenter, options: dict[str, Any], scenes: li
     return summary
 
 
-def _run_pool(ray, segmenter, options, scenes, order, area, out_dir, settings, key, ray_options, worker_class, tqdm,
-              progress) -> int:
+@dataclass
+class _Split:
+    """A scene in pieces on the pool: its plan and the pieces back so far."""
+
+    plan: ScenePlan
+    pieces: list[Piece]
+    done: list[PieceResult]
+
+
+def _tasks(segmenter: Segmenter, scenes, order, pixels: dict[int, int], settings: SceneSettings,
+           split_pixels: int | None):
+    """(tasks largest first, splits): a task is ("scene", i) or ("piece", i, piece); only
+    scenes above ``split_pixels`` are planned here (their header and stretch read once)."""
+    tasks, splits = [], {}
+    for i in order:
+        if split_pixels is not None and pixels[i] > split_pixels:
+            plan = plan_scene(segmenter, scenes[i].location, scene_settings(settings))
+            pieces = split_scene(plan, split_pixels)
+            if len(pieces) > 1:
+                splits[i] = _Split(plan, pieces, [])
+                tasks += [(p.height * p.width, ("piece", i, p)) for p in pieces]
+                continue
+        tasks.append((pixels[i], ("scene", i)))
+    tasks.sort(key=lambda t: -t[0])  # stable: ties keep the scenes' order
+    return deque(task for _, task in tasks), splits
+
+
+def _run_pool(ray, segmenter, options, scenes, order, pixels, area, out_dir, settings, key, ray_options, worker_class,
+              tqdm, progress) -> int:
     from ray.util import ActorPool
 
     resources = ray.cluster_resources()
     gpus, cpus = float(resources.get("GPU", 0)), float(resources.get("CPU", 1))
     workers = ray_options.workers or (int(gpus) if gpus >= 1 else max(1, int(cpus) // CORES_PER_CPU_WORKER))
-    workers = max(1, min(workers, len(order)))
+    queue, splits = _tasks(segmenter, scenes, order, pixels, settings, ray_options.split_pixels)
+    workers = max(1, min(workers, len(queue)))
     num_gpus = min(1.0, gpus / workers) if gpus >= 1 else 0.0
     num_cpus = max(1, int(cpus) // workers)
     device = "cuda" if num_gpus else "cpu"
@@ -134,27 +207,43 @@ def _run_pool(ray, segmenter, options, scenes, order, area, out_dir, settings, k
     worker_options = {**options, "device": device}
     pool = ActorPool([actor.remote(checkpoints, worker_options, str(out_dir), settings, key, num_cpus)
                       for _ in range(workers)])
-    log.info("Ray: %d workers x (%d CPUs, %g GPUs) for %d scenes", workers, num_cpus, num_gpus, len(order))
+    log.info("Ray: %d workers x (%d CPUs, %g GPUs) for %d scenes (%d split into %d pieces)", workers, num_cpus,
+             num_gpus, len(order), len(splits), sum(len(s.pieces) for s in splits.values()))
+
+    def submit(task) -> None:
+        if task[0] == "scene":
+            pool.submit(lambda a, t: a.predict.remote(scenes[t[1]], t[1]), task)
+        elif task[0] == "piece":
+            pool.submit(lambda a, t: a.piece.remote(splits[t[1]].plan, t[2], t[1]), task)
+        else:
+            pool.submit(lambda a, t: a.assemble.remote(scenes[t[1]], t[1], splits[t[1]].plan, splits[t[1]].done), task)
+
     started, km2, done = time.monotonic(), 0.0, 0
     bar = tqdm(total=len(order), desc="scenes", unit="scene", disable=not progress)
     try:
-        results = pool.map_unordered(lambda a, i: a.predict.remote(scenes[i], i), order)
-        while True:
+        while queue or pool.has_next():
+            while queue and pool.has_free():
+                submit(queue.popleft())
             try:
-                record = next(results)
-            except StopIteration:
-                break
+                reply = pool.get_next_unordered()
             except ray.exceptions.RayActorError as exc:
                 raise BuildsegError(f"a Ray worker died {ray_options.max_retries + 1} times on a scene ({type(exc).__name__}); "
                                     "nothing of that scene was kept: run again (finished scenes are kept), with "
                                     "fewer --ray-workers if it ran out of memory") from None
-            if "error" in record:
-                raise BuildsegError(record["error"])
+            if "error" in reply:
+                raise BuildsegError(reply["error"])
+            if "piece" in reply:
+                split = splits[reply["index"]]
+                split.done.append(reply["piece"])
+                if len(split.done) == len(split.pieces):
+                    queue.appendleft(("assemble", reply["index"]))  # ahead of waiting scenes: frees its pieces' disk
+                continue
             done += 1
-            km2 += area.get(record.get("index"), 0.0)
+            km2 += area.get(reply.get("index"), 0.0)
             bar.update(1)
             hours = max(1e-9, (time.monotonic() - started) / 3600)
             bar.set_postfix(km2_per_h=f"{km2 / hours:.1f}")
     finally:
         bar.close()
+    shutil.rmtree(out_dir / PIECES, ignore_errors=True)
     return done

@@ -33,7 +33,7 @@ from buildseg.atomic import atomic_open
 from buildseg.distributed import SINGLE_PROCESS, DistInfo, barrier
 from buildseg.errors import BuildsegError
 from buildseg.footprints.writers import write_footprints
-from buildseg.inference.geotiff import GeoTiffSettings, predict_geotiff
+from buildseg.inference.geotiff import GeoResult, GeoTiffSettings, predict_geotiff
 from buildseg.inference.scene_sources import SceneSource
 from buildseg.inference.segmenter import Segmenter
 
@@ -95,21 +95,35 @@ def check_scenes(scenes: list[SceneSource], settings: SceneSettings) -> str:
     return FORMATS[settings.format]
 
 
+def scene_settings(settings: SceneSettings) -> GeoTiffSettings:
+    """The GeoTIFF part of the scene settings (what ``predict_geotiff`` takes)."""
+    return GeoTiffSettings(**{f.name: getattr(settings, f.name) for f in fields(GeoTiffSettings)})
+
+
+def scene_outputs(out_dir: Path, scene: SceneSource, settings: SceneSettings) -> tuple[Path, Path]:
+    """(mask COG, footprint layer) of a scene in OUT_DIR."""
+    return out_dir / f"{scene.name}_mask.tif", out_dir / f"{scene.name}{FORMATS[settings.format]}"
+
+
+def write_done_record(out_dir: Path, scene: SceneSource, index: int, key: str, result: GeoResult,
+                      seconds: float) -> dict:
+    """The scene's done-record, written atomically once both outputs are in place; the record."""
+    record = {"scene": scene.location, "name": scene.name, "index": index, "run_key": key, **scene.identity(),
+              "mask": result.mask_path.name, "footprints": result.footprints_path.name,
+              "n_footprints": result.n_polygons, "crs": result.crs, "seconds": round(seconds, 2)}
+    with atomic_open(_record_path(out_dir, scene.name), "w") as handle:
+        handle.write(json.dumps(record))
+    return record
+
+
 def predict_scene(segmenter: Segmenter, scene: SceneSource, index: int, out_dir: Path, settings: SceneSettings,
                   key: str, *, progress: bool = False) -> dict:
     """Predict one scene into OUT_DIR and write its done-record; the record."""
     started = time.monotonic()
-    suffix = FORMATS[settings.format]
-    mask_name, layer_name = f"{scene.name}_mask.tif", f"{scene.name}{suffix}"
-    result = predict_geotiff(segmenter, scene.location, out_dir / mask_name, out_dir / layer_name,
-                             GeoTiffSettings(**{f.name: getattr(settings, f.name) for f in fields(GeoTiffSettings)}),
+    mask_path, layer_path = scene_outputs(out_dir, scene, settings)
+    result = predict_geotiff(segmenter, scene.location, mask_path, layer_path, scene_settings(settings),
                              progress=progress)
-    record = {"scene": scene.location, "name": scene.name, "index": index, "run_key": key, **scene.identity(),
-              "mask": mask_name, "footprints": layer_name, "n_footprints": result.n_polygons,
-              "crs": result.crs, "seconds": round(time.monotonic() - started, 2)}
-    with atomic_open(_record_path(out_dir, scene.name), "w") as handle:
-        handle.write(json.dumps(record))
-    return record
+    return write_done_record(out_dir, scene, index, key, result, time.monotonic() - started)
 
 
 def pending_scenes(scenes: list[SceneSource], out_dir: Path, key: str) -> list[int]:

@@ -1,0 +1,129 @@
+"""One large scene shared out over several workers: pieces of whole blocks, then one assembly.
+
+A 50,000 x 50,000 px scene is 600 blocks of 2048 px; on one worker it stalls the job while
+the rest idle. The Ray runner cuts a scene above a size threshold into :class:`Piece`\\ s:
+rectangles of whole blocks of the scene's own block grid. Each piece is predicted by
+whichever worker is free (``geotiff.predict_blocks``, the same function the one-process path
+runs), its mask written to a piece GeoTIFF under ``OUT_DIR/.buildseg-pieces/`` and its blocks'
+footprint parts returned. When every piece is in, :func:`assemble_scene` copies the pieces
+into the scene's mask COG and joins the parts in block order, as the one-process path does,
+so the outputs are the same whichever worker predicted which piece (tests/test_ray_runner.py).
+
+Pieces follow block borders because a block's pixels depend only on its own window and
+margin: a piece boundary is a block boundary that the join already handles, and nothing is
+predicted twice.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from buildseg.atomic import atomic_path
+from buildseg.footprints.writers import to_cog
+from buildseg.formats.rasters import require_rasterio
+from buildseg.inference.geotiff import (
+    BlockParts,
+    GeoResult,
+    GeoTiffSettings,
+    ScenePlan,
+    footprint_layer,
+    geo_result,
+    predict_blocks,
+)
+from buildseg.inference.segmenter import Segmenter
+
+PIECES = ".buildseg-pieces"  # OUT_DIR/.buildseg-pieces/<scene name>/<k>.tif while a split scene is in flight
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A rectangle of whole blocks of one scene, in scene pixels."""
+
+    k: int  # its number within the scene
+    row: int
+    col: int
+    height: int
+    width: int
+    blocks: tuple[tuple[int, int], ...]  # (row, col) of its blocks, row-major
+
+
+def piece_side(plan: ScenePlan, piece_pixels: int) -> int:
+    """A piece's side in pixels: the whole blocks that fit in ``piece_pixels`` (at least one)."""
+    return plan.block * max(1, int(math.isqrt(max(1, piece_pixels)) // plan.block))
+
+
+def split_scene(plan: ScenePlan, piece_pixels: int) -> list[Piece]:
+    """The scene cut into pieces of about ``piece_pixels`` pixels (whole blocks), row-major."""
+    side = piece_side(plan, piece_pixels)
+    pieces = []
+    for row in range(0, plan.height, side):
+        for col in range(0, plan.width, side):
+            height, width = min(side, plan.height - row), min(side, plan.width - col)
+            blocks = tuple((y, x) for y, x in plan.blocks() if row <= y < row + height and col <= x < col + width)
+            pieces.append(Piece(len(pieces), row, col, height, width, blocks))
+    return pieces
+
+
+def pieces_folder(out_dir: Path, plan: ScenePlan) -> Path:
+    return out_dir / PIECES / Path(plan.name).stem
+
+
+@dataclass
+class PieceResult:
+    piece: Piece
+    path: Path  # the piece's mask GeoTIFF
+    parts: list[BlockParts]
+    seconds: float
+
+
+def predict_piece(segmenter: Segmenter, plan: ScenePlan, piece: Piece, out_dir: Path, *,
+                  footprints: bool = True) -> PieceResult:
+    """Predict one piece into its own GeoTIFF (written atomically: a worker killed mid-piece
+    leaves nothing that the retry could mistake for a result)."""
+    from rasterio.windows import Window
+
+    started = time.monotonic()
+    rasterio = require_rasterio()
+    path = pieces_folder(out_dir, plan) / f"{piece.k}.tif"
+    transform = rasterio.windows.transform(Window(piece.col, piece.row, piece.width, piece.height), plan.transform)
+    with atomic_path(path) as tmp:
+        with rasterio.open(tmp, "w", **plan.mask_profile(height=piece.height, width=piece.width,
+                                                          transform=transform)) as dst:
+            parts = predict_blocks(segmenter, plan, list(piece.blocks), dst, origin=(piece.row, piece.col),
+                                   footprints=footprints)
+    return PieceResult(piece, path, parts, time.monotonic() - started)
+
+
+def assemble_scene(plan: ScenePlan, results: list[PieceResult], mask_path: Path, footprints_path: Path | None,
+                   settings: GeoTiffSettings) -> GeoResult:
+    """The scene's mask COG and footprint layer from all its pieces; the piece files removed."""
+    from rasterio.windows import Window
+
+    rasterio = require_rasterio()
+    expected = {b for r in results for b in r.piece.blocks}
+    if expected != set(plan.blocks()):
+        raise ValueError(f"{plan.name}: {len(set(plan.blocks()) - expected)} blocks have no piece")
+    tmp = mask_path.with_name(f".{mask_path.name}.tmp")
+    try:
+        with rasterio.open(tmp, "w", **plan.mask_profile(height=plan.height, width=plan.width,
+                                                          transform=plan.transform)) as dst:
+            for result in results:
+                piece = result.piece
+                with rasterio.open(result.path) as part:
+                    for y, x in piece.blocks:  # block by block: memory stays at one block
+                        h, w = plan.block_shape(y, x)
+                        block = part.read(1, window=Window(x - piece.col, y - piece.row, w, h))
+                        dst.write(block[None], window=Window(x, y, w, h))
+        to_cog(tmp, mask_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    frame = None
+    if footprints_path is not None:
+        frame = footprint_layer(plan, [p for r in results for p in r.parts], settings, footprints_path)
+    if results:
+        shutil.rmtree(results[0].path.parent, ignore_errors=True)
+    return geo_result(plan, mask_path, footprints_path, frame)
