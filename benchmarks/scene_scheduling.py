@@ -11,6 +11,12 @@ For N workers the makespan (time until the last worker finishes) is computed for
 * dynamic, largest first: the same, scenes sorted by size (the Ray runner).
 Reported as the ratio to the lower bound max(total / N, largest scene): 1.00 is perfect.
 
+A second table adds one 50,000 x 50,000 px scene (25 tiles) to a mosaic and compares
+largest-first with whole scenes against largest-first with the Ray runner's automatic split
+(scenes above max(64 Mpx, total / N / 4) cut into 64 Mpx pieces, ``scene_pieces.py``),
+against total / N (the bound once no scene is indivisible). Assembling a split scene is not simulated (it copies the
+mask once and joins the border parts: small beside predicting it).
+
     python benchmarks/scene_scheduling.py [--scenes 400] [--seeds 20]
 """
 
@@ -65,5 +71,37 @@ def main() -> None:
         print(f"{workers:>7} {cells[0]:>14} {cells[1]:>20} {cells[2]:>23} {cells[3]:>23}")
 
 
+def split(sizes: np.ndarray, above: float, piece: float) -> np.ndarray:
+    """Every scene above ``above`` pixels cut into pieces of ``piece`` pixels (the last smaller)."""
+    parts = []
+    for size in sizes:
+        if size > above:
+            whole = int(size // piece)
+            parts += [piece] * whole + ([size - whole * piece] if size > whole * piece else [])
+        else:
+            parts.append(size)
+    return np.array(parts)
+
+
+def giant_scene_table(scenes: int, seeds: int) -> None:
+    piece = 64e6
+    print(f"\n{scenes} scenes + one 50,000 px scene; makespan / (total / N), mean (sd); split: scenes above "
+          "max(64 Mpx, total / N / 4) in 64 Mpx pieces")
+    print(f"{'workers':>7} {'largest first, whole':>22} {'largest first, split':>22} {'extra tasks':>12}")
+    for workers in (2, 4, 8, 16, 32, 64):
+        rows = []
+        for seed in range(seeds):
+            sizes = np.append(mosaic(np.random.default_rng(seed), scenes), 50_000.0 ** 2)
+            bound = sizes.sum() / workers
+            above = max(piece, sizes.sum() / workers / 4)
+            whole = dynamic_makespan(np.sort(sizes)[::-1], workers) / bound
+            tasks = split(sizes, above, piece)
+            rows.append((whole, dynamic_makespan(np.sort(tasks)[::-1], workers) / bound, len(tasks) - len(sizes)))
+        mean, sd = np.mean(rows, axis=0), np.std(rows, axis=0)
+        cells = [f"{m:.3f} ({s:.3f})" for m, s in zip(mean[:2], sd[:2])]
+        print(f"{workers:>7} {cells[0]:>22} {cells[1]:>22} {mean[2]:>12.0f}")
+
+
 if __name__ == "__main__":
     main()
+    giant_scene_table(400, 20)

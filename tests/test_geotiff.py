@@ -187,3 +187,29 @@ def test_a_building_across_block_borders_is_one_polygon(tmp_path):
         mask = m.read(1)
     assert mask[100:160, 90:200].all() and mask.sum() == 60 * 110
     assert features[0]["properties"]["area_m2"] == pytest.approx(60 * 110 * 0.25)
+
+
+def test_scene_pieces_cover_every_block_once_and_split_only_what_would_hold_up_a_pool():
+    from buildseg.formats.rasters import SceneGrid
+    from buildseg.inference.geotiff import ScenePlan
+    from buildseg.inference.ray_runner import PIECE_MEGAPIXELS, RayOptions
+    from buildseg.inference.scene_pieces import split_scene
+
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        height, width, block = int(rng.integers(1, 3000)), int(rng.integers(1, 3000)), int(rng.choice([64, 128, 500]))
+        plan = ScenePlan("x.tif", "x.tif", (1, 2, 3), SceneGrid(height, width, 1.0, 1.0, None), None, height, width,
+                         block, 8, None, from_origin(0, 0, 1, 1))
+        pieces = split_scene(plan, int(rng.integers(1, 4_000_000)))
+        blocks = [b for p in pieces for b in p.blocks]
+        assert sorted(blocks) == sorted(plan.blocks())  # every block in exactly one piece
+        covered = np.zeros((height, width), np.int32)
+        for p in pieces:
+            covered[p.row : p.row + p.height, p.col : p.col + p.width] += 1
+            assert all(p.row <= y < p.row + p.height and p.col <= x < p.col + p.width for y, x in p.blocks)
+        assert (covered == 1).all()
+    auto = RayOptions()
+    assert auto.split_pixels(total_pixels=400 * 10**8, workers=64) == 400 * 10**8 // 64 // 4  # tiles stay whole
+    assert auto.split_pixels(total_pixels=10**6, workers=2) == PIECE_MEGAPIXELS * 1e6  # small jobs: never below a piece
+    assert RayOptions(split_megapixels=0).split_pixels(total_pixels=10**12, workers=64) is None
+    assert RayOptions(split_megapixels=0.5).split_pixels(total_pixels=1, workers=1) == 500_000

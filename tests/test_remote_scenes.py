@@ -254,6 +254,20 @@ def test_bad_shard_is_one_line(served, ckpt, tmp_path, capsys, argv, fragment):
     assert len(err.splitlines()) == 1 and fragment in err
 
 
+@pytest.mark.parametrize("argv, fragment", [
+    (["--ray-split-megapixels", "64"], "applies to --runner ray"),
+    (["--runner", "ray", "--ray-split-megapixels", "-1"], "out of range"),
+])
+def test_bad_split_flag_is_one_line(served, ckpt, tmp_path, capsys, argv, fragment):
+    try:
+        code = predict(ckpt, served.root, tmp_path / "out", *argv)
+    except SystemExit as exit_info:  # a bad value: argparse's own exit
+        code = exit_info.code
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and fragment in err and not (tmp_path / "out").exists()
+
+
 def test_merge_of_a_folder_without_records_is_one_line(tmp_path, capsys):
     assert main(["predict", "--merge", str(tmp_path)]) == 2
     assert "no finished scene" in capsys.readouterr().err

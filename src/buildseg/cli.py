@@ -172,8 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--runner ray: times a scene is retried when its worker dies (default 2)")
     p.add_argument("--ray-split-megapixels", type=_ranged(float, 0.0), metavar="MPX",
                    help="--runner ray: cut scenes larger than this into pieces of about this size, predicted on "
-                        "several workers and joined (default: buildseg.inference.ray_runner.SPLIT_MEGAPIXELS, 64 = "
-                        "8192 px squares of 2048 px blocks; 0: never split)")
+                        "several workers and joined as block borders are (default: auto, scenes over a quarter of "
+                        "one worker's share of all the pixels, in 64 Mpx pieces; 0: never split)")
     p.add_argument("--threshold", type=PROBABILITY, help="probability threshold (default: the checkpoint's, else 0.5)")
     p.add_argument("--min-area", type=_ranged(int, 0), help="remove components smaller than this many pixels")
     p.add_argument("--ds-ensemble", action=argparse.BooleanOptionalAction, default=None,

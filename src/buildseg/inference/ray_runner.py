@@ -53,7 +53,8 @@ from buildseg.inference.segmenter import Segmenter
 
 log = logging.getLogger("buildseg")
 CORES_PER_CPU_WORKER = 2  # default pool on CPUs: one worker per this many cores
-SPLIT_MEGAPIXELS = 64.0  # scenes above this are cut into pieces of about this size (8192 px squares)
+PIECE_MEGAPIXELS = 64.0  # pieces of a split scene: about 8192 px squares (whole 2048 px blocks)
+SHARE_PARTS = 4  # auto: a scene is split when it is over a quarter of one worker's share of the pixels
 
 
 @dataclass(frozen=True)
@@ -61,11 +62,18 @@ class RayOptions:
     address: str | None = None  # None: start a local Ray for the run
     workers: int | None = None  # None: one per GPU, else one per CORES_PER_CPU_WORKER cores
     max_retries: int = 2
-    split_megapixels: float = SPLIT_MEGAPIXELS  # 0: never split a scene
+    split_megapixels: float | None = None  # split scenes above this into pieces this size; None: auto; 0: never
 
-    @property
-    def split_pixels(self) -> int | None:
-        return int(self.split_megapixels * 1e6) if self.split_megapixels > 0 else None
+    def split_pixels(self, total_pixels: int, workers: int) -> int | None:
+        """The size above which a scene is cut into pieces (and the pieces' size); None: never.
+
+        Auto: a scene over a quarter of one worker's share of all the pixels would hold up
+        the end of the job, so scenes above max(64 Mpx, total / workers / 4) are split into
+        64 Mpx pieces; a mosaic of many tiles is left whole (no assembly to pay), one
+        50,000 px scene is shared out."""
+        if self.split_megapixels is not None:
+            return int(self.split_megapixels * 1e6) if self.split_megapixels > 0 else None
+        return int(max(PIECE_MEGAPIXELS * 1e6, total_pixels / max(1, workers) / SHARE_PARTS))
 
 
 class SceneWorker:
@@ -172,14 +180,14 @@ class _Split:
 
 
 def _tasks(segmenter: Segmenter, scenes, order, pixels: dict[int, int], settings: SceneSettings,
-           split_pixels: int | None):
+           split_pixels: int | None, piece_pixels: int | None):
     """(tasks largest first, splits): a task is ("scene", i) or ("piece", i, piece); only
     scenes above ``split_pixels`` are planned here (their header and stretch read once)."""
     tasks, splits = [], {}
     for i in order:
         if split_pixels is not None and pixels[i] > split_pixels:
             plan = plan_scene(segmenter, scenes[i].location, scene_settings(settings))
-            pieces = split_scene(plan, split_pixels)
+            pieces = split_scene(plan, piece_pixels)
             if len(pieces) > 1:
                 splits[i] = _Split(plan, pieces, [])
                 tasks += [(p.height * p.width, ("piece", i, p)) for p in pieces]
@@ -196,7 +204,9 @@ def _run_pool(ray, segmenter, options, scenes, order, pixels, area, out_dir, set
     resources = ray.cluster_resources()
     gpus, cpus = float(resources.get("GPU", 0)), float(resources.get("CPU", 1))
     workers = ray_options.workers or (int(gpus) if gpus >= 1 else max(1, int(cpus) // CORES_PER_CPU_WORKER))
-    queue, splits = _tasks(segmenter, scenes, order, pixels, settings, ray_options.split_pixels)
+    split_pixels = ray_options.split_pixels(sum(pixels.values()), workers)
+    piece_pixels = split_pixels if ray_options.split_megapixels else int(PIECE_MEGAPIXELS * 1e6)
+    queue, splits = _tasks(segmenter, scenes, order, pixels, settings, split_pixels, piece_pixels)
     workers = max(1, min(workers, len(queue)))
     num_gpus = min(1.0, gpus / workers) if gpus >= 1 else 0.0
     num_cpus = max(1, int(cpus) // workers)
