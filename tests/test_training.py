@@ -545,3 +545,31 @@ def test_progressive_crops_grow_to_the_full_crop(synth_data, tmp_path):
     trainer.model.register_forward_pre_hook(lambda _m, args: sides.append(args[0].shape[-1]) if _m.training else None)
     trainer.run()
     assert sides[0] == 32 and sides[-1] == 64 and sides == sorted(sides)
+
+
+@pytest.mark.slow
+def test_the_process_exits_after_training_with_loader_workers_even_if_the_loader_outlives_train(synth_data, tmp_path):
+    """Workers ignore SIGTERM, so a loader still alive at the interpreter's exit used to hang it
+    (exit terminates leftover workers with SIGTERM, then waits for them). train() shuts its
+    workers down itself; here a reference keeps the loader alive past train()."""
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.path.insert(0, {str(REPO / "tests")!r})
+        from pathlib import Path
+        from conftest import tiny_config
+        import buildseg.training.loop as loop
+
+        kept, real = [], loop.build_data
+        loop.build_data = lambda *a, **k: kept.append(real(*a, **k)) or kept[-1]
+        config = tiny_config(Path({str(synth_data)!r}), Path({str(tmp_path / "run")!r}))
+        config.data.num_workers = 1
+        loop.train(config)
+        print("trained", flush=True)
+        """
+    )
+    try:
+        proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"the process did not exit after training: {(exc.stdout or b'')[-500:]!r}")
+    assert proc.returncode == 0 and "trained" in proc.stdout, proc.stderr[-2000:]

@@ -47,7 +47,7 @@ from buildseg.training.setup import (
     resume_config,
     wrap_for_training,
 )
-from buildseg.training.signals import StopFlag
+from buildseg.training.signals import StopFlag, shut_down_workers
 from buildseg.training.validate import validate
 
 log = logging.getLogger("buildseg")
@@ -413,5 +413,6 @@ def train(config: Config, resume: str | Path | None = None) -> TrainResult:
     try:
         return trainer.run()
     finally:
+        shut_down_workers(trainer.loader)
         trainer.log.close()
         cleanup(trainer.dist)

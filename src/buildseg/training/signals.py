@@ -49,3 +49,17 @@ def ignore_stop_signals(_worker_id: int) -> None:
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def shut_down_workers(loader) -> None:
+    """Stop a DataLoader's persistent workers now, through its queue.
+
+    Workers ignore SIGTERM (:func:`ignore_stop_signals`), so the interpreter's exit, which
+    terminates leftover daemonic children with SIGTERM and then joins them, would wait on
+    them forever if the loader were still alive then (the process printed its results and
+    never exited). The loader's own shutdown asks them to leave instead."""
+    iterator = getattr(loader, "_iterator", None)
+    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()
+    if hasattr(loader, "_iterator"):
+        loader._iterator = None
