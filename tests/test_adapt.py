@@ -4,6 +4,8 @@ CDFs, the command end to end on images and GeoTIFFs, and its bad inputs."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -181,8 +183,13 @@ def test_adapt_reads_a_geotiff_folder(tmp_path):
     config = tiny_config(tmp_path, tmp_path / "run", epochs=1)
     config.data.train, config.data.labels = str(scenes / "a.tif"), [str(tmp_path / "a.geojson")]
     train(config)
-    result = adapt(tmp_path / "run", scenes, tmp_path / "adapted", FAST)
-    assert result.steps_done == 3 and (tmp_path / "adapted" / "best.pt").is_file()
+    out = tmp_path / "adapted"  # through the command, as the README runs it
+    assert main(["adapt", "--checkpoint", str(tmp_path / "run"), "--data", str(scenes), "--out", str(out),
+                 "--steps", "3", "--batch-size", "2", "--crop", "64", "--device", "cpu", "--no-progress"]) == 0
+    assert (out / "best.pt").is_file() and json.loads((out / "adapt.json").read_text())["steps"] == 3
+    assert torch.load(out / "last.pt", weights_only=False)["adapt_step"] == 3
+    seg = Segmenter.from_checkpoint(out, device="cpu")
+    assert seg.input == Segmenter.from_checkpoint(tmp_path / "run", device="cpu").input  # the scenes' bands/GSD carry over
 
 
 @pytest.mark.parametrize("case", ["no_image", "not_a_run", "time_limit", "low_high"])
@@ -255,3 +262,34 @@ def test_per_image_standardisation_ignores_colour_and_contrast_and_exports(tmp_p
     ckpt = save_atomic({"format": FORMAT, "model_card": card.to_dict(), "model": model.state_dict()}, tmp_path / "m.pt")
     _, diff = export_checked(ckpt, tmp_path / "m.onnx", 18, 1e-3)
     assert diff < 1e-3
+
+
+def test_cutmix_boxes_follow_their_definition_on_random_batches():
+    from buildseg.data.mixing import CUTMIX_AREA, CUTMIX_P, cut_mix
+
+    rng = torch.Generator().manual_seed(0)
+    shares, samples = [], 0
+    for _ in range(200):
+        b, h, w = int(torch.randint(2, 6, (1,))), int(torch.randint(8, 40, (1,))), int(torch.randint(8, 40, (1,)))
+        images = torch.randint(0, 256, (b, 3, h, w), dtype=torch.uint8)
+        masks = torch.randint(0, 2, (b, 2, h, w)).float() + 10 * torch.arange(b).view(b, 1, 1, 1)  # labels say whose pixel
+        before = images.clone(), masks.clone()
+        out_images, out_masks = cut_mix(images, masks, generator=rng)
+        assert torch.equal(images, before[0]) and torch.equal(masks, before[1])  # the inputs are not modified
+        source_images, source_masks = images.roll(1, 0), masks.roll(1, 0)
+        samples += b
+        for i in range(b):
+            own = (out_masks[i] == masks[i]).all(0) & (out_images[i] == images[i]).all(0)
+            other = (out_masks[i] == source_masks[i]).all(0) & (out_images[i] == source_images[i]).all(0)
+            assert bool((own | other).all())  # each pixel is its own or the previous sample's, image and labels alike
+            box = (out_masks[i] // 10 != i).all(0)
+            if box.any():  # the other sample's pixels form one filled rectangle
+                rows, cols = torch.nonzero(box.any(1)).flatten(), torch.nonzero(box.any(0)).flatten()
+                assert int(box.sum()) == (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
+                shares.append(float(box.float().mean()))
+    assert abs(len(shares) / samples - CUTMIX_P) < 0.08  # about half the samples get a box
+    # the box's share of the crop: the requested range, up to the rounding of its sides on crops down to 8 px
+    assert CUTMIX_AREA[0] * 0.5 <= min(shares) and max(shares) <= CUTMIX_AREA[1] * 1.5
+    assert abs(float(np.mean(shares)) - sum(CUTMIX_AREA) / 2) < 0.05
+    one = torch.zeros(1, 3, 8, 8)
+    assert cut_mix(one, one[:, :1], generator=rng)[0] is one  # nothing to mix a single sample with

@@ -89,11 +89,13 @@ def test_resume_mid_run_is_bit_exact(synth_data, tmp_path):
         c = tiny_config(synth_data, out, epochs=2, deterministic=True, ema=0.9)
         c.data.crops_per_image = 3
         c.model.dropout = 0.2  # exercises the restored torch RNG
+        c.data.augmentations = ["d4", "colour", "cutmix"]  # the batch-level mixing is seeded by the batch's place
         return c
 
     train(config(tmp_path / "straight"))
 
     interrupted = Trainer(config(tmp_path / "resumed"))
+    assert interrupted.cutmix
     original_step = interrupted._step
     calls = {"n": 0}
 

@@ -17,6 +17,8 @@ Crops are cut by the dataset at the image's own resolution, then augmented. The 
   (a window of ``crop x s`` px resized to ``crop``, ``s`` log-uniform in ``data.scale_range``),
   so buildings are seen larger and smaller than in the training imagery (sources range from
   0.3 m to 1 m per pixel).
+* ``cutmix``: a box from another crop of the batch, image and masks alike, in half the
+  samples (``data/mixing.py``; applied by the training step to whole batches).
 
 The photometric ones apply to 3-band (RGB) input only. The ablation (benchmarks/README.md)
 decides the defaults.
@@ -31,7 +33,7 @@ import albumentations as A
 import cv2
 import numpy as np
 
-AUGMENTATIONS = ("d4", "colour", "hsv", "gamma", "clahe", "blur", "jpeg", "histmatch", "scale")
+AUGMENTATIONS = ("d4", "colour", "hsv", "gamma", "clahe", "blur", "jpeg", "histmatch", "scale", "cutmix")
 PHOTOMETRIC = {"colour", "hsv", "gamma", "clahe", "blur", "jpeg", "histmatch"}
 REFERENCE_SIDE = 96  # histmatch references are thumbnails: a colour distribution needs no detail
 MAX_REFERENCES = 256  # thumbnails kept in memory (about 7 MB), drawn from the training images

@@ -23,11 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 from buildseg import __version__
 from buildseg.config import Config
+from buildseg.data.mixing import cut_mix
 from buildseg.distributed import all_gather, any_true, barrier, cleanup, device_for, init_distributed
 from buildseg.errors import BuildsegError
 from buildseg.models.factory import SegmentationModel
@@ -91,6 +93,7 @@ class Trainer:
         data = build_data(config, self.dist, self.device)
         self.train_set, self.val_set, self.sampler, self.loader = data.train_set, data.val_set, data.sampler, data.loader
         self.scenes = data.scenes
+        self.cutmix = config.data.augment and "cutmix" in config.data.augmentations
         self.card = card_from_config(config)
         self.model: SegmentationModel = build_training_model(
             config, self.card, "none" if payload else config.model.weights, self.dist, self.device)
@@ -196,11 +199,19 @@ class Trainer:
         x = int(torch.randint(0, images.shape[-1] - side + 1, (1,), generator=rng))
         return images[..., y:y + side, x:x + side], masks[..., y:y + side, x:x + side]
 
+    def _batch_generator(self, *, salt: int) -> torch.Generator:
+        """A generator seeded by the run's seed, this rank and this batch's place in the run
+        (epoch, batch): a resumed run draws what the uninterrupted one drew."""
+        key = [self.config.train.seed, salt, self.dist.rank, self.epoch, self.batch_in_epoch]
+        return torch.Generator().manual_seed(int(np.random.SeedSequence(key).generate_state(1, np.uint64)[0] >> 1))
+
     def _step(self, images: torch.Tensor, masks: torch.Tensor, accumulate: bool) -> float | None:
         """One forward/backward; an optimizer step unless ``accumulate``. None: non-finite loss, skipped."""
         t = self.config.train
         if t.progressive_crop:
             images, masks = self._progressive_crop(images, masks)
+        if self.cutmix:
+            images, masks = cut_mix(images, masks, generator=self._batch_generator(salt=1))
         images, masks = images.to(self.device, non_blocking=True), masks.to(self.device, non_blocking=True)
         if t.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
