@@ -24,20 +24,21 @@ class DiesOnceWorker(SceneWorker):
     """Kills its own process the first time it starts ``scene_1``, and the first time it starts
     a piece of a split scene (marker files say it did)."""
 
-    def _die_once(self, marker: str) -> None:
-        if not (self.out_dir / marker).exists():
-            (self.out_dir / marker).write_text(str(os.getpid()))
+    @staticmethod
+    def _die_once(job, marker: str) -> None:
+        if not (Path(job.out_dir) / marker).exists():
+            (Path(job.out_dir) / marker).write_text(str(os.getpid()))
             os._exit(1)  # as a pre-empted or OOM-killed worker: no cleanup, no exception
 
-    def predict(self, scene, index):
+    def predict(self, scene, index, job):
         if scene.name == "scene_1":
-            self._die_once("killed-once")
-        return super().predict(scene, index)
+            self._die_once(job, "killed-once")
+        return super().predict(scene, index, job)
 
-    def piece(self, plan, piece, index):
+    def piece(self, plan, piece, index, job):
         if piece.k == 1:
-            self._die_once("killed-in-a-piece")
-        return super().piece(plan, piece, index)
+            self._die_once(job, "killed-in-a-piece")
+        return super().piece(plan, piece, index, job)
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +129,7 @@ def test_ray_runner_with_a_worker_that_always_dies_stops_with_one_line(local_ray
     from buildseg.inference.segmenter import Segmenter
 
     class AlwaysDies(SceneWorker):
-        def predict(self, scene, index):
+        def predict(self, scene, index, job):
             os._exit(1)
 
     ckpt = write_tiny_checkpoint(tmp_path / "m.pt")

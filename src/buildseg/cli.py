@@ -58,7 +58,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 def add_adapt_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per :class:`AdaptSettings` field, with its default and comment's meaning."""
-    from buildseg.adaptation.loop import AdaptSettings
+    from buildseg.adaptation.settings import AdaptSettings
 
     kinds = {"steps": POSITIVE_INT, "batch_size": POSITIVE_INT, "crop": _ranged(int, 32), "bn_batches": POSITIVE_INT,
              "val_every": POSITIVE_INT, "time_limit": _ranged(float, 0.0, low_open=True),
@@ -112,9 +112,7 @@ def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
 def inference_flags() -> argparse.ArgumentParser:
     """Flags every predicting command shares (predict, tune), declared once; the choices come
     from the modules that define them."""
-    from buildseg.inference.engines import ENGINES
-    from buildseg.inference.tta import TTA_MODES
-    from buildseg.runtime.device import PRECISIONS
+    from buildseg.inference.options import ENGINES, PRECISIONS, TTA_MODES
 
     parent = argparse.ArgumentParser(add_help=False)
     parent.add_argument("--tta", default="none", choices=TTA_MODES, help="test-time augmentation (default none)")
@@ -132,9 +130,7 @@ def inference_flags() -> argparse.ArgumentParser:
 
 def build_parser() -> argparse.ArgumentParser:
     from buildseg import __version__
-    from buildseg.inference.engines import OPENVINO_MODES
-    from buildseg.inference.quantize import MAX_DROP
-    from buildseg.inference.tiling import OVERLAP, WINDOW
+    from buildseg.inference.options import MAX_DROP, OPENVINO_MODES, OVERLAP, WINDOW
 
     parser = Parser(prog="buildseg", description="Building footprint segmentation in overhead imagery.")
     parser.add_argument("--version", action="version", version=f"buildseg {__version__}")
@@ -197,8 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--footprints", help="GeoTIFF input: also write building footprints here; the format follows the "
                    "extension: .gpkg, .parquet, .fgb, .geojson")
     p.add_argument("--geojson", help="GeoTIFF input: footprints as GeoJSON (same as --footprints FILE.geojson)")
-    from buildseg.inference.predict import TILE_FORMATS
-    from buildseg.inference.scenes import FORMATS as LAYER_FORMATS
+    from buildseg.inference.options import LAYER_FORMATS
+    from buildseg.inference.tile_layers import TILE_FORMATS
 
     p.add_argument("--format", choices=[*TILE_FORMATS, *LAYER_FORMATS],
                    help="tiles (CSV/folder input): csv (the submission, default), spacenet (SpaceNet's proposal CSV: "
@@ -412,14 +408,11 @@ def _segmenter_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from buildseg.distributed import cleanup, init_distributed
     from buildseg.formats.locations import is_remote, location_suffix
     from buildseg.formats.tables import load_records
-    from buildseg.inference.predict import TILE_FORMATS, predict_records
+    from buildseg.inference.options import LAYER_FORMATS as FORMATS
     from buildseg.inference.scene_sources import is_scene_collection, list_scene_sources
-    from buildseg.inference.scenes import FORMATS
-    from buildseg.inference.segmenter import Segmenter
-    from buildseg.inference.tile_layers import TILE_LAYERS
+    from buildseg.inference.tile_layers import TILE_FORMATS, TILE_LAYERS
 
     if args.merge:
         if args.checkpoint or args.data or args.out:
@@ -464,6 +457,30 @@ def cmd_predict(args: argparse.Namespace) -> int:
             scene.check()
     records = None if (geotiff or many) else load_records(args.data)  # bad data fails before the models load
     layer = args.format in TILE_LAYERS  # coco / spacenet: that file at --out instead of the submission CSV
+    ray_workers = None
+    if many and args.runner == "ray":  # Ray and its workers start first: the driver loads its own model meanwhile
+        from buildseg.inference.ray_workers import RayOptions, RayWorkers
+
+        split = {} if args.ray_split_megapixels is None else {"split_megapixels": args.ray_split_megapixels}
+        ray_options = RayOptions(address=args.ray_address, workers=args.ray_workers, max_retries=args.max_retries,
+                                 **split)
+        ray_workers = RayWorkers.start(ray_options, args.checkpoint, _segmenter_options(args), most=len(scenes))
+    try:
+        return _predict(args, geotiff=geotiff, many=many, scenes=scenes, records=records, layer=layer,
+                        ray_workers=ray_workers)
+    finally:
+        if ray_workers is not None:
+            ray_workers.close()
+
+
+def _predict(args: argparse.Namespace, *, geotiff: bool, many: bool, scenes, records, layer: bool, ray_workers) -> int:
+    """cmd_predict once the input is checked: the models load here (and torch with them)."""
+    from buildseg.distributed import cleanup, init_distributed
+    from buildseg.inference.options import LAYER_FORMATS
+    from buildseg.inference.predict import predict_records
+    from buildseg.inference.segmenter import Segmenter
+    from buildseg.inference.tile_layers import TILE_LAYERS
+
     dist = init_distributed(args.device)
     device = str(dist.device) if dist.device.type == "cuda" else args.device  # each rank on its LOCAL_RANK GPU
     try:
@@ -474,15 +491,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
         if many:
             from buildseg.inference.scenes import SceneSettings, predict_scenes
 
-            settings = SceneSettings(**_geo_settings(args, segmenter), format=args.format or LAYER_FORMATS[0])
+            settings = SceneSettings(**_geo_settings(args, segmenter), format=args.format or next(iter(LAYER_FORMATS)))
             if args.runner == "ray":
-                from buildseg.inference.ray_runner import RayOptions, predict_scenes_ray
+                from buildseg.inference.ray_runner import predict_scenes_ray
 
-                split = {} if args.ray_split_megapixels is None else {"split_megapixels": args.ray_split_megapixels}
-                options = RayOptions(address=args.ray_address, workers=args.ray_workers, max_retries=args.max_retries,
-                                     **split)
-                summary = predict_scenes_ray(segmenter, _segmenter_options(args), scenes, args.out, settings, options,
-                                             progress=not args.no_progress)
+                summary = predict_scenes_ray(segmenter, _segmenter_options(args), scenes, args.out, settings,
+                                             ray_workers.ray_options, progress=not args.no_progress, workers=ray_workers)
             else:
                 summary = predict_scenes(segmenter, scenes, args.out, settings, dist, progress=not args.no_progress,
                                          shard=args.shard or (0, 1))

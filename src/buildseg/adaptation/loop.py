@@ -34,7 +34,8 @@ import torch
 from tqdm import tqdm
 
 from buildseg.adaptation import batchnorm
-from buildseg.adaptation.pseudo_labels import CONFIDENT_HIGH, CONFIDENT_LOW, masked_bce, select
+from buildseg.adaptation.pseudo_labels import masked_bce, select
+from buildseg.adaptation.settings import AdaptSettings
 from buildseg.adaptation.target_data import TargetCrops, target_sources
 from buildseg.atomic import atomic_open
 from buildseg.errors import BuildsegError
@@ -50,30 +51,6 @@ from buildseg.runtime.device import resolve_device
 from buildseg.training.signals import StopFlag
 
 log = logging.getLogger("buildseg")
-
-
-@dataclass
-class AdaptSettings:
-    """Every setting of an adapt run and its default, declared once (CLI flags follow them)."""
-
-    steps: int = 300  # optimizer steps: the stopping rule when there are no labelled target tiles
-    time_limit: float | None = None  # minutes; the run stops at a step boundary and saves
-    batch_size: int = 8
-    crop: int = 256
-    lr: float = 1e-4
-    ema: float = 0.99  # teacher = this x teacher + (1 - this) x student after every step
-    low: float = CONFIDENT_LOW  # teacher probability at or below: background
-    high: float = CONFIDENT_HIGH  # at or above: building; in between: ignored
-    self_training: bool = True  # off: only the batch-norm re-estimation (when on) is applied
-    bn: bool = False  # re-estimate batch-norm statistics on the target first (measured: benchmarks/README.md)
-    bn_batches: int = 20
-    labelled: str | None = None  # the original labelled data (CSV/folder): one labelled batch per step
-    val: str | None = None  # labelled target tiles (CSV/folder), to pick the best step
-    val_every: int = 50
-    save_every: float = 5.0  # minutes between last.pt checkpoints
-    seed: int = 0
-    device: str = "auto"
-    progress: bool = True
 
 
 @dataclass

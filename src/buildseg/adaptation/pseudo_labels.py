@@ -14,8 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-CONFIDENT_HIGH = 0.7  # a pixel at or above this is taken as building
-CONFIDENT_LOW = 0.3  # at or below this, as background; in between: ignored
+from buildseg.adaptation.settings import CONFIDENT_HIGH, CONFIDENT_LOW
 
 
 @dataclass(frozen=True)

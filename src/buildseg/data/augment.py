@@ -27,11 +27,13 @@ decides the defaults.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-import albumentations as A
 import cv2
 import numpy as np
+
+if TYPE_CHECKING:
+    import albumentations as A
 
 AUGMENTATIONS = ("d4", "colour", "hsv", "gamma", "clahe", "blur", "jpeg", "histmatch", "scale", "cutmix")
 PHOTOMETRIC = {"colour", "hsv", "gamma", "clahe", "blur", "jpeg", "histmatch"}
@@ -75,6 +77,8 @@ def train_transform(augment: bool = True, colour: bool = True, names: tuple[str,
                     ) -> A.Compose:
     """The albumentations pipeline for a crop (``scale`` and ``histmatch`` are the dataset's,
     not listed here)."""
+    import albumentations as A  # here, not at the top: it imports torch, and the CLI's parser reads this module
+
     steps: list[A.BasicTransform] = []
     if not augment:
         return A.Compose(steps)

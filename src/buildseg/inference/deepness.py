@@ -30,8 +30,8 @@ from torch import nn
 from buildseg.atomic import atomic_path
 from buildseg.errors import BuildsegError
 from buildseg.inference.export import export_model_onnx
+from buildseg.inference.options import OVERLAP, WINDOW
 from buildseg.inference.postprocess import PostProcess
-from buildseg.inference.tiling import OVERLAP, WINDOW
 from buildseg.runtime.checkpoint import load_model
 
 CLASS_NAMES = {"0": "background", "1": "building"}

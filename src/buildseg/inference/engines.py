@@ -30,6 +30,7 @@ import torch
 
 from buildseg.atomic import atomic_path
 from buildseg.errors import BuildsegError
+from buildseg.inference.options import ENGINES, OPENVINO_MODES
 from buildseg.models.factory import SegmentationModel
 from buildseg.runtime import device as device_rules
 from buildseg.runtime import user_cache_dir
@@ -37,9 +38,7 @@ from buildseg.runtime.device import autocast
 from buildseg.runtime.locks import folder_lock
 
 log = logging.getLogger("buildseg")
-ENGINES = ("auto", "torch", "openvino", "onnxruntime")
 MAX_STATIC_SHAPES = 4  # OpenVINO compiles per input shape up to this many, then uses the dynamic graph
-OPENVINO_MODES = ("auto", "latency", "throughput")
 # --engine-mode auto: the mode that won on each measured core count (benchmarks/engine_modes.py,
 # benchmarks/README.md "OpenVINO modes"); core counts not measured yet take the latency mode.
 MEASURED_MODES = {1: "latency", 2: "latency"}

@@ -29,11 +29,10 @@ from buildseg.formats import rle
 from buildseg.formats.images import overlay, read_image, write_png
 from buildseg.formats.tables import Record, write_submission
 from buildseg.inference.segmenter import Segmenter
-from buildseg.inference.tile_layers import TILE_LAYERS, TileLayer
+from buildseg.inference.tile_layers import TileLayer
 from buildseg.runtime.device import cpu_predict_workers, default_workers
 
 log = logging.getLogger("buildseg")
-TILE_FORMATS = ("csv", *TILE_LAYERS)  # what `predict --format` writes at --out for tiles (CSV/folder input)
 
 
 class ImageDataset(Dataset):

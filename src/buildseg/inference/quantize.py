@@ -33,12 +33,12 @@ from buildseg import __version__
 from buildseg.atomic import atomic_open, atomic_path
 from buildseg.errors import BuildsegError
 from buildseg.inference import engines
+from buildseg.inference.options import MAX_DROP
 from buildseg.inference.postprocess import PostProcess, apply
 from buildseg.metrics import Scoreboard
 from buildseg.runtime.checkpoint import checkpoint_paths, load_model
 
 log = logging.getLogger("buildseg")
-MAX_DROP = 0.005  # the competition Dice int8 may lose against fp32 and still be accepted
 CALIBRATION_TILES = 300  # NNCF's own default subset size
 VALIDATION_TILES = 500  # tiles the verdict is judged on (a random subset of larger validation sets)
 RANKING_TILES = 100  # accuracy control ranks layers on this many of them

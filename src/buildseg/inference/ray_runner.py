@@ -25,147 +25,81 @@ that many engine threads, so workers on one machine do not oversubscribe it.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from buildseg.errors import BuildsegError
 from buildseg.inference.geotiff import ScenePlan, plan_scene
-from buildseg.inference.scene_pieces import PIECES, Piece, PieceResult, assemble_scene, predict_piece, split_scene
+from buildseg.inference.ray_workers import PIECE_MEGAPIXELS, Job, RayOptions, RayWorkers, SceneWorker, require_ray
+from buildseg.inference.scene_pieces import PIECES, Piece, PieceResult, split_scene
 from buildseg.inference.scene_sources import SceneSource
-from buildseg.inference.scenes import (
-    DONE,
-    SceneSettings,
-    check_scenes,
-    finish,
-    pending_scenes,
-    predict_scene,
-    run_key,
-    scene_outputs,
-    scene_settings,
-    write_done_record,
-)
+from buildseg.inference.scenes import DONE, SceneSettings, check_scenes, finish, pending_scenes, run_key, scene_settings
 from buildseg.inference.segmenter import Segmenter
 
 log = logging.getLogger("buildseg")
-CORES_PER_CPU_WORKER = 2  # default pool on CPUs: one worker per this many cores
-PIECE_MEGAPIXELS = 64.0  # pieces of a split scene: about 8192 px squares (whole 2048 px blocks)
-SHARE_PARTS = 4  # auto: a scene is split when it is over a quarter of one worker's share of the pixels
+HEADER_THREADS = 16  # scene headers read at once before the run (remote ones are a round trip each)
+__all__ = ["RayOptions", "SceneWorker", "predict_scenes_ray", "scene_sizes"]
 
 
-@dataclass(frozen=True)
-class RayOptions:
-    address: str | None = None  # None: start a local Ray for the run
-    workers: int | None = None  # None: one per GPU, else one per CORES_PER_CPU_WORKER cores
-    max_retries: int = 2
-    split_megapixels: float | None = None  # split scenes above this into pieces this size; None: auto; 0: never
-
-    def split_pixels(self, total_pixels: int, workers: int) -> int | None:
-        """The size above which a scene is cut into pieces (and the pieces' size); None: never.
-
-        Auto: a scene over a quarter of one worker's share of all the pixels would hold up
-        the end of the job, so scenes above max(64 Mpx, total / workers / 4) are split into
-        64 Mpx pieces; a mosaic of many tiles is left whole (no assembly to pay), one
-        50,000 px scene is shared out."""
-        if self.split_megapixels is not None:
-            return int(self.split_megapixels * 1e6) if self.split_megapixels > 0 else None
-        return int(max(PIECE_MEGAPIXELS * 1e6, total_pixels / max(1, workers) / SHARE_PARTS))
+def scene_sizes(scenes: list[SceneSource], *, threads: int = HEADER_THREADS) -> list[tuple[int, float, int]]:
+    """(pixels x bands, area in km² when the CRS is metric else 0, pixels) of each scene, from
+    its header; ``threads`` headers at a time (remote headers are a round trip each)."""
+    with ThreadPoolExecutor(max(1, min(threads, len(scenes)))) as pool:
+        return list(pool.map(_scene_size, scenes))
 
 
-class SceneWorker:
-    """A Ray actor: one Segmenter for its life, one scene per call."""
-
-    def __init__(self, checkpoints: list[str], options: dict[str, Any], out_dir: str, settings: SceneSettings,
-                 key: str, threads: int) -> None:
-        import torch
-
-        torch.set_num_threads(threads)
-        self.segmenter = Segmenter.from_checkpoint(checkpoints, **{**options, "threads": threads})
-        self.out_dir, self.settings, self.key = Path(out_dir), settings, key
-
-    def predict(self, scene: SceneSource, index: int) -> dict:
-        """The scene's done-record, or ``{"error": message}`` for a BuildsegError (bad input)."""
-        try:
-            return predict_scene(self.segmenter, scene, index, self.out_dir, self.settings, self.key)
-        except BuildsegError as exc:
-            return {"error": str(exc), "name": scene.name}
-
-    def piece(self, plan: ScenePlan, piece: Piece, index: int) -> dict:
-        """One piece of a split scene: ``{"index", "piece": PieceResult}``, or an error."""
-        try:
-            return {"index": index, "piece": predict_piece(self.segmenter, plan, piece, self.out_dir)}
-        except BuildsegError as exc:
-            return {"error": str(exc), "name": plan.name}
-
-    def assemble(self, scene: SceneSource, index: int, plan: ScenePlan, pieces: list[PieceResult]) -> dict:
-        """A split scene's mask, footprints and done-record from all its pieces; the record."""
-        started = time.monotonic()
-        try:
-            mask_path, layer_path = scene_outputs(self.out_dir, scene, self.settings)
-            result = assemble_scene(plan, pieces, mask_path, layer_path, scene_settings(self.settings))
-        except BuildsegError as exc:
-            return {"error": str(exc), "name": scene.name}
-        seconds = time.monotonic() - started + sum(p.seconds for p in pieces)  # worker time, as for a whole scene
-        return write_done_record(self.out_dir, scene, index, self.key, result, seconds)
-
-
-def scene_sizes(scenes: list[SceneSource]) -> list[tuple[int, float, int]]:
-    """(pixels x bands, area in km² when the CRS is metric else 0, pixels) of each scene, from its header."""
+def _scene_size(scene: SceneSource) -> tuple[int, float, int]:
     from buildseg.formats.rasters import open_raster
 
-    sizes = []
-    for scene in scenes:
-        with open_raster(scene.location) as src:
-            metric = src.crs is not None and src.crs.is_projected and (src.crs.linear_units or "").startswith("met")
-            area = src.width * src.height * abs(src.transform.a * src.transform.e) / 1e6 if metric else 0.0
-            sizes.append((src.width * src.height * src.count, area, src.width * src.height))
-    return sizes
-
-
-def _require_ray():
-    try:
-        import ray
-    except ImportError:
-        raise BuildsegError("--runner ray needs Ray: pip install 'buildseg[ray]' (make installs it)") from None
-    return ray
+    with open_raster(scene.location) as src:
+        metric = src.crs is not None and src.crs.is_projected and (src.crs.linear_units or "").startswith("met")
+        area = src.width * src.height * abs(src.transform.a * src.transform.e) / 1e6 if metric else 0.0
+        return src.width * src.height * src.count, area, src.width * src.height
 
 
 def predict_scenes_ray(segmenter: Segmenter, options: dict[str, Any], scenes: list[SceneSource], out_dir: str | Path,
-                       settings: SceneSettings, ray_options: RayOptions = RayOptions(), *, progress: bool = True,
-                       worker_class: type = SceneWorker) -> dict[str, Any]:
+                       settings: SceneSettings, ray_options: RayOptions | None = None, *, progress: bool = True,
+                       worker_class: type = SceneWorker, workers: RayWorkers | None = None) -> dict[str, Any]:
     """Predict the scenes not yet done on a Ray actor pool; merge when all are done.
 
     ``segmenter`` (loaded in the driver) gives the run key and the checkpoints; ``options``
     are the keywords each worker builds its own from. ``worker_class``: the actor class
-    (``SceneWorker`` or a subclass of it)."""
+    (``SceneWorker`` or a subclass of it). ``workers``: a pool already starting
+    (``RayWorkers.start``, as ``buildseg predict`` does before it loads its own model); its
+    owner closes it. Without one, a pool is started here (while the scenes' headers are
+    read) and closed at the end."""
     from tqdm import tqdm
 
-    ray = _require_ray()
-    out_dir = Path(out_dir)
+    ray_options = ray_options or RayOptions()
+    out_dir = Path(out_dir).resolve()  # the workers' processes may start in another folder
     suffix = check_scenes(scenes, settings)
     (out_dir / DONE).mkdir(parents=True, exist_ok=True)
     key = run_key(segmenter, settings)
     todo = pending_scenes(scenes, out_dir, key)
     summary = {"predicted": 0, "skipped": len(scenes) - len(todo), "scenes": len(scenes)}
     if todo:
-        sizes = scene_sizes([scenes[i] for i in todo])
-        order = [i for _, i in sorted(zip((s[0] for s in sizes), todo), key=lambda t: (-t[0], t[1]))]
-        pixels = dict(zip(todo, (s[2] for s in sizes)))
-        area = dict(zip(todo, (s[1] for s in sizes)))
-        started_here = not ray.is_initialized()
-        if started_here:
-            ray.init(address=ray_options.address, include_dashboard=False, logging_level=logging.WARNING,
-                     log_to_driver=False, **({} if ray_options.address else {"num_cpus": os.cpu_count() or 1}))
+        own = workers is None
+        with ThreadPoolExecutor(1) as headers:  # the headers (HTTP range reads for remote scenes) while Ray starts
+            sizes_read = headers.submit(scene_sizes, [scenes[i] for i in todo])
+            if own:
+                require_ray()
+                workers = RayWorkers.start(ray_options, [str(p) for p in segmenter.checkpoint_paths], options,
+                                           most=len(todo), worker_class=worker_class)
         try:
-            summary["predicted"] = _run_pool(ray, segmenter, options, scenes, order, pixels, area, out_dir, settings,
-                                             key, ray_options, worker_class, tqdm, progress)
+            sizes = sizes_read.result()
+            order = [i for _, i in sorted(zip((s[0] for s in sizes), todo), key=lambda t: (-t[0], t[1]))]
+            pixels = dict(zip(todo, (s[2] for s in sizes)))
+            area = dict(zip(todo, (s[1] for s in sizes)))
+            summary["predicted"] = _run_pool(workers, segmenter, scenes, order, pixels, area, Job(str(out_dir), settings, key),
+                                             ray_options, tqdm, progress)
         finally:
-            if started_here:
-                ray.shutdown()
+            if own:
+                workers.close()
     summary.update(finish(out_dir, scenes, key, suffix))
     return summary
 
@@ -197,36 +131,27 @@ def _tasks(segmenter: Segmenter, scenes, order, pixels: dict[int, int], settings
     return deque(task for _, task in tasks), splits
 
 
-def _run_pool(ray, segmenter, options, scenes, order, pixels, area, out_dir, settings, key, ray_options, worker_class,
-              tqdm, progress) -> int:
+def _run_pool(workers: RayWorkers, segmenter, scenes, order, pixels, area, job: Job, ray_options, tqdm,
+              progress) -> int:
     from ray.util import ActorPool
 
-    resources = ray.cluster_resources()
-    gpus, cpus = float(resources.get("GPU", 0)), float(resources.get("CPU", 1))
-    workers = ray_options.workers or (int(gpus) if gpus >= 1 else max(1, int(cpus) // CORES_PER_CPU_WORKER))
-    split_pixels = ray_options.split_pixels(sum(pixels.values()), workers)
+    ray, settings = workers.ray, job.settings
+    split_pixels = ray_options.split_pixels(sum(pixels.values()), workers.wanted)
     piece_pixels = split_pixels if ray_options.split_megapixels else int(PIECE_MEGAPIXELS * 1e6)
     queue, splits = _tasks(segmenter, scenes, order, pixels, settings, split_pixels, piece_pixels)
-    workers = max(1, min(workers, len(queue)))
-    num_gpus = min(1.0, gpus / workers) if gpus >= 1 else 0.0
-    num_cpus = max(1, int(cpus) // workers)
-    device = "cuda" if num_gpus else "cpu"
-    actor = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=ray_options.max_retries,
-                       max_task_retries=ray_options.max_retries)(worker_class)
-    checkpoints = [str(p) for p in segmenter.checkpoint_paths]
-    worker_options = {**options, "device": device}
-    pool = ActorPool([actor.remote(checkpoints, worker_options, str(out_dir), settings, key, num_cpus)
-                      for _ in range(workers)])
-    log.info("Ray: %d workers x (%d CPUs, %g GPUs) for %d scenes (%d split into %d pieces)", workers, num_cpus,
-             num_gpus, len(order), len(splits), sum(len(s.pieces) for s in splits.values()))
+    workers.fit(len(queue))
+    pool = ActorPool(list(workers.actors))
+    log.info("Ray: %d workers x (%d CPUs, %g GPUs) for %d scenes (%d split into %d pieces)", len(workers.actors),
+             workers.num_cpus, workers.num_gpus, len(order), len(splits), sum(len(s.pieces) for s in splits.values()))
 
     def submit(task) -> None:
         if task[0] == "scene":
-            pool.submit(lambda a, t: a.predict.remote(scenes[t[1]], t[1]), task)
+            pool.submit(lambda a, t: a.predict.remote(scenes[t[1]], t[1], job), task)
         elif task[0] == "piece":
-            pool.submit(lambda a, t: a.piece.remote(splits[t[1]].plan, t[2], t[1]), task)
+            pool.submit(lambda a, t: a.piece.remote(splits[t[1]].plan, t[2], t[1], job), task)
         else:
-            pool.submit(lambda a, t: a.assemble.remote(scenes[t[1]], t[1], splits[t[1]].plan, splits[t[1]].done), task)
+            pool.submit(lambda a, t: a.assemble.remote(scenes[t[1]], t[1], splits[t[1]].plan, splits[t[1]].done, job),
+                        task)
 
     started, km2, done = time.monotonic(), 0.0, 0
     bar = tqdm(total=len(order), desc="scenes", unit="scene", disable=not progress)
@@ -255,5 +180,5 @@ def _run_pool(ray, segmenter, options, scenes, order, pixels, area, out_dir, set
             bar.set_postfix(km2_per_h=f"{km2 / hours:.1f}")
     finally:
         bar.close()
-    shutil.rmtree(out_dir / PIECES, ignore_errors=True)
+    shutil.rmtree(Path(job.out_dir) / PIECES, ignore_errors=True)
     return done

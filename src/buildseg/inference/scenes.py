@@ -34,13 +34,14 @@ from buildseg.distributed import SINGLE_PROCESS, DistInfo, barrier
 from buildseg.errors import BuildsegError
 from buildseg.footprints.writers import write_footprints
 from buildseg.inference.geotiff import GeoResult, GeoTiffSettings, predict_geotiff
+from buildseg.inference.options import LAYER_FORMATS
 from buildseg.inference.scene_sources import SceneSource
 from buildseg.inference.segmenter import Segmenter
 
 log = logging.getLogger("buildseg")
 
 DONE = ".buildseg-done"
-FORMATS = {"gpkg": ".gpkg", "parquet": ".parquet", "fgb": ".fgb", "geojson": ".geojson"}
+FORMATS = LAYER_FORMATS  # the layer format's file suffix, by --format name
 
 
 @dataclass(frozen=True)

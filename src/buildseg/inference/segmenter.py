@@ -24,9 +24,10 @@ from buildseg.data.datasets import to_tensors
 from buildseg.errors import BuildsegError
 from buildseg.inference import postprocess as pp_mod
 from buildseg.inference.engines import auto_cpu_precision, build_engine, resolve_engine
+from buildseg.inference.options import OVERLAP, WINDOW
 from buildseg.inference.postprocess import PostProcess
 from buildseg.inference.split import split_mask
-from buildseg.inference.tiling import OVERLAP, WINDOW, sliding_window_proba
+from buildseg.inference.tiling import sliding_window_proba
 from buildseg.inference.tta import predict_tta, transforms
 from buildseg.models.factory import SegmentationModel
 from buildseg.runtime.checkpoint import checkpoint_paths, load_model

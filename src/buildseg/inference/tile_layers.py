@@ -78,3 +78,4 @@ class SpaceNetLayer(TileLayer):
 
 
 TILE_LAYERS = {"coco": CocoLayer, "spacenet": SpaceNetLayer}
+TILE_FORMATS = ("csv", *TILE_LAYERS)  # what `predict --format` writes at --out for tiles (CSV/folder input)

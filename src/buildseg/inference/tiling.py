@@ -11,8 +11,7 @@ from typing import Callable
 
 import torch
 
-WINDOW = 1024  # the sliding window buildseg predicts large images with (predict --window)
-OVERLAP = 0.25  # its overlap, a fraction of the window (predict --overlap)
+from buildseg.inference.options import OVERLAP, WINDOW
 
 
 def window_starts(length: int, window: int, overlap: float) -> list[int]:

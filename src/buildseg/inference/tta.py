@@ -8,8 +8,7 @@ from typing import Callable
 import torch
 
 from buildseg.errors import BuildsegError
-
-TTA_MODES = ("none", "flip", "d4")
+from buildseg.inference.options import TTA_MODES
 
 
 def transforms(mode: str) -> list[tuple[int, bool]]:

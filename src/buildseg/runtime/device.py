@@ -17,8 +17,7 @@ import numpy as np
 import torch
 
 from buildseg.errors import BuildsegError
-
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+from buildseg.inference.options import PRECISIONS
 
 
 def resolve_device(name: str) -> torch.device:
