@@ -92,19 +92,16 @@ def test_ray_runner_matches_the_local_runner_survives_a_killed_worker_and_redoes
     common = ["--checkpoint", str(ckpt), "--data", str(scenes), "--block", "128", "--window", "128", "--device", "cpu",
               "--engine", "torch", "--no-progress", "--threshold", "0.3"]
     assert main(["predict", *common, "--out", str(tmp_path / "local")]) == 0
-    assert main(["predict", *common, "--out", str(tmp_path / "ray"), "--runner", "ray", "--ray-workers", "2"]) == 0
-    assert records(tmp_path / "ray") == records(tmp_path / "local")
-    assert same_layer(tmp_path / "ray", tmp_path / "local") and same_masks(tmp_path / "ray", tmp_path / "local")
-    # scenes over 0.04 Mpx (scene_0: 320 px, scene_2: 256 px) cut into 128 px pieces (9 and 4) over both workers
-    split = tmp_path / "split"
-    assert main(["predict", *common, "--out", str(split), "--runner", "ray", "--ray-workers", "2",
+    # scenes over 0.04 Mpx (scene_0: 320 px, scene_2: 256 px) cut into 128 px pieces (9 and 4) over both workers;
+    # scene_1 and scene_3 go whole
+    out = tmp_path / "ray"
+    assert main(["predict", *common, "--out", str(out), "--runner", "ray", "--ray-workers", "2",
                  "--ray-split-megapixels", "0.04"]) == 0
-    assert records(split) == records(tmp_path / "local")
-    assert same_layer(split, tmp_path / "local") and same_masks(split, tmp_path / "local")
-    assert not (split / ".buildseg-pieces").exists()
+    assert records(out) == records(tmp_path / "local")
+    assert same_layer(out, tmp_path / "local") and same_masks(out, tmp_path / "local")
+    assert not (out / ".buildseg-pieces").exists()
 
     # delete two scenes' outputs, then re-run with a worker that dies on one of them and in a piece of the other
-    out = tmp_path / "ray"
     kept = (out / ".buildseg-done" / "scene_3.json").stat().st_mtime_ns
     for name in ("scene_1", "scene_0"):
         (out / f"{name}_mask.tif").unlink()
@@ -140,3 +137,21 @@ def test_ray_runner_with_a_worker_that_always_dies_stops_with_one_line(local_ray
                            SceneSettings(block=128), RayOptions(workers=1, max_retries=1), progress=False,
                            worker_class=AlwaysDies)
     assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_the_pool_grows_to_the_wanted_workers_when_pieces_outnumber_the_scenes(local_ray, tmp_path):
+    """One scene left, two workers wanted: the first worker gets both CPUs; when the scene is
+    cut into pieces, the pool restarts as two 1-CPU workers (a second 2-CPU worker would never
+    be scheduled on a 2-CPU Ray, and the job would hang), and stops workers beyond the tasks."""
+    from buildseg.inference.ray_workers import RayWorkers
+
+    ckpt = write_tiny_checkpoint(tmp_path / "m.pt")
+    with RayWorkers.start(RayOptions(workers=2), [str(ckpt)], dict(device="cpu", engine="torch", window=128),
+                          most=1) as workers:
+        assert (len(workers.actors), workers.num_cpus) == (1, 2)
+        workers.fit(5)
+        assert (len(workers.actors), workers.num_cpus) == (2, 1)
+        pids = ray.get([a.ready.remote() for a in workers.actors], timeout=120)
+        assert len(set(pids)) == 2
+        workers.fit(1)
+        assert len(workers.actors) == 1 and ray.get(workers.actors[0].ready.remote(), timeout=60) in pids
