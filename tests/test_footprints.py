@@ -191,3 +191,33 @@ def test_many_scenes_shared_by_two_torchrun_processes(scene_folder, tmp_path):
     assert len(records) == 3 and proc.stdout.count("merged layer") == 1
     merged, reference = gpd.read_file(out / "footprints.gpkg"), gpd.read_file(single / "footprints.gpkg")
     assert len(merged) == len(reference) and merged.geometry.geom_equals(reference.geometry).all()
+
+
+def test_checkpoint_info_gives_the_segmenters_run_key_and_plan_without_a_model(tmp_path):
+    """The Ray driver reads a CheckpointInfo instead of building the models: the run key (the
+    outputs' identity across runners and re-runs), the stored input and the channel count must
+    equal the Segmenter's for any options, ensembles included."""
+    from buildseg.inference.checkpoint_info import CheckpointInfo
+    from buildseg.inference.scenes import SceneSettings, run_key
+    from buildseg.runtime.checkpoint import load_checkpoint, save_atomic
+
+    one = write_tiny_checkpoint(tmp_path / "a.pt", in_chans=4)
+    payload = load_checkpoint(one)
+    payload.update(postprocess={"threshold": 0.4, "min_area": 12}, input={"gsd": 0.5, "bands": [1, 2, 3, 4]})
+    save_atomic(payload, tmp_path / "b.pt")
+    rng = np.random.default_rng(0)
+    for _ in range(6):
+        options = dict(tta=str(rng.choice(["none", "flip", "d4"])), window=int(rng.choice([128, 256])),
+                       overlap=float(rng.choice([0.0, 0.25])),
+                       threshold=None if rng.random() < 0.5 else float(rng.uniform(0.2, 0.8)),
+                       min_area=None if rng.random() < 0.5 else int(rng.integers(0, 50)))
+        spec = [str(tmp_path / "b.pt")] if rng.random() < 0.5 else [str(one), str(tmp_path / "b.pt")]
+        if len(spec) == 2:
+            payload_a = load_checkpoint(one)
+            payload_a["input"] = payload["input"]
+            save_atomic(payload_a, one)
+        settings = SceneSettings(block=int(rng.choice([128, 256])), gsd=None, bands=None)
+        info = CheckpointInfo.read(spec, **options, engine="openvino", device="cpu", threads=1)
+        seg = Segmenter.from_checkpoint(spec, device="cpu", engine="torch", **options)
+        assert run_key(info, settings) == run_key(seg, settings)
+        assert (info.input, info.in_chans, info.postprocess) == (seg.input, seg.in_chans, seg.postprocess)

@@ -112,7 +112,8 @@ def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
 def inference_flags() -> argparse.ArgumentParser:
     """Flags every predicting command shares (predict, tune), declared once; the choices come
     from the modules that define them."""
-    from buildseg.inference.options import ENGINES, PRECISIONS, TTA_MODES
+    from buildseg.inference.options import ENGINES, TTA_MODES
+    from buildseg.runtime.precisions import PRECISIONS
 
     parent = argparse.ArgumentParser(add_help=False)
     parent.add_argument("--tta", default="none", choices=TTA_MODES, help="test-time augmentation (default none)")
@@ -484,10 +485,12 @@ def _predict(args: argparse.Namespace, *, geotiff: bool, many: bool, scenes, rec
     dist = init_distributed(args.device)
     device = str(dist.device) if dist.device.type == "cuda" else args.device  # each rank on its LOCAL_RANK GPU
     try:
-        driver = {**_segmenter_options(args), "device": device}
-        if many and args.runner == "ray":  # the driver only needs the run key: no engine to compile here
-            driver.update(engine="torch", device="cpu", precision="fp32")
-        segmenter = Segmenter.from_checkpoint(args.checkpoint, **driver)
+        if many and args.runner == "ray":  # the driver needs the run key and the scenes' plans, not a model
+            from buildseg.inference.checkpoint_info import CheckpointInfo
+
+            segmenter = CheckpointInfo.read(args.checkpoint, **_segmenter_options(args))
+        else:
+            segmenter = Segmenter.from_checkpoint(args.checkpoint, **{**_segmenter_options(args), "device": device})
         if many:
             from buildseg.inference.scenes import SceneSettings, predict_scenes
 

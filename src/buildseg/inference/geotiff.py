@@ -55,6 +55,7 @@ from buildseg.formats.rasters import (
     scene_grid,
 )
 from buildseg.formats.stretch import Stretch
+from buildseg.inference.checkpoint_info import CheckpointInfo
 from buildseg.inference.segmenter import Segmenter
 
 log = logging.getLogger("buildseg")
@@ -133,9 +134,10 @@ class BlockParts:
     border: list
 
 
-def plan_scene(segmenter: Segmenter, src_path: str | Path, settings: GeoTiffSettings, *,
+def plan_scene(segmenter: Segmenter | CheckpointInfo, src_path: str | Path, settings: GeoTiffSettings, *,
                margin: int = MARGIN) -> ScenePlan:
-    """Check the raster against the model and the settings and fix the scene's plan."""
+    """Check the raster against the model and the settings and fix the scene's plan (only the
+    model's channel count is read: a :class:`CheckpointInfo` will do)."""
     src_path = src_path if is_remote(src_path) else Path(src_path)
     bands = list(settings.bands) if settings.bands else list(range(1, segmenter.in_chans + 1))
     if len(bands) != segmenter.in_chans:

@@ -11,7 +11,6 @@ from __future__ import annotations
 ENGINES = ("auto", "torch", "openvino", "onnxruntime")
 OPENVINO_MODES = ("auto", "latency", "throughput")
 TTA_MODES = ("none", "flip", "d4")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 WINDOW = 1024  # the sliding window buildseg predicts large images with (predict --window)
 OVERLAP = 0.25  # its overlap, a fraction of the window (predict --overlap)
 MAX_DROP = 0.005  # the competition Dice int8 may lose against fp32 and still be accepted

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from buildseg.errors import BuildsegError
+from buildseg.inference.checkpoint_info import CheckpointInfo
 from buildseg.inference.geotiff import ScenePlan, plan_scene
 from buildseg.inference.ray_workers import PIECE_MEGAPIXELS, Job, RayOptions, RayWorkers, SceneWorker, require_ray
 from buildseg.inference.scene_pieces import PIECES, Piece, PieceResult, split_scene
@@ -62,12 +63,13 @@ def _scene_size(scene: SceneSource) -> tuple[int, float, int]:
         return src.width * src.height * src.count, area, src.width * src.height
 
 
-def predict_scenes_ray(segmenter: Segmenter, options: dict[str, Any], scenes: list[SceneSource], out_dir: str | Path,
+def predict_scenes_ray(segmenter: Segmenter | CheckpointInfo, options: dict[str, Any], scenes: list[SceneSource], out_dir: str | Path,
                        settings: SceneSettings, ray_options: RayOptions | None = None, *, progress: bool = True,
                        worker_class: type = SceneWorker, workers: RayWorkers | None = None) -> dict[str, Any]:
     """Predict the scenes not yet done on a Ray actor pool; merge when all are done.
 
-    ``segmenter`` (loaded in the driver) gives the run key and the checkpoints; ``options``
+    ``segmenter`` (a :class:`CheckpointInfo` in the driver: no model needed there) gives the
+    run key, the checkpoints and the channel count; ``options``
     are the keywords each worker builds its own from. ``worker_class``: the actor class
     (``SceneWorker`` or a subclass of it). ``workers``: a pool already starting
     (``RayWorkers.start``, as ``buildseg predict`` does before it loads its own model); its
@@ -113,7 +115,7 @@ class _Split:
     done: list[PieceResult]
 
 
-def _tasks(segmenter: Segmenter, scenes, order, pixels: dict[int, int], settings: SceneSettings,
+def _tasks(segmenter: Segmenter | CheckpointInfo, scenes, order, pixels: dict[int, int], settings: SceneSettings,
            split_pixels: int | None, piece_pixels: int | None):
     """(tasks largest first, splits): a task is ("scene", i) or ("piece", i, piece); only
     scenes above ``split_pixels`` are planned here (their header and stretch read once)."""

@@ -33,6 +33,7 @@ from buildseg.atomic import atomic_open
 from buildseg.distributed import SINGLE_PROCESS, DistInfo, barrier
 from buildseg.errors import BuildsegError
 from buildseg.footprints.writers import write_footprints
+from buildseg.inference.checkpoint_info import CheckpointInfo
 from buildseg.inference.geotiff import GeoResult, GeoTiffSettings, predict_geotiff
 from buildseg.inference.options import LAYER_FORMATS
 from buildseg.inference.scene_sources import SceneSource
@@ -59,8 +60,9 @@ def _file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def run_key(segmenter: Segmenter, settings: SceneSettings) -> str:
-    """A hash of the checkpoints' bytes, the post-processing and the scene settings."""
+def run_key(segmenter: Segmenter | CheckpointInfo, settings: SceneSettings) -> str:
+    """A hash of the checkpoints' bytes, the post-processing and the scene settings (a
+    :class:`CheckpointInfo` gives the same key as the Segmenter built from the same options)."""
     digest = hashlib.sha256()
     for path in segmenter.checkpoint_paths:
         digest.update(_file_digest(Path(path)).encode())

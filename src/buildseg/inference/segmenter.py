@@ -13,7 +13,7 @@ above it and use ``probabilities`` and the :class:`MaskRules` of ``seg.rules``.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -23,6 +23,7 @@ import torch
 from buildseg.data.datasets import to_tensors
 from buildseg.errors import BuildsegError
 from buildseg.inference import postprocess as pp_mod
+from buildseg.inference.checkpoint_info import stored_settings
 from buildseg.inference.engines import auto_cpu_precision, build_engine, resolve_engine
 from buildseg.inference.options import OVERLAP, WINDOW
 from buildseg.inference.postprocess import PostProcess
@@ -129,25 +130,17 @@ class Segmenter:
         ds_ensemble: bool | None = None,
         **kwargs,
     ) -> "Segmenter":
-        models, paths, stored, inputs = [], [], None, []
+        models, paths, payloads = [], [], []
         for p in checkpoint_paths(path):
             model, payload = load_model(p)
             if ds_ensemble is not None:
                 model.ds_ensemble = bool(ds_ensemble) and model.card.deep_supervision
             models.append(model)
             paths.append(p)
-            stored = stored or payload.get("postprocess")
-            inputs.append(payload.get("input") or {})
-        if any(i != inputs[0] for i in inputs):
-            raise BuildsegError(f"the ensemble's checkpoints were trained on different inputs ({inputs}): "
-                                "combine models trained at the same --gsd and --bands")
-        post = PostProcess.from_dict(stored)
-        if threshold is not None:
-            post = replace(post, threshold=float(threshold))
-        if min_area is not None:
-            post = replace(post, min_area=int(min_area))
+            payloads.append(payload)
+        post, inputs = stored_settings(payloads, threshold=threshold, min_area=min_area)
         segmenter = cls(models, device=device, precision=precision, tta=tta, postprocess=post, checkpoints=paths, **kwargs)
-        segmenter.input = inputs[0]
+        segmenter.input = inputs
         return segmenter
 
     @property

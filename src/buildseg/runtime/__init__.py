@@ -1,5 +1,5 @@
 """What training and inference share and neither owns: the device and precision choice
-(``device.py``), checkpoint I/O (``checkpoint.py``) and the user cache folder."""
+(``device.py``, names in ``precisions.py``), checkpoint I/O (``checkpoint.py``) and the user cache folder."""
 
 from __future__ import annotations
 

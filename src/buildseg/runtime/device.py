@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from buildseg.errors import BuildsegError
-from buildseg.inference.options import PRECISIONS
+from buildseg.runtime.precisions import PRECISIONS
 
 
 def resolve_device(name: str) -> torch.device:
