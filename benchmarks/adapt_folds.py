@@ -40,6 +40,8 @@ VARIANTS = {
     "self-training (EMA teacher, confident pixels)": dict(self_training=True, bn=False),
     "self-training + batch-norm re-estimation": dict(self_training=True, bn=True),
     "self-training + labelled source batches": dict(self_training=True, bn=False, labelled=True),
+    "self-training, d4 teacher (pseudo-labels from the mean of 8 views)": dict(self_training=True, bn=False,
+                                                                             teacher_tta="d4"),
 }
 
 

@@ -4,6 +4,7 @@ CDFs, the command end to end on images and GeoTIFFs, and its bad inputs."""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -133,6 +134,36 @@ def test_adapt_never_reads_a_mask(trained_run, target_folder, tmp_path, monkeypa
     table.write_text("img_id,img_path,mask_rle\n" + "".join(
         f"{p.stem},{p},not an rle\n" for p in sorted((target_folder / "images").glob("*.png"))))
     assert adapt(trained_run, table, tmp_path / "adapted2", FAST).steps_done == 3
+
+
+def test_teacher_tta_pseudo_labels_are_the_mean_over_the_dihedral_copies(trained_run, target_folder, tmp_path,
+                                                                         monkeypatch):
+    """With --teacher-tta d4 the probabilities the pseudo-labels come from are the mean of the
+    teacher's over the 8 flipped/turned copies of the weak view, each turned back (NumPy)."""
+    from dataclasses import replace
+
+    from buildseg.adaptation import loop
+
+    seen = []
+    real_select = loop.select
+    monkeypatch.setattr(loop, "select", lambda probs, **kw: seen.append(probs) or real_select(probs, **kw))
+    adapter = loop.Adapter(trained_run, target_folder, tmp_path / "tta", replace(FAST, steps=1, teacher_tta="d4"))
+    teacher = copy.deepcopy(adapter.teacher)
+    weak = loop._weak_view(adapter._target_batch(0), np.random.default_rng([FAST.seed, 0]))
+    adapter._adapt_step()
+    views = []
+    for turns in range(4):
+        for flip in (False, True):
+            x = np.rot90(weak.numpy()[..., ::-1] if flip else weak.numpy(), turns, axes=(-2, -1))
+            with torch.no_grad():
+                prob = torch.sigmoid(loop._main_head(teacher(torch.from_numpy(x.copy())))).numpy()
+            prob = np.rot90(prob, -turns, axes=(-2, -1))
+            views.append(prob[..., ::-1] if flip else prob)
+    expected = np.mean(views, axis=0)
+    np.testing.assert_allclose(seen[0].numpy(), expected, atol=1e-5)
+    with torch.no_grad():
+        single = torch.sigmoid(loop._main_head(teacher(weak))).numpy()
+    assert np.abs(single - expected).max() > 1e-3  # the views differ: the mean is not the single view
 
 
 @pytest.mark.slow

@@ -59,6 +59,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
 def add_adapt_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per :class:`AdaptSettings` field, with its default and comment's meaning."""
     from buildseg.adaptation.settings import AdaptSettings
+    from buildseg.inference.options import TTA_MODES
 
     kinds = {"steps": POSITIVE_INT, "batch_size": POSITIVE_INT, "crop": _ranged(int, 32), "bn_batches": POSITIVE_INT,
              "val_every": POSITIVE_INT, "time_limit": _ranged(float, 0.0, low_open=True),
@@ -71,14 +72,17 @@ def add_adapt_flags(parser: argparse.ArgumentParser) -> None:
              "loop (off: only --bn)", "bn": "re-estimate batch-norm statistics on the target first",
              "bn_batches": "target batches for --bn", "labelled": "the original labelled data (CSV/folder): one "
              "labelled batch per step", "val": "labelled target tiles (CSV/folder): best.pt = the best-scoring step",
-             "val_every": "steps between --val scores", "save_every": "minutes between last.pt checkpoints"}
+             "val_every": "steps between --val scores", "save_every": "minutes between last.pt checkpoints",
+             "teacher_tta": "the teacher's probabilities averaged over flips (flip) or all 8 flips and turns (d4)"}
+    choices = {"teacher_tta": TTA_MODES}
     for f in fields(AdaptSettings):
         flag = "--" + f.name.replace("_", "-")
         text = f"{helps.get(f.name, f.name.replace('_', ' '))} (default: {f.default})"
         if f.type == "bool":
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default, help=text)
         else:
-            parser.add_argument(flag, dest=f.name, type=kinds.get(f.name, str), default=f.default, help=text)
+            parser.add_argument(flag, dest=f.name, type=kinds.get(f.name, str), default=f.default, help=text,
+                                choices=choices.get(f.name))
 
 
 def _ranged(kind: type, low: float | None = None, high: float | None = None, high_open: bool = True,

@@ -2,7 +2,9 @@
 
 The mean-teacher recipe the self-training literature uses for segmentation: the teacher (an
 exponential moving average of the student, starting as the trained model) predicts each
-target crop under a weak view (a flip/quarter turn shared with the student); its confident
+target crop under a weak view (a flip/quarter turn shared with the student; with
+``teacher_tta`` its probabilities are the mean over that view's flips or all eight dihedral
+copies, as competition pseudo-labelling does); its confident
 pixels become targets (:mod:`pseudo_labels`), the others are ignored; the student learns
 them from a strong view of the same crop (colour, gamma, blur and JPEG perturbations: the
 sensor and season changes a new place brings), optionally alongside a labelled batch of the
@@ -39,6 +41,7 @@ from buildseg.adaptation.settings import AdaptSettings
 from buildseg.adaptation.target_data import TargetCrops, target_sources
 from buildseg.atomic import atomic_open
 from buildseg.errors import BuildsegError
+from buildseg.inference.tta import predict_tta
 from buildseg.runtime.checkpoint import (
     load_checkpoint,
     load_model,
@@ -182,7 +185,7 @@ class Adapter:
         rng = np.random.default_rng([s.seed, self.step])
         weak = _weak_view(self._target_batch(self.step), rng)
         with torch.no_grad():
-            probs = torch.sigmoid(_main_head(self.teacher(weak.to(self.device))).float())
+            probs = predict_tta(self._teacher_probs, weak.to(self.device), s.teacher_tta)
         labels = select(probs, low=s.low, high=s.high)
         strong = _strong_view(weak, int(rng.integers(2**31)))
         self.student.train()
@@ -196,6 +199,9 @@ class Adapter:
         self.kept[0] += labels.kept_fraction
         self.kept[1] += 1
         self.step += 1
+
+    def _teacher_probs(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(_main_head(self.teacher(images)).float())
 
     def _labelled_loss(self, rng: np.random.Generator) -> torch.Tensor:
         from buildseg.adaptation.pseudo_labels import PseudoLabels

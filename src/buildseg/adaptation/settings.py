@@ -19,6 +19,7 @@ class AdaptSettings:
     crop: int = 256
     lr: float = 1e-4
     ema: float = 0.99  # teacher = this x teacher + (1 - this) x student after every step
+    teacher_tta: str = "none"  # the teacher's pseudo-labels averaged over these views (TTA_MODES; measured)
     low: float = CONFIDENT_LOW  # teacher probability at or below: background
     high: float = CONFIDENT_HIGH  # at or above: building; in between: ignored
     self_training: bool = True  # off: only the batch-norm re-estimation (when on) is applied
