@@ -79,18 +79,25 @@ class SegmentationModel(nn.Module):
         x = self._pad(x)
         hp, wp = x.shape[-2:]
         outs = self.net(x)
-        # Crop every head to the part that covers the unpadded image.
-        outs = [o[..., : -(-h * o.shape[-2] // hp), : -(-w * o.shape[-1] // wp)] for o in outs]
         if self.training and len(outs) > 1:
-            return outs
+            return [_crop(o, h, w, hp, wp) for o in outs]
         if self.ds_ensemble and len(outs) > 1:
-            # A running sum, not a stack: no (heads x B x C x H x W) tensor. The final head is
-            # already at (h, w), so only the coarse heads are upsampled.
+            # A running sum, not a stack: no (heads x B x C x H x W) tensor. The coarse heads are
+            # upsampled on the padded grid, by the exact factor of their stride, and the sum is
+            # cropped once: resizing a cropped head to an odd (h, w) takes a scale that is not a
+            # whole number, which OpenVINO's dynamic-shape graph computed differently from its
+            # static one (up to 0.27 in a logit), so a block's mask depended on the compile path.
             total = torch.sigmoid(outs[0].float())
             for o in outs[1:]:
-                total = total + torch.sigmoid(_upsample_planes(o.float(), (h, w)))
-            return torch.logit(total / len(outs), eps=1e-6)
-        return outs[0]
+                total = total + torch.sigmoid(_upsample_planes(o.float(), tuple(outs[0].shape[-2:])))
+            return _crop(torch.logit(total / len(outs), eps=1e-6), h, w, hp, wp)
+        return _crop(outs[0], h, w, hp, wp)
+
+
+def _crop(o: torch.Tensor, h: int, w: int, hp: int, wp: int) -> torch.Tensor:
+    """The part of a head (at any stride) that covers the unpadded (h, w) image of a padded
+    (hp, wp) input."""
+    return o[..., : -(-h * o.shape[-2] // hp), : -(-w * o.shape[-1] // wp)]
 
 
 def _upsample_planes(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
