@@ -32,9 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from buildseg.config import config_from_dict  # noqa: E402
 from buildseg.data.datasets import GridTileDataset, split_records  # noqa: E402
 from buildseg.formats.tables import load_records  # noqa: E402
-from buildseg.inference.postprocess import PostProcess, apply  # noqa: E402
-from buildseg.inference.segmenter import Segmenter  # noqa: E402
-from buildseg.inference.tune import predict_tiles, search  # noqa: E402
+from buildseg.inference.core.postprocess import PostProcess, apply  # noqa: E402
+from buildseg.inference.core.segmenter import Segmenter  # noqa: E402
+from buildseg.inference.jobs.tune import predict_tiles, search  # noqa: E402
 from buildseg.metrics import Scoreboard  # noqa: E402
 from buildseg.training.loop import train  # noqa: E402
 

@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from buildseg.data.synth import write_dataset  # noqa: E402
 from buildseg.formats.tables import load_records  # noqa: E402
-from buildseg.inference.predict import predict_records  # noqa: E402
-from buildseg.inference.segmenter import Segmenter  # noqa: E402
+from buildseg.inference.core.segmenter import Segmenter  # noqa: E402
+from buildseg.inference.jobs.tiles import predict_records  # noqa: E402
 from loader_throughput import cpu_flags  # noqa: E402
 
 COMPETITION_TILES = 60_640

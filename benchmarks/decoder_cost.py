@@ -23,7 +23,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from buildseg.inference import engines  # noqa: E402
+from buildseg.inference.core import engines  # noqa: E402
 from buildseg.models import ModelCard, build_model  # noqa: E402
 from loader_throughput import cpu_flags  # noqa: E402
 
@@ -91,7 +91,7 @@ def rate(run, batch: torch.Tensor, batches: int) -> float:
 def openvino_run(model: nn.Module, folder: Path):
     import openvino as ov
 
-    from buildseg.inference.export import export_model_onnx
+    from buildseg.inference.core.onnx_graph import export_model_onnx
 
     path = folder / f"m{len(list(folder.glob('*.onnx')))}.onnx"
     if hasattr(model, "card"):  # buildseg: the engine's own export (dynamic sizes, then compiled static below)

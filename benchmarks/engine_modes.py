@@ -35,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from buildseg.inference import engines  # noqa: E402
+from buildseg.inference.core import engines  # noqa: E402
 from buildseg.models import ModelCard, build_model  # noqa: E402
 from loader_throughput import cpu_flags  # noqa: E402
 

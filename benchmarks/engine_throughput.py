@@ -30,9 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from buildseg.data.synth import write_dataset  # noqa: E402
 from buildseg.evaluation import evaluate_csv  # noqa: E402
 from buildseg.formats.tables import load_records  # noqa: E402
-from buildseg.inference import engines  # noqa: E402
-from buildseg.inference.predict import predict_records  # noqa: E402
-from buildseg.inference.segmenter import Segmenter  # noqa: E402
+from buildseg.inference.core import engines  # noqa: E402
+from buildseg.inference.core.segmenter import Segmenter  # noqa: E402
+from buildseg.inference.jobs.tiles import predict_records  # noqa: E402
 from buildseg.models import ModelCard, build_model  # noqa: E402
 from buildseg.runtime.checkpoint import FORMAT, save_atomic  # noqa: E402
 from buildseg.runtime.device import cpu_has_native_bf16  # noqa: E402
@@ -99,7 +99,7 @@ def main() -> None:
         base = dice_base = None
         int8 = bool(args.calibration) and engines._installed("nncf")
         if int8:
-            from buildseg.inference.quantize import quantize
+            from buildseg.inference.jobs.quantize import quantize
 
             trained = checkpoint == args.checkpoint  # random weights: speed only, plain PTQ (no Dice to control)
             q = quantize(checkpoint, args.calibration, n_tiles=300, max_drop=0.005 if trained else None)

@@ -158,9 +158,9 @@ def loader_row(args, device: torch.device, budget: Budget, batch: int, data: Pat
 
 def predict_rows(args, device: torch.device, budget: Budget, data: Path) -> None:
     from buildseg.formats.tables import load_records
-    from buildseg.inference import engines
-    from buildseg.inference.predict import predict_records
-    from buildseg.inference.segmenter import Segmenter
+    from buildseg.inference.core import engines
+    from buildseg.inference.core.segmenter import Segmenter
+    from buildseg.inference.jobs.tiles import predict_records
 
     records = load_records(data / "test.csv")
     print(f"\n### predict (predict_records end to end, {len(records)} PNG tiles of {args.test_size} px, "

@@ -40,8 +40,8 @@ from buildseg.data.datasets import GridTileDataset, split_records  # noqa: E402
 from buildseg.footprints.clean import FootprintOptions, clean_footprints  # noqa: E402
 from buildseg.footprints.polygons import mask_parts, mask_polygons  # noqa: E402
 from buildseg.formats.tables import load_records  # noqa: E402
-from buildseg.inference.segmenter import Segmenter  # noqa: E402
-from buildseg.inference.tune import tune_segmenter  # noqa: E402
+from buildseg.inference.core.segmenter import Segmenter  # noqa: E402
+from buildseg.inference.jobs.tune import tune_segmenter  # noqa: E402
 from buildseg.instance_metrics import InstanceCounts, match_masks, match_polygons  # noqa: E402
 from buildseg.metrics import Scoreboard  # noqa: E402
 from buildseg.training.loop import train  # noqa: E402

@@ -42,8 +42,8 @@ from buildseg.evaluation import evaluate_csv  # noqa: E402
 from buildseg.formats import rle  # noqa: E402
 from buildseg.formats.images import read_rgb, write_png  # noqa: E402
 from buildseg.formats.tables import load_records  # noqa: E402
-from buildseg.inference.predict import predict_records  # noqa: E402
-from buildseg.inference.segmenter import Segmenter  # noqa: E402
+from buildseg.inference.core.segmenter import Segmenter  # noqa: E402
+from buildseg.inference.jobs.tiles import predict_records  # noqa: E402
 from loader_throughput import cpu_flags  # noqa: E402
 
 REAL = Path(__file__).resolve().parents[2] / "shared/data/real_dev/train.csv"

@@ -16,7 +16,7 @@ from buildseg.adaptation import batchnorm
 from buildseg.adaptation.loop import AdaptSettings, adapt
 from buildseg.adaptation.pseudo_labels import masked_bce, select
 from buildseg.cli import main
-from buildseg.inference.segmenter import Segmenter
+from buildseg.inference.core.segmenter import Segmenter
 
 FAST = AdaptSettings(steps=3, batch_size=2, crop=64, save_every=0, progress=False, device="cpu")
 
@@ -277,7 +277,7 @@ def test_report_shows_before_and_after_on_the_same_tiles(synth_data, tmp_path):
 def test_per_image_standardisation_ignores_colour_and_contrast_and_exports(tmp_path):
     """input_norm=image: a per-channel brightness/contrast change of the input leaves the
     output unchanged, in torch and in the exported ONNX graph (the engines' input)."""
-    from buildseg.inference.export import export_checked
+    from buildseg.inference.jobs.export import export_checked
     from buildseg.models import ModelCard, build_model
     from buildseg.runtime.checkpoint import FORMAT, save_atomic
 
@@ -291,7 +291,7 @@ def test_per_image_standardisation_ignores_colour_and_contrast_and_exports(tmp_p
         flat = torch.full((1, 3, 64, 64), 90.0)
         assert torch.isfinite(model(flat)).all()  # the std floor: a flat tile is not divided by zero
     ckpt = save_atomic({"format": FORMAT, "model_card": card.to_dict(), "model": model.state_dict()}, tmp_path / "m.pt")
-    _, diff = export_checked(ckpt, tmp_path / "m.onnx", 18, 1e-3)
+    _, diff = export_checked(ckpt, tmp_path / "m.onnx", opset=18, tolerance=1e-3)
     assert diff < 1e-3
 
 

@@ -2,9 +2,10 @@
 
 import pytest
 
-from buildseg.cli import _without_nproc, build_parser, flag_name, overrides_from
-from buildseg.config import Config, apply_overrides, coerce, config_from_dict, load_config
+from buildseg.cli import build_parser
+from buildseg.config import Config, apply_overrides, coerce, config_from_dict, flag_name, load_config, overrides_from
 from buildseg.errors import BuildsegError
+from buildseg.launch import without_nproc as _without_nproc
 
 
 @pytest.mark.parametrize(

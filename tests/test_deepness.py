@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from buildseg.cli import main
-from buildseg.inference.deepness import median_size_for
+from buildseg.inference.jobs.deepness import median_size_for
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -146,7 +146,7 @@ def test_deepness_procedure_finds_what_buildseg_predict_finds_on_a_geotiff(confi
     import rasterio
 
     from buildseg.data.synth_geo import write_geo_scene
-    from buildseg.inference.segmenter import Segmenter
+    from buildseg.inference.core.segmenter import Segmenter
 
     scene = write_geo_scene(tmp_path / "scene.tif", tmp_path / "labels.geojson", size=320, seed=3)
     with rasterio.open(scene.raster) as src:

@@ -5,13 +5,14 @@ import numpy as np
 import pytest
 import torch
 
+from buildseg import extras
 from buildseg.errors import BuildsegError
-from buildseg.inference import engines
-from buildseg.inference.segmenter import Segmenter
+from buildseg.inference.core import engines
+from buildseg.inference.core.segmenter import Segmenter
 from conftest import write_tiny_checkpoint
 
 pytest.importorskip("onnx")
-AVAILABLE = [name for name, (module, _) in engines.EXTRAS.items() if engines._installed(module)]
+AVAILABLE = [name for name, (module, _) in engines.EXTRAS.items() if extras.installed(module)]
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +44,8 @@ def test_engine_matches_torch_on_random_inputs(engine, checkpoints):
 @pytest.mark.skipif("openvino" not in AVAILABLE, reason="openvino not installed")
 @pytest.mark.parametrize("max_shapes", [0, 2])
 def test_openvino_static_and_dynamic_compiles_agree(checkpoints, monkeypatch, max_shapes):
-    """Per-shape static compiles, and the dynamic graph once max_shapes are in use."""
+    """Static compiles for stride-multiple shapes (least recently used out past max_shapes), the
+    dynamic graph for the others: the same probabilities as torch either way."""
     monkeypatch.setattr(engines, "MAX_STATIC_SHAPES", max_shapes)
     reference = Segmenter.from_checkpoint(checkpoints[0], device="cpu", precision="fp32", engine="torch")
     compiled = Segmenter.from_checkpoint(checkpoints[0], device="cpu", precision="fp32", engine="openvino")
@@ -60,15 +62,15 @@ def test_the_onnx_cache_is_reused_and_rebuilt_when_the_checkpoint_changes(engine
     monkeypatch.delenv("BUILDSEG_ENGINE_CACHE", raising=False)  # the folder beside the checkpoint
     ckpt = write_tiny_checkpoint(tmp_path / "m.pt", seed=3)
     exports = []
-    from buildseg.inference import export
+    from buildseg.inference.core import onnx_graph
 
-    original = export.export_model_onnx
+    original = onnx_graph.export_model_onnx
 
-    def counting(model, out, opset=18):
+    def counting(model, out, **kwargs):
         exports.append(out)
-        return original(model, out, opset)
+        return original(model, out, **kwargs)
 
-    monkeypatch.setattr(export, "export_model_onnx", counting)
+    monkeypatch.setattr(onnx_graph, "export_model_onnx", counting)
     Segmenter.from_checkpoint(ckpt, device="cpu", precision="fp32", engine=engine)
     Segmenter.from_checkpoint(ckpt, device="cpu", precision="fp32", engine=engine)
     assert len(exports) == 1  # the second run reuses the cached graph
@@ -84,7 +86,7 @@ def test_the_onnx_cache_is_reused_and_rebuilt_when_the_checkpoint_changes(engine
 
 
 def test_an_engine_that_is_not_installed_names_its_extra(monkeypatch, checkpoints):
-    monkeypatch.setattr(engines, "_installed", lambda module: False)
+    monkeypatch.setattr("buildseg.extras.installed", lambda module: False)
     with pytest.raises(BuildsegError, match=r"buildseg\[cpu\]"):
         Segmenter.from_checkpoint(checkpoints[0], device="cpu", engine="openvino")
     with pytest.raises(BuildsegError, match=r"buildseg\[onnx\]"):
@@ -99,7 +101,7 @@ def test_fp16_is_refused_off_torch():
 
 def test_auto_falls_back_to_torch_when_the_engine_fails(checkpoints, monkeypatch, caplog):
     monkeypatch.setattr(engines, "resolve_engine", lambda name, device: "onnxruntime" if name != "torch" else "torch")
-    monkeypatch.setattr("buildseg.inference.segmenter.resolve_engine",
+    monkeypatch.setattr("buildseg.inference.core.segmenter.resolve_engine",
                         lambda name, device: "onnxruntime" if name != "torch" else "torch")
 
     def broken(*args, **kwargs):

@@ -1,4 +1,4 @@
-"""Footprints from GeoTIFF prediction (footprints/ + inference/geotiff.py + inference/scenes.py):
+"""Footprints from GeoTIFF prediction (footprints/ + inference/jobs/geotiff.py + inference/jobs/scenes.py):
 GIS formats, COG masks, area filter, simplification, regularisation, and the many-scenes job
 with its manifest (resume after a kill, invalidation by a changed checkpoint)."""
 
@@ -17,9 +17,9 @@ from rasterio.transform import from_origin  # noqa: E402
 
 from buildseg.cli import main  # noqa: E402
 from buildseg.data.synth import make_scene  # noqa: E402
-from buildseg.inference.geotiff import predict_geotiff  # noqa: E402
-from buildseg.inference.postprocess import PostProcess  # noqa: E402
-from buildseg.inference.segmenter import Segmenter  # noqa: E402
+from buildseg.inference.core.postprocess import PostProcess  # noqa: E402
+from buildseg.inference.core.segmenter import Segmenter  # noqa: E402
+from buildseg.inference.jobs.geotiff import predict_geotiff  # noqa: E402
 from conftest import LocalModel, write_tiny_checkpoint  # noqa: E402
 
 
@@ -122,7 +122,7 @@ def _predict_folder(checkpoint, folder, out, *extra):
 
 @pytest.mark.slow
 def test_many_scenes_manifest_resume_and_merged_layer(scene_folder, tmp_path, monkeypatch):
-    import buildseg.inference.scenes as scenes_mod
+    import buildseg.inference.jobs.scenes as scenes_mod
 
     checkpoint = write_tiny_checkpoint(tmp_path / "m.pt")
     whole = tmp_path / "whole"
@@ -197,8 +197,8 @@ def test_checkpoint_info_gives_the_segmenters_run_key_and_plan_without_a_model(t
     """The Ray driver reads a CheckpointInfo instead of building the models: the run key (the
     outputs' identity across runners and re-runs), the stored input and the channel count must
     equal the Segmenter's for any options, ensembles included."""
-    from buildseg.inference.checkpoint_info import CheckpointInfo
-    from buildseg.inference.scenes import SceneSettings, run_key
+    from buildseg.inference.core.checkpoint_info import CheckpointInfo
+    from buildseg.inference.jobs.scenes import SceneSettings, run_key
     from buildseg.runtime.checkpoint import load_checkpoint, save_atomic
 
     one = write_tiny_checkpoint(tmp_path / "a.pt", in_chans=4)

@@ -126,7 +126,7 @@ def test_train_then_predict_with_gsd_bands_and_the_same_stretch(fine_scene, scen
     assert payload["input"] == {"gsd": 0.5, "bands": [1, 2, 3]}
     stored = json.loads((run / "scenes.json").read_text())[0]["stretch"]
 
-    import buildseg.inference.geotiff as geotiff
+    import buildseg.inference.jobs.geotiff as geotiff
 
     seen = []
 

@@ -80,7 +80,7 @@ def write_raster(path, array, dtype, nodata=None):
 
 
 def test_percentile_stretch_matches_numpy_and_skips_nodata(tmp_path):
-    from buildseg.inference.geotiff import raster_stretch
+    from buildseg.inference.jobs.geotiff import raster_stretch
 
     rng = np.random.default_rng(1)
     data = rng.integers(100, 4000, size=(3, 300, 200)).astype(np.uint16)  # 12-bit imagery
@@ -99,7 +99,7 @@ def test_percentile_stretch_matches_numpy_and_skips_nodata(tmp_path):
 
 
 def test_float_raster_with_nan_stretches_on_its_finite_values(tmp_path):
-    from buildseg.inference.geotiff import raster_stretch
+    from buildseg.inference.jobs.geotiff import raster_stretch
 
     data = np.random.default_rng(2).uniform(0.05, 0.4, size=(3, 100, 80)).astype(np.float32)  # reflectance
     data[:, :10] = np.nan
@@ -112,7 +112,7 @@ def test_float_raster_with_nan_stretches_on_its_finite_values(tmp_path):
 
 
 def test_uint16_geotiff_prediction_equals_prediction_on_its_stretched_uint8(checkpoint, tmp_path):
-    from buildseg.inference.geotiff import raster_stretch
+    from buildseg.inference.jobs.geotiff import raster_stretch
 
     image, _ = make_scene(np.random.default_rng(0), 600)
     twelve_bit = image[:, :500].transpose(2, 0, 1).astype(np.uint16) * 16 + 7
@@ -132,8 +132,8 @@ def test_uint16_geotiff_prediction_equals_prediction_on_its_stretched_uint8(chec
 
 
 def _local_segmenter(**kwargs):
-    from buildseg.inference.postprocess import PostProcess
-    from buildseg.inference.segmenter import Segmenter
+    from buildseg.inference.core.postprocess import PostProcess
+    from buildseg.inference.core.segmenter import Segmenter
     from conftest import LocalModel
 
     return Segmenter([LocalModel(seed=4)], device="cpu", precision="fp32", channels_last=False, window=4096,
@@ -148,7 +148,7 @@ def _write_rgb(path, image):
 
 
 def test_blockwise_geotiff_prediction_equals_whole_image_prediction(tmp_path):
-    from buildseg.inference.geotiff import predict_geotiff
+    from buildseg.inference.jobs.geotiff import predict_geotiff
 
     image, _ = make_scene(np.random.default_rng(5), 520)
     src = _write_rgb(tmp_path / "s.tif", np.ascontiguousarray(image[:, :470]))  # not a multiple of the block
@@ -164,13 +164,13 @@ def test_blockwise_geotiff_prediction_equals_whole_image_prediction(tmp_path):
 def test_a_building_across_block_borders_is_one_polygon(tmp_path):
     import json as _json
 
-    from buildseg.inference.geotiff import predict_geotiff
+    from buildseg.inference.jobs.geotiff import predict_geotiff
 
     image = np.zeros((256, 256, 3), dtype=np.uint8)
     image[100:160, 90:200] = 255  # crosses the vertical block border at x=128 and the horizontal one at y=128
     src = _write_rgb(tmp_path / "s.tif", image)
-    from buildseg.inference.postprocess import PostProcess
-    from buildseg.inference.segmenter import Segmenter
+    from buildseg.inference.core.postprocess import PostProcess
+    from buildseg.inference.core.segmenter import Segmenter
     from conftest import LocalModel
 
     bright = LocalModel()
@@ -191,9 +191,9 @@ def test_a_building_across_block_borders_is_one_polygon(tmp_path):
 
 def test_scene_pieces_cover_every_block_once_and_split_only_what_would_hold_up_a_pool():
     from buildseg.formats.rasters import SceneGrid
-    from buildseg.inference.geotiff import ScenePlan
-    from buildseg.inference.ray_runner import PIECE_MEGAPIXELS, RayOptions
-    from buildseg.inference.scene_pieces import split_scene
+    from buildseg.inference.jobs.geotiff import ScenePlan
+    from buildseg.inference.jobs.scene_pieces import split_scene
+    from buildseg.inference.runners.ray import PIECE_MEGAPIXELS, RayOptions
 
     rng = np.random.default_rng(0)
     for _ in range(50):

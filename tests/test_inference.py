@@ -9,9 +9,9 @@ import torch
 
 from buildseg.cli import main
 from buildseg.errors import BuildsegError
-from buildseg.inference.postprocess import PostProcess, apply, remove_small_components
-from buildseg.inference.segmenter import Segmenter
-from buildseg.inference.tta import forward_transform, inverse_transform, transforms
+from buildseg.inference.core.postprocess import PostProcess, apply, remove_small_components
+from buildseg.inference.core.segmenter import Segmenter
+from buildseg.inference.core.tta import forward_transform, inverse_transform, transforms
 from buildseg.models import ModelCard, build_model
 from buildseg.runtime.checkpoint import save_atomic
 
@@ -212,13 +212,13 @@ def test_every_tta_inverse_undoes_its_transform_on_a_random_tensor(mode):
 
 
 def _covering_windows(length: int, window: int, overlap: float):
-    from buildseg.inference.tiling import window_starts
+    from buildseg.inference.core.tiling import window_starts
 
     return window_starts(length, min(window, length), overlap)
 
 
 def test_sliding_window_blend_equals_full_image_in_the_interior_and_is_not_uniform(monkeypatch):
-    from buildseg.inference import tiling
+    from buildseg.inference.core import tiling
     from conftest import LocalModel
 
     model = LocalModel()

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from buildseg.cli import main
-from buildseg.inference import engines
-from buildseg.inference import quantize as quantize_mod
-from buildseg.inference.segmenter import Segmenter
+from buildseg.inference.core import engines
+from buildseg.inference.core.segmenter import Segmenter
+from buildseg.inference.jobs import quantize as quantize_mod
 from buildseg.runtime import device as device_rules
 from conftest import write_tiny_checkpoint
 
@@ -149,7 +149,7 @@ def test_a_run_without_the_cpu_extra_trains_and_predicts_as_before(trained_run, 
     from buildseg.config import Config
     from buildseg.pipeline import quantize_best
 
-    monkeypatch.setattr(engines, "_installed", lambda module: False)
+    monkeypatch.setattr("buildseg.extras.installed", lambda module: False)
     assert quantize_best(Config(), trained_run, train_set=[1], val_set=[1]) is None
     _no_bf16(monkeypatch, False)
     seg = Segmenter.from_checkpoint(trained_run, device="cpu", engine="auto")

@@ -38,26 +38,28 @@ def test_deep_supervision_heads_gradients_and_shapes():
 @pytest.mark.parametrize("targets, size", [(["footprint"], (64, 64)), (["footprint", "contact"], (61, 75))])
 def test_ds_ensemble_is_the_mean_of_head_probabilities(targets, size):
     """Against each head upsampled on its own (the ensemble folds batch and channels into
-    one resize: the same numbers for several images, channels and odd sizes)."""
+    one resize: the same numbers for several images, channels and odd sizes). The heads are
+    resized on the grid padded to the encoder's stride, by a whole factor, and the mean cropped
+    back: the definition OpenVINO's static and dynamic graphs compute alike."""
     torch.manual_seed(0)
     model = build_model(ModelCard(encoder="resnet18", deep_supervision=True, targets=targets, ds_ensemble=False))
     x = torch.randint(0, 256, (3, 3, *size))
-    model.train()
+    h, w = size
+    hp, wp = -(-h // model.stride) * model.stride, -(-w // model.stride) * model.stride
+    padded = torch.nn.functional.pad(x.float(), (0, wp - w, 0, hp - h), mode="reflect")  # the model's own padding
     with torch.no_grad():
         model.eval()
         final = model(x)
         model.ds_ensemble = True
         ensemble = model(x)
-        model.train()  # heads as in training, but without dropout/BN updates: eval BN needed
-        model.eval()
         model.training = True  # forward returns every head; BN stays in eval for identical numbers
-        for m in model.modules():
-            if m is not model:
-                m.training = False
-        heads = model(x)
-    manual = torch.stack([torch.sigmoid(torch.nn.functional.interpolate(h, size=size, mode="bilinear")) for h in heads]).mean(0)
+        heads = model(padded)  # a stride multiple: nothing cropped
+        model.training = False
+    manual = torch.stack([torch.sigmoid(torch.nn.functional.interpolate(h_, size=(hp, wp), mode="bilinear"))
+                          for h_ in heads]).mean(0)[..., :h, :w]
     assert manual.shape == (3, len(targets), *size)
     torch.testing.assert_close(torch.sigmoid(ensemble), manual, atol=1e-5, rtol=1e-4)
+    heads = [hd[..., :h, :w] for hd in heads]
     torch.testing.assert_close(final, heads[0])
 
 

@@ -37,7 +37,7 @@ def _ds_checkpoint(path: Path) -> Path:
     payload = {"format": FORMAT, "model_card": card.to_dict(), "model": build_model(card).state_dict(),
                "postprocess": {"threshold": 0.5, "min_area": 0}}
     path = save_atomic(payload, path)
-    from buildseg.inference.segmenter import Segmenter
+    from buildseg.inference.core.segmenter import Segmenter
 
     image = np.random.default_rng(0).integers(0, 255, (128, 128, 3), dtype=np.uint8)
     prob = Segmenter.from_checkpoint(path, engine="torch").probabilities(image).mean
@@ -111,7 +111,7 @@ def test_openvino_dynamic_and_static_graphs_agree_on_odd_sides(checkpoint):
     ov = pytest.importorskip("openvino")
     import torch
 
-    from buildseg.inference.engines import cached_onnx
+    from buildseg.inference.core.engines import cached_onnx
     from buildseg.runtime.checkpoint import load_model
 
     model = load_model(checkpoint)[0].eval()

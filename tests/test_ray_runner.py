@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from buildseg.cli import main
-from buildseg.inference.ray_runner import RayOptions, SceneWorker, predict_scenes_ray
+from buildseg.inference.runners.ray import RayOptions, SceneWorker, predict_scenes_ray
 from conftest import write_tiny_checkpoint
 
 ray = pytest.importorskip("ray")
@@ -84,9 +84,9 @@ def same_layer(a: Path, b: Path) -> bool:
 
 def test_ray_runner_matches_the_local_runner_survives_a_killed_worker_and_redoes_only_what_is_gone(
         local_ray, scenes, tmp_path, capsys):
-    from buildseg.inference.scene_sources import list_scene_sources
-    from buildseg.inference.scenes import SceneSettings
-    from buildseg.inference.segmenter import Segmenter
+    from buildseg.data.scene_sources import list_scene_sources
+    from buildseg.inference.core.segmenter import Segmenter
+    from buildseg.inference.jobs.scenes import SceneSettings
 
     ckpt = write_tiny_checkpoint(tmp_path / "m.pt")
     common = ["--checkpoint", str(ckpt), "--data", str(scenes), "--block", "128", "--window", "128", "--device", "cpu",
@@ -120,10 +120,10 @@ def test_ray_runner_matches_the_local_runner_survives_a_killed_worker_and_redoes
 
 
 def test_ray_runner_with_a_worker_that_always_dies_stops_with_one_line(local_ray, scenes, tmp_path):
+    from buildseg.data.scene_sources import list_scene_sources
     from buildseg.errors import BuildsegError
-    from buildseg.inference.scene_sources import list_scene_sources
-    from buildseg.inference.scenes import SceneSettings
-    from buildseg.inference.segmenter import Segmenter
+    from buildseg.inference.core.segmenter import Segmenter
+    from buildseg.inference.jobs.scenes import SceneSettings
 
     class AlwaysDies(SceneWorker):
         def predict(self, scene, index, job):
@@ -143,7 +143,7 @@ def test_the_pool_grows_to_the_wanted_workers_when_pieces_outnumber_the_scenes(l
     """One scene left, two workers wanted: the first worker gets both CPUs; when the scene is
     cut into pieces, the pool restarts as two 1-CPU workers (a second 2-CPU worker would never
     be scheduled on a 2-CPU Ray, and the job would hang), and stops workers beyond the tasks."""
-    from buildseg.inference.ray_workers import RayWorkers
+    from buildseg.inference.runners.ray_workers import RayWorkers
 
     ckpt = write_tiny_checkpoint(tmp_path / "m.pt")
     with RayWorkers.start(RayOptions(workers=2), [str(ckpt)], dict(device="cpu", engine="torch", window=128),

@@ -127,7 +127,7 @@ def ckpt(served, tmp_path):
     pixels), so masks and layers have something in them to compare."""
     import torch
 
-    from buildseg.inference.segmenter import Segmenter
+    from buildseg.inference.core.segmenter import Segmenter
     from buildseg.runtime.checkpoint import save_atomic
 
     path = write_tiny_checkpoint(tmp_path / "m.pt")

@@ -120,7 +120,7 @@ def _downgrade_to_v1(run):
 @pytest.mark.slow
 def test_a_run_folder_from_before_the_schema_predicts_resumes_and_reruns_the_same_network(synth_data, tmp_path):
     from buildseg.config import load_config
-    from buildseg.inference.segmenter import Segmenter
+    from buildseg.inference.core.segmenter import Segmenter
     from buildseg.training.loop import Trainer
     from buildseg.training.setup import resume_config
 

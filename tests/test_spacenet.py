@@ -242,7 +242,7 @@ def test_predict_format_spacenet_is_the_csv_mask_as_polygons_and_scores_like_it(
     from buildseg.formats.images import read_image
     from buildseg.formats.spacenet import read_spacenet
     from buildseg.formats.tables import load_records, read_rle_table
-    from buildseg.inference.segmenter import Segmenter
+    from buildseg.inference.core.segmenter import Segmenter
     from conftest import write_tiny_checkpoint
 
     ckpt = write_tiny_checkpoint(tmp_path / "m.pt")

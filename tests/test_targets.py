@@ -1,4 +1,4 @@
-"""The contact target (data/targets.py), its watershed split (inference/split.py), and a
+"""The contact target (data/targets.py), its watershed split (inference/core/split.py), and a
 two-target model end to end."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from buildseg.data.targets import contact_zone, target_stack
-from buildseg.inference.split import separate, split_instances, split_mask
+from buildseg.inference.core.split import separate, split_instances, split_mask
 from buildseg.instance_metrics import match_masks
 
 
@@ -86,7 +86,7 @@ def test_separate_leaves_no_8_adjacency():
 def test_two_target_model_trains_and_predicts_split(tmp_path):
     from buildseg.cli import main
     from buildseg.data.synth import write_dataset
-    from buildseg.inference.segmenter import Segmenter
+    from buildseg.inference.core.segmenter import Segmenter
 
     write_dataset(tmp_path / "d", n_train=3, train_size=128, n_test=2, test_size=64, seed=0, progress=False)
     run = tmp_path / "run"
@@ -142,8 +142,8 @@ def test_geo_windows_carry_the_contact_of_adjacent_polygons(tmp_path):
 def test_tune_contact_finds_a_threshold_that_splits():
     """An uncalibrated contact head (values near 0.4 with a dip to 0.3 on the join): 0.5 leaves
     nothing to split on; the search picks a threshold under the plateau and splits the houses."""
-    from buildseg.inference.postprocess import PostProcess
-    from buildseg.inference.tune import tune_contact
+    from buildseg.inference.core.postprocess import PostProcess
+    from buildseg.inference.jobs.tune import tune_contact
 
     mask, footprint, contact, truth = two_houses()
     contact = np.full(mask.shape, 0.42, np.float32)

@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 
 from buildseg.cli import main
-from buildseg.inference.postprocess import PostProcess, apply
-from buildseg.inference.segmenter import Segmenter
-from buildseg.inference.tune import default_row, search
+from buildseg.inference.core.postprocess import PostProcess, apply
+from buildseg.inference.core.segmenter import Segmenter
+from buildseg.inference.jobs.tune import default_row, search
 from buildseg.instance_metrics import InstanceCounts, match_masks
 from buildseg.metrics import Scoreboard
 

@@ -49,7 +49,7 @@ def test_a_package_for_another_model_is_refused(tmp_path, monkeypatch):
 
 
 def _offline(monkeypatch):
-    from buildseg.runtime import network
+    from buildseg import network
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     network.offline_reason.cache_clear()  # asked once per process: forget the answer before and after

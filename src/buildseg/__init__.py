@@ -9,7 +9,7 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str):
     if name == "Segmenter":  # lazy: importing buildseg should not import torch
-        from buildseg.inference.segmenter import Segmenter
+        from buildseg.inference.core.segmenter import Segmenter
 
         return Segmenter
     raise AttributeError(name)

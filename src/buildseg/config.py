@@ -22,10 +22,12 @@ from typing import Any, Callable
 import yaml
 
 from buildseg.atomic import atomic_open
-from buildseg.data.augment import AUGMENTATIONS
 from buildseg.errors import BuildsegError
 from buildseg.models.card import CARD_ONLY, ModelCard
+from buildseg.runtime.precisions import PRECISIONS
 from buildseg.schema import SCHEMA_VERSION, upgrade_config
+from buildseg.settings.models import OBJECTIVES
+from buildseg.settings.train import AUGMENTATIONS
 
 
 @dataclass
@@ -201,7 +203,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.save_every": _at_least(0),
     "train.val_every": _at_least(1),
     "train.device": (_device_ok, "auto, cpu, cuda or cuda:N"),
-    "train.precision": _choice("auto", "fp32", "bf16", "fp16"),
+    "train.precision": _choice(*PRECISIONS),
     "train.switch_loss_epoch": _at_least(0),
     "train.grad_accum": _at_least(1),
     "train.grad_clip": ((lambda v: v > 0), "> 0 (or none)"),
@@ -210,7 +212,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.early_stopping": _at_least(1),
     "train.max_nonfinite": _at_least(1),
     "train.threshold": _open_unit(),
-    "train.monitor": _choice("dice", "f1"),
+    "train.monitor": _choice(*OBJECTIVES),
     "train.quantize_time_limit": ((lambda v: v > 0), "> 0 minutes"),
 }
 
@@ -377,3 +379,35 @@ def apply_overrides(config: Config, overrides: dict[str, Any], flags: dict[str, 
         source = (flags or {}).get(dotted, dotted)
         setattr(getattr(config, section), key, coerce(value, _field_types(section)[key], dotted, source))
     return config
+
+
+# -- the command line of `buildseg train`: one flag per key --------------------------------
+FLAG_NAMES = {"data.train": "--data", "data.val": "--val-data", "train.out": "--out"}  # flags named unlike their key
+
+
+def flag_name(dotted: str) -> str:
+    return FLAG_NAMES.get(dotted, "--" + dotted.split(".", 1)[1].replace("_", "-"))
+
+
+def add_config_flags(parser) -> None:
+    """One flag per config key (``model.deep_supervision`` -> ``--deep-supervision``), parsed
+    by :func:`coerce` like YAML, so the YAML keys and the flags cannot drift apart."""
+    import argparse
+
+    for section, cls in SECTIONS.items():
+        group = parser.add_argument_group(f"{section} (YAML section '{section}:')")
+        for f in fields(cls):
+            dotted = f"{section}.{f.name}"
+            kind = str(f.type)
+            shown = f.default if f.default is not MISSING else f.default_factory()
+            common = dict(dest=dotted, default=argparse.SUPPRESS, help=f"{dotted} (default: {'none' if shown is None else shown})")
+            if kind == "bool":
+                group.add_argument(flag_name(dotted), action=argparse.BooleanOptionalAction, **common)
+            else:
+                group.add_argument(flag_name(dotted), nargs="+" if kind.startswith("list[") else None, **common)
+    parser.add_argument("--loss", dest="loss", default=argparse.SUPPRESS,
+                        help="loss sum, e.g. bce+dice, 'bce:0.5,dice:1,lovasz:0.5' (default: bce+dice)")
+
+
+def overrides_from(args) -> dict[str, Any]:
+    return {k: v for k, v in vars(args).items() if "." in k or k == "loss"}

@@ -8,17 +8,16 @@ from pathlib import Path
 import numpy as np
 
 from buildseg.config import Config
-from buildseg.data.datasets import GridTileDataset, split_records
 from buildseg.data.synth import write_dataset
 from buildseg.evaluation import evaluate_csv
 from buildseg.formats import rle
 from buildseg.formats.images import overlay, read_rgb, write_png
 from buildseg.formats.tables import load_records, read_rle_table
-from buildseg.inference.predict import predict_records
-from buildseg.inference.segmenter import Segmenter
-from buildseg.inference.tune import default_row, format_table, predict_tiles, search, store_in_checkpoint
+from buildseg.inference.core.segmenter import Segmenter
+from buildseg.inference.jobs.tiles import predict_records
+from buildseg.pipeline import train_and_tune
 from buildseg.report import render_report
-from buildseg.training.loop import train
+from buildseg.settings.data import DemoSettings
 
 
 def overlay_sheet(records, pred_csv: Path, truth_csv: Path, path: Path, n: int = 12) -> Path:
@@ -40,14 +39,15 @@ def overlay_sheet(records, pred_csv: Path, truth_csv: Path, path: Path, n: int =
     return path
 
 
-def run_demo(out: Path, minutes: float = 4.0, encoder: str = "resnet18") -> dict:
+def run_demo(out: Path, minutes: float = DemoSettings().minutes, encoder: str = DemoSettings().encoder) -> dict:
     data_dir = out / "data"
     if not (data_dir / "test_truth.csv").is_file():
         print(f"[1/4] writing synthetic data to {data_dir}")
-        write_dataset(data_dir, n_train=16, train_size=1024, n_test=200, test_size=224, seed=0)
+        write_dataset(data_dir)  # synth's defaults (settings/data.py SynthSettings)
     paths_train, paths_test, paths_truth = data_dir / "train.csv", data_dir / "test.csv", data_dir / "test_truth.csv"
 
-    print(f"[2/4] training unet-{encoder} from scratch for {minutes:g} minutes")
+    print(f"[2/4] training unet-{encoder} from scratch for {minutes:g} minutes, then tuning the post-processing on "
+          "the held-out training images (as `buildseg train` does)")
     config = Config()
     config.data.train = str(paths_train)
     config.data.val_fraction = 0.125
@@ -57,17 +57,16 @@ def run_demo(out: Path, minutes: float = 4.0, encoder: str = "resnet18") -> dict
     config.train.epochs = 1000
     config.train.time_limit = minutes
     config.train.lr = 2e-3
-    result = train(config)
+    config.train.quantize_at_end = False  # the demo's CPU minutes go to training
+    result, finished = train_and_tune(config)
+    if finished.tuned is not None:
+        post = finished.tuned.post
+        print(f"tuned: threshold {post.threshold:.2f}, min_area {post.min_area}, empty if max prob < "
+              f"{post.empty_max_prob:.2f}; validation Dice {finished.tuned.before['dice']:.4f} -> "
+              f"{finished.tuned.after['dice']:.4f}")
 
-    print("[3/4] tuning post-processing on the held-out training images, then predicting the test tiles")
-    best_pt = result.run_dir / "best.pt"
-    _, val_records = split_records(load_records(paths_train), config.data.val_fraction, config.train.seed)
-    tuner = Segmenter.from_checkpoint(best_pt)
-    probs, truths = predict_tiles(tuner, GridTileDataset(val_records, tile=config.data.val_tile))
-    rows = search(probs, truths)
-    print(format_table(rows, default_row(probs, truths), top=3))
-    store_in_checkpoint(best_pt, rows[0].post)
-    segmenter = Segmenter.from_checkpoint(best_pt)
+    print("[3/4] predicting the test tiles")
+    segmenter = Segmenter.from_checkpoint(result.run_dir / "best.pt")
     records = load_records(paths_test)
     submission = out / "submission.csv"
     _, stats = predict_records(segmenter, records, submission, batch_size=32)

@@ -143,3 +143,55 @@ def evaluate_vectors(pred: str | Path, truth: str | Path, iou_threshold: float =
         areas = (np.array([g.area for g in truth_polys]), np.array([g.area for g in pred_polys]))
         write_atomic_csv(details, DETAILS_HEADER, _detail_rows(Path(pred).name, *areas, matches))
     return {**counts.summary(), "iou_threshold": iou_threshold}
+
+
+def evaluate(settings) -> dict:
+    """``buildseg evaluate``: score ``settings.pred`` against ``settings.truth`` (an
+    :class:`~buildseg.settings.evaluate.EvaluateSettings`), whichever pair of formats they are:
+    SpaceNet CSVs (the SpaceNet scorer's rules), footprints (vector files or mask GeoTIFFs), or
+    competition CSVs. Mixed pairs are one line naming both files."""
+    from buildseg.formats.spacenet import spacenet_columns
+
+    pred, truth = settings.pred, settings.truth
+    spacenet = [spacenet_columns(pred) is not None, spacenet_columns(truth) is not None]
+    if any(spacenet) and not all(spacenet):
+        one, other = (("--pred", pred), ("--truth", truth)) if spacenet[0] else (("--truth", truth), ("--pred", pred))
+        raise BuildsegError(f"{one[0]} {one[1]} is a SpaceNet CSV but {other[0]} {other[1]} is not: give both in "
+                            "SpaceNet's format (ImageId, BuildingId, PolygonWKT_Pix[, Confidence])")
+    if not all(spacenet) and (settings.matching or settings.group_by):
+        flag = "--matching" if settings.matching else "--group-by"
+        raise BuildsegError(f"{flag} applies to SpaceNet CSVs (ImageId, PolygonWKT_Pix); --pred {pred} is not one")
+    vectors = [is_footprint_file(pred), is_footprint_file(truth)]
+    if any(vectors) and not all(vectors):
+        raise BuildsegError(f"--pred {pred} and --truth {truth} must both be CSVs or both footprints "
+                            "(vector files or mask GeoTIFFs)")
+    if all(spacenet):
+        from buildseg.spacenet_scoring import evaluate_spacenet
+
+        return evaluate_spacenet(pred, truth, iou_threshold=settings.iou, min_area=settings.min_area,
+                                 matching=settings.matching, group_by=settings.group_by, details=settings.details)
+    if all(vectors):
+        return evaluate_vectors(pred, truth, settings.iou, settings.details, min_area=settings.min_area or 0)
+    return evaluate_csv(pred, truth, settings.shape, settings.iou, settings.details, min_area=settings.min_area or 0)
+
+
+def summary_lines(summary: dict, settings) -> list[str]:
+    """What ``buildseg evaluate`` prints of a summary."""
+    lines = []
+    if "groups" in summary:
+        from buildseg.spacenet_scoring import group_table
+
+        lines.append(group_table(summary["groups"]))
+    if "matching" in summary:
+        lines.append(f"SpaceNet CSVs: {summary['n_images']} images, {summary['geometry']}, min area "
+                     f"{summary['min_area']:g}, {summary['matching']} matching")
+    if "dice" in summary:
+        lines.append(f"competition Dice {summary['dice']:.4f} over {summary['n_scored']} of {summary['n']} images "
+                     f"(both-empty dropped); IoU {summary['iou']:.4f}, pixel precision {summary['pixel_precision']:.4f}, "
+                     f"pixel recall {summary['pixel_recall']:.4f}, empty-tile FP rate {summary['empty_fp_rate']:.3f}")
+    lines.append(f"buildings (IoU >= {settings.iou:g}): F1 {summary['f1']:.4f}, precision {summary['precision']:.4f}, "
+                 f"recall {summary['recall']:.4f}; {summary['n_matched']} matched of {summary['n_true']} true and "
+                 f"{summary['n_pred']} predicted, mean IoU of matches {summary['mean_iou']:.3f}")
+    if settings.details:
+        lines.append(f"{'per-image' if 'matching' in summary else 'per-building'} table: {settings.details}")
+    return lines

@@ -28,6 +28,8 @@ from typing import Sequence
 
 import numpy as np
 
+from buildseg.formats.components import label_buildings
+
 IOU_THRESHOLD = 0.5
 
 
@@ -106,14 +108,6 @@ class InstanceCounts:
 
 
 # -- masks ---------------------------------------------------------------------------------
-def label_buildings(mask: np.ndarray) -> tuple[np.ndarray, int]:
-    """(labels, count): 8-connected components of a binary mask, labelled 1..count."""
-    from scipy import ndimage
-
-    labels, count = ndimage.label(np.asarray(mask, dtype=bool), structure=np.ones((3, 3), dtype=bool))
-    return labels, int(count)
-
-
 def mask_pairs(truth_labels: np.ndarray, n_true: int, pred_labels: np.ndarray, n_pred: int) -> list[tuple[int, int, float]]:
     """(truth, pred, iou) for every overlapping pair of components (0-based indices), from one
     joint histogram of the two label images."""

@@ -9,7 +9,7 @@ empty-tile false-positive rate (a speck on an empty tile scores 0) is reported w
 Then, with ``train.quantize_at_end`` (default) and the ``cpu`` extra installed, an int8
 OpenVINO model of ``best.pt`` is calibrated on training crops and kept only if the validation
 Dice (after the tuned post-processing) stays within ``quantize.MAX_DROP`` of fp32
-(``inference/quantize.py``); ``predict --precision auto`` uses it on CPUs without bf16.
+(``inference/jobs/quantize.py``); ``predict --precision auto`` uses it on CPUs without bf16.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from buildseg.config import Config
+from buildseg.config import Config, apply_overrides, flag_name, load_config, overrides_from
 
 log = logging.getLogger("buildseg")
 
@@ -32,8 +32,8 @@ class TuneOutcome:
 
 def tune_best(config: Config, run_dir: Path, val_set) -> TuneOutcome | None:
     """Search the post-processing for ``run_dir/best.pt`` on ``val_set`` and store it there."""
-    from buildseg.inference.segmenter import Segmenter
-    from buildseg.inference.tune import store_in_checkpoint, tune_segmenter
+    from buildseg.inference.core.segmenter import Segmenter
+    from buildseg.inference.jobs.tune import store_in_checkpoint, tune_segmenter
 
     best = Path(run_dir) / "best.pt"
     if val_set is None or len(val_set) == 0 or not best.is_file():
@@ -49,13 +49,13 @@ def tune_best(config: Config, run_dir: Path, val_set) -> TuneOutcome | None:
 def quantize_best(config: Config, run_dir: Path, train_set, val_set):
     """The int8 model of ``run_dir/best.pt`` and its verdict (``quantize.Int8Verdict``), or
     None when there is nothing to judge it on or the ``cpu`` extra is missing."""
-    from buildseg.inference import engines
-    from buildseg.inference.quantize import CALIBRATION_TILES, VALIDATION_TILES, calibrate_int8, sample_images, sample_tiles
+    from buildseg import extras
+    from buildseg.inference.jobs.quantize import CALIBRATION_TILES, VALIDATION_TILES, calibrate_int8, sample_images, sample_tiles
 
     best = Path(run_dir) / "best.pt"
     if val_set is None or len(val_set) == 0 or train_set is None or len(train_set) == 0 or not best.is_file():
         return None
-    if not (engines._installed("openvino") and engines._installed("nncf")):
+    if not (extras.installed("openvino") and extras.installed("nncf")):
         log.info("int8 at the end of training skipped: it needs the cpu extra (pip install 'buildseg[cpu]')")
         return None
     tiles = sample_tiles(val_set, VALIDATION_TILES, seed=config.train.seed)
@@ -69,6 +69,44 @@ class Finished:
 
     tuned: TuneOutcome | None = None
     int8: object | None = None  # quantize.Int8Verdict
+
+    def lines(self) -> list[str]:
+        """What the user reads about it at the end of ``buildseg train``."""
+        out = []
+        if self.tuned is not None:
+            p, a, b = self.tuned.post, self.tuned.before, self.tuned.after
+            out.append(f"post-processing tuned on the validation tiles and stored in best.pt: threshold "
+                       f"{p.threshold:.2f}, min_area {p.min_area}, empty if max prob < {p.empty_max_prob:.2f}; Dice "
+                       f"{a['dice']:.4f} -> {b['dice']:.4f}, building F1 {a['f1']:.4f} -> {b['f1']:.4f}, empty-tile FP "
+                       f"rate {a['empty_fp_rate']:.3f} -> {b['empty_fp_rate']:.3f}")
+        if self.int8 is not None:
+            out.append(int8_line(self.int8, "end of training"))
+        return out
+
+
+def int8_line(verdict, when: str) -> str:
+    """One line on an int8 calibration: kept or refused, the Dice of both, the time it took."""
+    scored = "" if verdict.dice_int8 is None else (f"; Dice fp32 {verdict.dice_fp32:.4f}, int8 {verdict.dice_int8:.4f} "
+                                                   f"({verdict.change:+.4f})")
+    control = " with NNCF accuracy control" if verdict.accuracy_control else ""
+    use = ("`predict --precision auto` uses it on CPUs without bf16" if verdict.accepted
+           else "predict stays fp32/bf16; `buildseg quantize` can retry")
+    state = f"accepted ({verdict.path})" if verdict.accepted else f"refused: {verdict.reason}"
+    return (f"int8 model ({when}, {verdict.n_calibration} calibration / {verdict.n_validation} validation tiles"
+            f"{control}, {verdict.seconds:.0f} s) {state}{scored}; {use}")
+
+
+def config_from_args(args) -> Config:
+    """The run's config from ``buildseg train``'s flags: the resumed run's or ``--config``'s,
+    with the flags given on top."""
+    if args.resume:
+        from buildseg.training.loop import resume_config
+
+        base = resume_config(args.resume)
+    else:
+        base = load_config(args.config)
+    overrides = overrides_from(args)
+    return apply_overrides(base, overrides, {k: flag_name(k) for k in overrides if k != "loss"})
 
 
 def train_and_tune(config: Config, resume: str | Path | None = None):

@@ -37,10 +37,9 @@ from buildseg.instance_metrics import (
     greedy_match,
     polygon_pairs,
 )
+from buildseg.settings.evaluate import GROUPS, MATCHING
 
-MATCHING = ("spacenet", "buildseg")  # the first is the default
 SPACENET_MIN_AREA = 20.0  # SpaceNet 2's rule, in px² (pixel WKT)
-GROUPS = ("aoi",)
 DETAILS_HEADER = ("image", "aoi", "tp", "fp", "fn", "precision", "recall", "f1")
 
 

@@ -41,7 +41,7 @@ from buildseg.adaptation.settings import AdaptSettings
 from buildseg.adaptation.target_data import TargetCrops, target_sources
 from buildseg.atomic import atomic_open
 from buildseg.errors import BuildsegError
-from buildseg.inference.tta import predict_tta
+from buildseg.inference.core.tta import predict_tta
 from buildseg.runtime.checkpoint import (
     load_checkpoint,
     load_model,
@@ -275,3 +275,16 @@ def adapt(checkpoint: str | Path, target: str | Path, out: str | Path, settings:
           resume: bool = False, stac_asset: str | None = None) -> AdaptResult:
     """Adapt ``checkpoint`` to the imagery of ``target``; the adapted model is ``out/best.pt``."""
     return Adapter(checkpoint, target, out, settings or AdaptSettings(), resume=resume, stac_asset=stac_asset).run()
+
+
+def check_adapt_output(out: Path, *, resume: bool) -> Path:
+    """``out`` must hold the run to resume, or be free for a new one (nothing is written here)."""
+    from buildseg.outputs import FOLDER, check_outputs
+
+    if resume and not (out / "last.pt").is_file():
+        raise BuildsegError(f"cannot resume: {out / 'last.pt'} does not exist; drop --resume to start a new adapt run")
+    if not resume:
+        check_outputs((out, "--out", FOLDER))
+        if (out / "best.pt").exists() or (out / "last.pt").exists():
+            raise BuildsegError(f"{out} already holds a run; give a new --out, or --resume to continue it")
+    return out

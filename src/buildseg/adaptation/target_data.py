@@ -32,8 +32,8 @@ class TargetScene:
 
 def target_sources(data: str | Path, *, stac_asset: str | None = None) -> list[TargetImage | TargetScene]:
     """The images or scenes of ``data``, in ``predict``'s order of interpretation."""
+    from buildseg.data.scene_sources import is_scene_collection, list_scene_sources
     from buildseg.formats.locations import is_remote, location_suffix
-    from buildseg.inference.scene_sources import is_scene_collection, list_scene_sources
 
     text = str(data)
     if location_suffix(text) in (".tif", ".tiff") and (is_remote(text) or Path(text).is_file()):

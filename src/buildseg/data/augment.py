@@ -32,10 +32,11 @@ from typing import TYPE_CHECKING, Sequence
 import cv2
 import numpy as np
 
+from buildseg.settings.train import AUGMENTATIONS  # noqa: F401 (the names this module builds)
+
 if TYPE_CHECKING:
     import albumentations as A
 
-AUGMENTATIONS = ("d4", "colour", "hsv", "gamma", "clahe", "blur", "jpeg", "histmatch", "scale", "cutmix")
 PHOTOMETRIC = {"colour", "hsv", "gamma", "clahe", "blur", "jpeg", "histmatch"}
 REFERENCE_SIDE = 96  # histmatch references are thumbnails: a colour distribution needs no detail
 MAX_REFERENCES = 256  # thumbnails kept in memory (about 7 MB), drawn from the training images

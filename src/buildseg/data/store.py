@@ -199,3 +199,15 @@ def open_store(records: Sequence[Record], in_chans: int, mode: str, cache_dir: s
     log.info("decoded-image store (%s%s): %d images, %d decoded now, %.1f MB", stats.mode, where, stats.entries,
              stats.built, stats.bytes / 1e6)
     return store
+
+
+def build_disk_store(data: str | Path, *, in_chans: int, cache_dir: str | Path | None) -> StoreStats:
+    """``buildseg cache``: decode a training set into the disk store ahead of a run."""
+    from buildseg.errors import BuildsegError
+    from buildseg.formats.tables import load_records
+
+    store = DecodedStore(load_records(data, require_masks=True), in_chans, "disk", cache_dir)
+    try:
+        return store.build(progress=True)
+    except StoreUnavailable as exc:
+        raise BuildsegError(f"{exc}; pass --cache-dir DIR on a writable disk with room") from None

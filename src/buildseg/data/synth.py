@@ -19,6 +19,9 @@ from tqdm import tqdm
 from buildseg.formats import rle
 from buildseg.formats.images import write_png
 from buildseg.formats.tables import write_atomic_csv
+from buildseg.settings.data import SynthSettings
+
+SYNTH = SynthSettings()  # the defaults of `buildseg synth` (and the demo's data)
 
 ROOF_COLOURS = np.array(
     [[178, 70, 55], [150, 150, 155], [215, 210, 200], [95, 110, 150], [120, 85, 60], [190, 120, 70], [70, 70, 75]],
@@ -159,12 +162,12 @@ class SynthPaths:
 
 def write_dataset(
     out: str | Path,
-    n_train: int = 16,
-    train_size: int = 1024,
-    n_test: int = 200,
-    test_size: int = 224,
+    n_train: int = SYNTH.n_train,
+    train_size: int = SYNTH.train_size,
+    n_test: int = SYNTH.n_test,
+    test_size: int = SYNTH.test_size,
     empty_fraction: float = 0.15,
-    seed: int = 0,
+    seed: int = SYNTH.seed,
     progress: bool = True,
 ) -> SynthPaths:
     """Write a competition-format dataset: train.csv + train_img/, test.csv + test_img/, test_truth.csv.

@@ -4,7 +4,7 @@ Touching or nearly touching buildings merge into one blob in a footprint mask, a
 is one building to the building F1. Following solaris' and RAMP's multi-channel masks, a
 second channel marks the *contact zone*: pixels within ``radius`` px of two different
 buildings (both the facing edges and the gap between them). At prediction a watershed cuts
-the footprint along it (``inference/split.py``).
+the footprint along it (``inference/core/split.py``).
 
 Buildings are the instances when they are known (vector footprints: one id per polygon), else
 the 8-connected components of the mask (competition RLE masks: buildings that touch there are
@@ -36,7 +36,7 @@ def contact_zone(instances: np.ndarray, radius: int = CONTACT_RADIUS) -> np.ndar
 
 def instances_of(mask: np.ndarray) -> np.ndarray:
     """8-connected components of a binary mask as instance ids (the building F1's rule)."""
-    from buildseg.instance_metrics import label_buildings
+    from buildseg.formats.components import label_buildings
 
     return label_buildings(mask)[0]
 

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from buildseg.atomic import atomic_open
-from buildseg.instance_metrics import label_buildings
+from buildseg.formats.components import label_buildings
 
 CATEGORY = {"id": 1, "name": "building", "supercategory": "structure"}
 

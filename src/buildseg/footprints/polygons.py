@@ -1,7 +1,7 @@
 """Polygons from building masks, block by block, with buildings cut by block borders joined.
 
 A building is an 8-connected component of the mask, the same rule the building F1 uses on
-masks (``instance_metrics.label_buildings``), so a mask and its polygons score alike.
+masks (``formats.components.label_buildings``), so a mask and its polygons score alike.
 GDAL's polygoniser (``rasterio.features.shapes``) traces pixel edges, so polygons are exact
 pixel staircases in map coordinates; simplification and regularisation come after
 (``footprints/clean.py``).
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from buildseg.instance_metrics import label_buildings
+from buildseg.formats.components import label_buildings
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """GeoTIFF scenes: opening with clear errors, the per-band stretch, and windows on a target grid.
 
-Shared by training (``data/geo.py``) and prediction (``inference/geotiff.py``), so both read a
+Shared by training (``data/geo.py``) and prediction (``inference/jobs/geotiff.py``), so both read a
 scene the same way: the same bands, the same 2-98 percentile stretch (:func:`raster_stretch`,
 fitted once per scene from a decimated read), the same resampling to a ground sample distance.
 

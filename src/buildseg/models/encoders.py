@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from buildseg.errors import BuildsegError
-from buildseg.runtime.network import offline_reason
+from buildseg.network import offline_reason
 
 log = logging.getLogger("buildseg")
 

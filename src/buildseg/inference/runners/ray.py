@@ -33,14 +33,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from buildseg.data.scene_sources import SceneSource
 from buildseg.errors import BuildsegError
-from buildseg.inference.checkpoint_info import CheckpointInfo
-from buildseg.inference.geotiff import ScenePlan, plan_scene
-from buildseg.inference.ray_workers import PIECE_MEGAPIXELS, Job, RayOptions, RayWorkers, SceneWorker, require_ray
-from buildseg.inference.scene_pieces import PIECES, Piece, PieceResult, split_scene
-from buildseg.inference.scene_sources import SceneSource
-from buildseg.inference.scenes import DONE, SceneSettings, check_scenes, finish, pending_scenes, run_key, scene_settings
-from buildseg.inference.segmenter import Segmenter
+from buildseg.inference.core.checkpoint_info import CheckpointInfo
+from buildseg.inference.core.segmenter import Segmenter
+from buildseg.inference.jobs.geotiff import ScenePlan, plan_scene
+from buildseg.inference.jobs.scene_pieces import PIECES, Piece, PieceResult, split_scene
+from buildseg.inference.jobs.scenes import DONE, SceneSettings, check_scenes, finish, pending_scenes, run_key, scene_settings
+from buildseg.inference.runners.ray_workers import PIECE_MEGAPIXELS, Job, RayOptions, RayWorkers, SceneWorker, require_ray
 
 log = logging.getLogger("buildseg")
 HEADER_THREADS = 16  # scene headers read at once before the run (remote ones are a round trip each)

@@ -20,6 +20,7 @@ from typing import Sequence
 import numpy as np
 
 from buildseg.formats.tables import Record
+from buildseg.settings.inference import TILE_FORMATS
 
 
 class TileLayer(ABC):
@@ -78,4 +79,4 @@ class SpaceNetLayer(TileLayer):
 
 
 TILE_LAYERS = {"coco": CocoLayer, "spacenet": SpaceNetLayer}
-TILE_FORMATS = ("csv", *TILE_LAYERS)  # what `predict --format` writes at --out for tiles (CSV/folder input)
+assert set(TILE_LAYERS) == set(TILE_FORMATS) - {"csv"}, "settings/inference.py TILE_FORMATS names the layers"

@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from buildseg.inference.options import OVERLAP, WINDOW
+from buildseg.settings.inference import OVERLAP, WINDOW
 
 
 def window_starts(length: int, window: int, overlap: float) -> list[int]:

@@ -14,7 +14,7 @@ equal those of an uninterrupted run whichever process predicted which scene.
 
 Who predicts what: under torchrun, scene ``i`` goes to rank ``i % world_size``; with
 ``shard=(I, N)`` (a batch scheduler's array job) the scenes ``I, I+N, ...``; with the Ray
-runner (``ray_runner.py``) a pool of workers takes them largest first. Whoever finishes the
+runner (``runners/ray.py``) a pool of workers takes them largest first. Whoever finishes the
 last scene merges; ``merge_outputs`` (``predict --merge OUT_DIR``) merges from the records
 alone.
 """
@@ -30,14 +30,13 @@ from pathlib import Path
 from typing import Any
 
 from buildseg.atomic import atomic_open
-from buildseg.distributed import SINGLE_PROCESS, DistInfo, barrier
+from buildseg.data.scene_sources import SceneSource
 from buildseg.errors import BuildsegError
 from buildseg.footprints.writers import write_footprints
-from buildseg.inference.checkpoint_info import CheckpointInfo
-from buildseg.inference.geotiff import GeoResult, GeoTiffSettings, predict_geotiff
-from buildseg.inference.options import LAYER_FORMATS
-from buildseg.inference.scene_sources import SceneSource
-from buildseg.inference.segmenter import Segmenter
+from buildseg.inference.core.checkpoint_info import CheckpointInfo
+from buildseg.inference.core.segmenter import Segmenter
+from buildseg.inference.jobs.geotiff import GeoResult, GeoTiffSettings, predict_geotiff
+from buildseg.settings.inference import LAYER_FORMATS
 
 log = logging.getLogger("buildseg")
 
@@ -114,7 +113,9 @@ def write_done_record(out_dir: Path, scene: SceneSource, index: int, key: str, r
     record = {"scene": scene.location, "name": scene.name, "index": index, "run_key": key, **scene.identity(),
               "mask": result.mask_path.name, "footprints": result.footprints_path.name,
               "n_footprints": result.n_polygons, "crs": result.crs, "seconds": round(seconds, 2)}
-    with atomic_open(_record_path(out_dir, scene.name), "w") as handle:
+    path = _record_path(out_dir, scene.name)
+    path.parent.mkdir(parents=True, exist_ok=True)  # made with the first record: a run that fails first leaves none
+    with atomic_open(path, "w") as handle:
         handle.write(json.dumps(record))
     return record
 
@@ -140,34 +141,6 @@ def finish(out_dir: Path, scenes: list[SceneSource], key: str, suffix: str) -> d
     if remaining:
         return {"merged": None, "n_footprints": 0, "remaining": len(remaining)}
     return {**_merge(out_dir, [_finished(out_dir, s, key) for s in scenes], key, suffix), "remaining": 0}
-
-
-def predict_scenes(segmenter: Segmenter, scenes: list[SceneSource], out_dir: str | Path, settings: SceneSettings,
-                   dist: DistInfo = SINGLE_PROCESS, progress: bool = True,
-                   shard: tuple[int, int] = (0, 1)) -> dict[str, Any]:
-    """Predict every scene of this process's share not yet done (``shard`` = (I, N): every N-th
-    scene from the I-th, then this rank's part of it); rank 0 merges when all scenes are done."""
-    out_dir = Path(out_dir)
-    suffix = check_scenes(scenes, settings)
-    (out_dir / DONE).mkdir(parents=True, exist_ok=True)
-    key = run_key(segmenter, settings)
-    first, count = shard
-    mine = list(range(first, len(scenes), count))[dist.rank :: dist.world_size]
-    todo = {mine[k] for k in pending_scenes([scenes[i] for i in mine], out_dir, key)}
-    done = 0
-    for k, i in enumerate(mine, start=1):
-        if i not in todo:
-            continue
-        record = predict_scene(segmenter, scenes[i], i, out_dir, settings, key, progress=progress)
-        done += 1
-        if progress:
-            log.info("[%d/%d] %s: %d footprints in %.1f s", k, len(mine), scenes[i].name, record["n_footprints"],
-                     record["seconds"])
-    barrier(dist)
-    summary = {"predicted": done, "skipped": len(mine) - done, "scenes": len(scenes)}
-    if dist.is_main:
-        summary.update(finish(out_dir, scenes, key, suffix))
-    return summary
 
 
 def merge_outputs(out_dir: str | Path) -> dict[str, Any]:

@@ -20,10 +20,12 @@ import numpy as np
 from torch.utils.data import DataLoader
 
 from buildseg.data.datasets import GridTileDataset
-from buildseg.inference.postprocess import PostProcess
-from buildseg.inference.segmenter import Segmenter
+from buildseg.errors import BuildsegError
+from buildseg.inference.core.postprocess import PostProcess
+from buildseg.inference.core.segmenter import Segmenter
 from buildseg.instance_metrics import InstanceCounts, greedy_match, label_buildings, mask_pairs
 from buildseg.metrics import summarize
+from buildseg.settings.models import OBJECTIVES
 
 THRESHOLDS = tuple(np.round(np.arange(0.30, 0.801, 0.05), 2))
 MIN_AREAS = (0, 10, 20, 50, 100, 200, 400)
@@ -61,8 +63,8 @@ def tune_contact(maps: Sequence[np.ndarray], truths: Sequence[np.ndarray], post:
     leave no seed to split on."""
     from dataclasses import replace
 
-    from buildseg.inference.postprocess import apply
-    from buildseg.inference.split import split_mask
+    from buildseg.inference.core.postprocess import apply
+    from buildseg.inference.core.split import split_mask
     from buildseg.instance_metrics import match_masks
     from buildseg.metrics import image_counts
 
@@ -107,7 +109,6 @@ def _building_counts(prob: np.ndarray, truth_labels: tuple[np.ndarray, int], thr
     return out
 
 
-OBJECTIVES = ("dice", "f1")
 
 
 def search(
@@ -195,3 +196,46 @@ def tune_segmenter(segmenter: Segmenter, dataset, objective: str = "dice", batch
         contact_rows = tune_contact(maps, truths, best, objective, segmenter.targets.index("contact"))
         best = contact_rows[0].post
     return TuneResult(rows, default_row(probs, truths), contact_rows, best)
+
+
+def run_tune(settings) -> list[str]:
+    """``buildseg tune``: search on the labelled tiles of ``settings.data`` (a
+    :class:`~buildseg.settings.models.TuneSettings`), write ``--json``, store the best setting
+    in every checkpoint unless ``save`` is off; the lines to print. Unwritable checkpoints and
+    bad data stop it before any prediction."""
+    import json
+    import os
+
+    from buildseg.atomic import atomic_open
+    from buildseg.data.datasets import GridTileDataset
+    from buildseg.formats.tables import load_records
+    from buildseg.runtime.checkpoint import checkpoint_paths
+
+    paths = checkpoint_paths(settings.checkpoint)
+    if settings.save:
+        for path in paths:
+            if not os.access(path, os.W_OK) or not os.access(path.parent, os.W_OK):
+                raise BuildsegError(f"cannot store the tuned setting in {path}: not writable; copy it somewhere "
+                                    "writable or pass --no-save")
+    records = load_records(settings.data, require_masks=True)
+    segmenter = Segmenter.from_checkpoint(paths, device=settings.device, precision=settings.precision, tta=settings.tta,
+                                          engine=settings.engine)
+    dataset = GridTileDataset(records, tile=settings.tile, in_chans=segmenter.in_chans)
+    tuned = tune_segmenter(segmenter, dataset, settings.objective, settings.batch_size)
+    objective, best = settings.objective, tuned.best
+    lines = [f"{len(dataset)} validation tiles, {len(tuned.rows)} settings, best by {objective}\n",
+             format_table(tuned.rows, tuned.default)]
+    if tuned.contact_rows:
+        lines.append("\nwatershed split of touching buildings: " + ", ".join(
+            f"contact < {r.post.contact_threshold:.1f}: {objective} {r.summary[objective]:.4f}"
+            for r in sorted(tuned.contact_rows, key=lambda r: r.post.contact_threshold)))
+    if settings.json:
+        with atomic_open(settings.json, "w") as handle:
+            handle.write(json.dumps([{**r.post.to_dict(), **r.summary} for r in tuned.rows], indent=1))
+    if settings.save:
+        for path in paths:
+            store_in_checkpoint(path, best)
+            lines.append(f"stored threshold={best.threshold} min_area={best.min_area} empty_max_prob="
+                         f"{best.empty_max_prob}{f' contact_threshold={best.contact_threshold}' if tuned.contact_rows else ''}"
+                         f" in {path}")
+    return lines

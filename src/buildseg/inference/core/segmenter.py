@@ -22,17 +22,17 @@ import torch
 
 from buildseg.data.datasets import to_tensors
 from buildseg.errors import BuildsegError
-from buildseg.inference import postprocess as pp_mod
-from buildseg.inference.checkpoint_info import stored_settings
-from buildseg.inference.engines import auto_cpu_precision, build_engine, resolve_engine
-from buildseg.inference.options import OVERLAP, WINDOW
-from buildseg.inference.postprocess import PostProcess
-from buildseg.inference.split import split_mask
-from buildseg.inference.tiling import sliding_window_proba
-from buildseg.inference.tta import predict_tta, transforms
+from buildseg.inference.core import postprocess as pp_mod
+from buildseg.inference.core.checkpoint_info import stored_settings
+from buildseg.inference.core.engines import auto_cpu_precision, build_engine, resolve_engine
+from buildseg.inference.core.postprocess import PostProcess
+from buildseg.inference.core.split import split_mask
+from buildseg.inference.core.tiling import sliding_window_proba
+from buildseg.inference.core.tta import predict_tta, transforms
 from buildseg.models.factory import SegmentationModel
 from buildseg.runtime.checkpoint import checkpoint_paths, load_model
 from buildseg.runtime.device import resolve_device, resolve_precision
+from buildseg.settings.inference import OVERLAP, WINDOW
 
 log = logging.getLogger("buildseg")
 

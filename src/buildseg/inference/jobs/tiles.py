@@ -28,8 +28,8 @@ from buildseg.errors import BuildsegError
 from buildseg.formats import rle
 from buildseg.formats.images import overlay, read_image, write_png
 from buildseg.formats.tables import Record, write_submission
-from buildseg.inference.segmenter import Segmenter
-from buildseg.inference.tile_layers import TileLayer
+from buildseg.inference.core.segmenter import Segmenter
+from buildseg.inference.jobs.tile_layers import TileLayer
 from buildseg.runtime.device import cpu_predict_workers, default_workers
 
 log = logging.getLogger("buildseg")

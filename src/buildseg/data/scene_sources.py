@@ -49,8 +49,26 @@ class SceneSource:
         return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
     def check(self) -> None:
-        if not self.remote and not Path(self.location).is_file():
-            raise BuildsegError(f"scene not found: {self.location}")
+        """A local file must exist; a remote one must answer with a raster header (one small
+        read), so an unreachable URL stops the run before a model loads or a file is written."""
+        if not self.remote:
+            if not Path(self.location).is_file():
+                raise BuildsegError(f"scene not found: {self.location}")
+            return
+        from buildseg.formats.rasters import open_raster
+
+        with open_raster(self.location):
+            pass
+
+
+def check_sources(scenes: list[SceneSource], threads: int = 16) -> None:
+    """Every scene's :meth:`SceneSource.check`, remote headers read in parallel; the first
+    failure (in the scenes' order) is raised."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(scenes)))) as pool:
+        for future in [pool.submit(scene.check) for scene in scenes]:
+            future.result()
 
 
 def is_stac(data: str | Path) -> bool:

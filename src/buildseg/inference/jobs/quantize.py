@@ -29,17 +29,16 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from buildseg import __version__
+from buildseg import __version__, extras
 from buildseg.atomic import atomic_open, atomic_path
 from buildseg.errors import BuildsegError
-from buildseg.inference import engines
-from buildseg.inference.options import MAX_DROP
-from buildseg.inference.postprocess import PostProcess, apply
+from buildseg.inference.core import engines
+from buildseg.inference.core.postprocess import PostProcess, apply
 from buildseg.metrics import Scoreboard
 from buildseg.runtime.checkpoint import checkpoint_paths, load_model
+from buildseg.settings.models import CALIBRATION_TILES, MAX_DROP
 
 log = logging.getLogger("buildseg")
-CALIBRATION_TILES = 300  # NNCF's own default subset size
 VALIDATION_TILES = 500  # tiles the verdict is judged on (a random subset of larger validation sets)
 RANKING_TILES = 100  # accuracy control ranks layers on this many of them
 
@@ -95,7 +94,7 @@ def calibrate_int8(checkpoint: str | Path, *, calibration: Sequence[np.ndarray],
     pixels) and judge it on ``validation`` tiles; write the model (when accepted or
     ``keep_refused``) and the verdict with the run. ``time_limit``: seconds for the whole
     step; past it the step stops at the next Dice evaluation and the candidate is refused."""
-    if not engines._installed("openvino") or not engines._installed("nncf"):
+    if not extras.installed("openvino") or not extras.installed("nncf"):
         raise BuildsegError("int8 quantisation needs openvino and nncf: pip install 'buildseg[cpu]'")
     if not calibration or not validation:
         raise BuildsegError("int8 calibration needs at least one calibration image and one validation tile")

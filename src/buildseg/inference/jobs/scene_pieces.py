@@ -25,7 +25,8 @@ from pathlib import Path
 from buildseg.atomic import atomic_path
 from buildseg.footprints.writers import to_cog
 from buildseg.formats.rasters import require_rasterio
-from buildseg.inference.geotiff import (
+from buildseg.inference.core.segmenter import Segmenter
+from buildseg.inference.jobs.geotiff import (
     BlockParts,
     GeoResult,
     GeoTiffSettings,
@@ -34,7 +35,6 @@ from buildseg.inference.geotiff import (
     geo_result,
     predict_blocks,
 )
-from buildseg.inference.segmenter import Segmenter
 
 PIECES = ".buildseg-pieces"  # OUT_DIR/.buildseg-pieces/<scene name>/<k>.tif while a split scene is in flight
 

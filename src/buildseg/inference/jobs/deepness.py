@@ -29,10 +29,12 @@ from torch import nn
 
 from buildseg.atomic import atomic_path
 from buildseg.errors import BuildsegError
-from buildseg.inference.export import export_model_onnx
-from buildseg.inference.options import OVERLAP, WINDOW
-from buildseg.inference.postprocess import PostProcess
+from buildseg.extras import require
+from buildseg.inference.core.onnx_graph import check_onnx_path, export_model_onnx, onnx_parity
+from buildseg.inference.core.postprocess import PostProcess
 from buildseg.runtime.checkpoint import load_model
+from buildseg.settings.inference import OVERLAP, WINDOW
+from buildseg.settings.models import OPSET, TOLERANCE
 
 CLASS_NAMES = {"0": "background", "1": "building"}
 
@@ -95,13 +97,10 @@ def run_gsd(payload: dict, path: Path, gsd: float | None) -> float:
 
 
 def export_deepness(checkpoint: str | Path, out: str | Path, settings: DeepnessSettings = DeepnessSettings(), *,
-                    opset: int = 18, tolerance: float = 1e-3) -> tuple[Path, dict[str, str], float]:
+                    opset: int = OPSET, tolerance: float = TOLERANCE) -> tuple[Path, dict[str, str], float]:
     """Write the Deepness ONNX (checked against PyTorch) atomically; (path, metadata, max |prob diff|)."""
-    import onnx
-
-    out = Path(out)
-    if out.suffix.lower() != ".onnx":
-        raise BuildsegError(f"--onnx {out}: the output file must end in .onnx")
+    onnx = require("onnx", "the Deepness export")
+    out = check_onnx_path(out)
     model, payload = load_model(checkpoint, "cpu")
     if settings.tile_size < model.stride:
         raise BuildsegError(f"--tile-size {settings.tile_size} is smaller than the encoder's stride {model.stride}; "
@@ -126,14 +125,6 @@ def export_deepness(checkpoint: str | Path, out: str | Path, settings: DeepnessS
 
 def deepness_parity(graph: DeepnessGraph, onnx_path: Path, size: int, seed: int = 0) -> float:
     """Max |probability difference| between onnxruntime and PyTorch on random 0..1 tiles."""
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(seed)
     x = (rng.integers(0, 256, (2, graph.card.in_chans, size, size)) / 255.0).astype(np.float32)
-    with torch.no_grad():
-        ref = graph(torch.from_numpy(x)).numpy()
-    got = session.run(None, {session.get_inputs()[0].name: x})[0]
-    if got.shape != ref.shape:
-        raise BuildsegError(f"Deepness ONNX output {got.shape} differs from PyTorch {ref.shape}")
-    return float(np.abs(got - ref).max())
+    return onnx_parity(graph, onnx_path, [x])

@@ -8,7 +8,7 @@ from typing import Callable
 import torch
 
 from buildseg.errors import BuildsegError
-from buildseg.inference.options import TTA_MODES
+from buildseg.settings.inference import TTA_MODES
 
 
 def transforms(mode: str) -> list[tuple[int, bool]]:

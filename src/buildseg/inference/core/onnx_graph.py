@@ -1,9 +1,10 @@
-"""``buildseg export``: ONNX with dynamic batch and spatial size, checked against PyTorch.
+"""A model's ONNX graph, written once for every use: the engine cache (OpenVINO, ONNX
+Runtime), ``buildseg export`` and the Deepness export; and the one parity measure they check
+it with (onnxruntime against PyTorch in fp32).
 
-The exported graph includes normalisation, stride padding (reflect) and the crop back, so
-it takes raw pixels (float32, 0..255, NCHW) of any H, W >= the encoder's stride and
-returns logits of the same H, W. The check runs onnxruntime on random images of several
-sizes and compares with the PyTorch model in fp32.
+The graph includes normalisation, stride padding (reflect) and the crop back, so it takes
+raw pixels (float32, 0..255, NCHW) of any H, W >= the encoder's stride and returns logits of
+the same H, W; dynamic batch and, unless a square ``size`` is fixed, dynamic height and width.
 """
 
 from __future__ import annotations
@@ -16,36 +17,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from buildseg.atomic import atomic_path
 from buildseg.errors import BuildsegError
-from buildseg.runtime.checkpoint import load_model
+from buildseg.extras import require
+from buildseg.settings.models import OPSET
 
 log = logging.getLogger("buildseg")
 
 
-def export_checked(checkpoint: str | Path, out: str | Path, opset: int = 18, tolerance: float = 1e-3) -> tuple[Path, float]:
-    """Export to a temporary file beside ``out``, check parity, then rename it to ``out``.
-
-    A failed export or parity check leaves no ``.onnx`` behind (and an older ``out`` intact).
-    """
+def check_onnx_path(out: str | Path) -> Path:
     out = Path(out)
     if out.suffix.lower() != ".onnx":
         raise BuildsegError(f"--onnx {out}: the output file must end in .onnx")
-    with atomic_path(out, scratch=(".data",)) as tmp:
-        export_onnx(checkpoint, tmp, opset)
-        diff = check_parity(checkpoint, tmp)
-        if diff > tolerance:
-            raise BuildsegError(f"ONNX parity check failed for {out}: max |logit diff| {diff:.2e} > {tolerance:.0e}; "
-                                "nothing written (try another --opset)")
-    return out, diff
+    return out
 
 
-def export_onnx(checkpoint: str | Path, out: str | Path, opset: int = 18) -> Path:
-    model, _ = load_model(checkpoint, "cpu")
-    return export_model_onnx(model, out, opset)
-
-
-def export_model_onnx(model, out: str | Path, opset: int = 18, *, size: int | None = None,
+def export_model_onnx(model, out: str | Path, opset: int = OPSET, *, size: int | None = None,
                       output_name: str = "logits") -> Path:
     """ONNX of a SegmentationModel (eval mode, CPU, fp32): dynamic batch, and dynamic height
     and width unless ``size`` fixes a square input (what Deepness needs)."""
@@ -92,24 +78,18 @@ def _inline_weights(path: Path) -> None:
         data.unlink(missing_ok=True)
 
 
-def check_parity(checkpoint: str | Path, onnx_path: str | Path,
-                 shapes=((1, 224, 224), (3, 100, 300), (2, 47, 33)), seed: int = 0) -> float:
-    """Max |logit difference| between onnxruntime and PyTorch (fp32) over ``shapes``."""
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        raise BuildsegError("the parity check needs onnxruntime: pip install 'buildseg[onnx]'") from None
-    model, _ = load_model(checkpoint, "cpu")
+def onnx_parity(module: torch.nn.Module, onnx_path: str | Path, inputs: list[np.ndarray]) -> float:
+    """Max |output difference| between onnxruntime running ``onnx_path`` and ``module`` in
+    fp32, over ``inputs``; a shape mismatch is an error."""
+    ort = require("onnxruntime", "the ONNX parity check")
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    rng = np.random.default_rng(seed)
+    name = session.get_inputs()[0].name
     worst = 0.0
-    for batch, h, w in shapes:
-        h, w = max(h, model.stride), max(w, model.stride)
-        image = rng.integers(0, 256, (batch, model.card.in_chans, h, w)).astype(np.float32)
+    for array in inputs:
         with torch.no_grad():
-            ref = model(torch.from_numpy(image)).numpy()
-        got = session.run(["logits"], {"image": image})[0]
-        if got.shape != ref.shape:
-            raise BuildsegError(f"ONNX output {got.shape} differs from PyTorch {ref.shape} for input {image.shape}")
-        worst = max(worst, float(np.abs(got - ref).max()))
+            expected = module(torch.from_numpy(array)).numpy()
+        got = session.run(None, {name: array})[0]
+        if got.shape != expected.shape:
+            raise BuildsegError(f"ONNX output {got.shape} differs from PyTorch {expected.shape} for input {array.shape}")
+        worst = max(worst, float(np.abs(got - expected).max()))
     return worst

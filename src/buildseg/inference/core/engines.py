@@ -28,14 +28,15 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from buildseg import extras
 from buildseg.atomic import atomic_path
 from buildseg.errors import BuildsegError
-from buildseg.inference.options import ENGINES, OPENVINO_MODES
 from buildseg.models.factory import SegmentationModel
 from buildseg.runtime import device as device_rules
 from buildseg.runtime import user_cache_dir
 from buildseg.runtime.device import autocast
 from buildseg.runtime.locks import folder_lock
+from buildseg.settings.inference import ENGINES, OPENVINO_MODES
 
 log = logging.getLogger("buildseg")
 MAX_STATIC_SHAPES = 4  # static OpenVINO compiles kept in memory (least recently used out; see _ShapeCompiled)
@@ -45,23 +46,17 @@ MEASURED_MODES = {1: "latency", 2: "latency"}
 EXTRAS = {"openvino": ("openvino", "cpu"), "onnxruntime": ("onnxruntime", "onnx")}
 
 
-def _installed(module: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(module) is not None
-
-
 def resolve_engine(name: str, device: torch.device) -> str:
     if name not in ENGINES:
         raise BuildsegError(f"unknown engine {name!r}; use one of {', '.join(ENGINES)}")
     if name == "auto":
         x86 = platform.machine().lower() in ("x86_64", "amd64")
-        return "openvino" if device.type == "cpu" and x86 and _installed("openvino") else "torch"
+        return "openvino" if device.type == "cpu" and x86 and extras.installed("openvino") else "torch"
     if name != "torch":
         module, extra = EXTRAS[name]
         if device.type != "cpu":
             raise BuildsegError(f"--engine {name} runs on the CPU; use --engine torch on {device}")
-        if not _installed(module):
+        if not extras.installed(module):
             raise BuildsegError(f"--engine {name} needs the {module} package: pip install 'buildseg[{extra}]'")
     return name
 
@@ -97,7 +92,7 @@ def cache_folder(checkpoint: Path | None) -> Path:
 
 def cached_onnx(model: SegmentationModel, folder: Path) -> Path:
     """The model's ONNX graph in ``folder``, exported once per :func:`model_key`."""
-    from buildseg.inference.export import export_model_onnx
+    from buildseg.inference.core.onnx_graph import export_model_onnx
 
     path = folder / f"{model_key(model)}.onnx"
     with folder_lock(folder, required=False):  # torchrun's ranks and Ray workers start together: one exports, the rest reuse
@@ -279,7 +274,7 @@ class _ShapeCompiled:
             return self.core.compile_model(graph, "CPU", self.config)
 
     def is_static(self, shape: tuple[int, ...]) -> bool:
-        return shape[-2] % self.stride == 0 and shape[-1] % self.stride == 0
+        return self.max_shapes > 0 and shape[-2] % self.stride == 0 and shape[-1] % self.stride == 0
 
     def _compiled(self, shape: tuple[int, ...]):
         if not self.is_static(shape):

@@ -21,12 +21,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from buildseg.errors import BuildsegError
+from buildseg.settings.predict import MAX_RETRIES
 
 if TYPE_CHECKING:
-    from buildseg.inference.geotiff import ScenePlan
-    from buildseg.inference.scene_pieces import Piece, PieceResult
-    from buildseg.inference.scene_sources import SceneSource
-    from buildseg.inference.scenes import SceneSettings
+    from buildseg.data.scene_sources import SceneSource
+    from buildseg.inference.jobs.geotiff import ScenePlan
+    from buildseg.inference.jobs.scene_pieces import Piece, PieceResult
+    from buildseg.inference.jobs.scenes import SceneSettings
 
 log = logging.getLogger("buildseg")
 CORES_PER_CPU_WORKER = 2  # default pool on CPUs: one worker per this many cores
@@ -38,7 +39,7 @@ SHARE_PARTS = 4  # auto: a scene is split when it is over a quarter of one worke
 class RayOptions:
     address: str | None = None  # None: start a local Ray for the run
     workers: int | None = None  # None: one per GPU, else one per CORES_PER_CPU_WORKER cores
-    max_retries: int = 2
+    max_retries: int = MAX_RETRIES
     split_megapixels: float | None = None  # split scenes above this into pieces this size; None: auto; 0: never
 
     def split_pixels(self, total_pixels: int, workers: int) -> int | None:
@@ -68,7 +69,7 @@ class SceneWorker:
     def __init__(self, checkpoints: list[str], options: dict[str, Any], threads: int) -> None:
         import torch
 
-        from buildseg.inference.segmenter import Segmenter
+        from buildseg.inference.core.segmenter import Segmenter
 
         torch.set_num_threads(threads)
         self.segmenter = Segmenter.from_checkpoint(checkpoints, **{**options, "threads": threads})
@@ -79,7 +80,7 @@ class SceneWorker:
 
     def predict(self, scene: SceneSource, index: int, job: Job) -> dict:
         """The scene's done-record, or ``{"error": message}`` for a BuildsegError (bad input)."""
-        from buildseg.inference.scenes import predict_scene
+        from buildseg.inference.jobs.scenes import predict_scene
 
         try:
             return predict_scene(self.segmenter, scene, index, Path(job.out_dir), job.settings, job.key)
@@ -88,7 +89,7 @@ class SceneWorker:
 
     def piece(self, plan: ScenePlan, piece: Piece, index: int, job: Job) -> dict:
         """One piece of a split scene: ``{"index", "piece": PieceResult}``, or an error."""
-        from buildseg.inference.scene_pieces import predict_piece
+        from buildseg.inference.jobs.scene_pieces import predict_piece
 
         try:
             return {"index": index, "piece": predict_piece(self.segmenter, plan, piece, Path(job.out_dir))}
@@ -97,8 +98,8 @@ class SceneWorker:
 
     def assemble(self, scene: SceneSource, index: int, plan: ScenePlan, pieces: list[PieceResult], job: Job) -> dict:
         """A split scene's mask, footprints and done-record from all its pieces; the record."""
-        from buildseg.inference.scene_pieces import assemble_scene
-        from buildseg.inference.scenes import scene_outputs, scene_settings, write_done_record
+        from buildseg.inference.jobs.scene_pieces import assemble_scene
+        from buildseg.inference.jobs.scenes import scene_outputs, scene_settings, write_done_record
 
         started = time.monotonic()
         out_dir = Path(job.out_dir)

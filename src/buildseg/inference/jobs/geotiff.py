@@ -55,8 +55,9 @@ from buildseg.formats.rasters import (
     scene_grid,
 )
 from buildseg.formats.stretch import Stretch
-from buildseg.inference.checkpoint_info import CheckpointInfo
-from buildseg.inference.segmenter import Segmenter
+from buildseg.inference.core.checkpoint_info import CheckpointInfo
+from buildseg.inference.core.segmenter import Segmenter
+from buildseg.settings.inference import BLOCK
 
 log = logging.getLogger("buildseg")
 
@@ -81,7 +82,7 @@ class GeoTiffSettings:
     the single-scene path, the many-scene path (``SceneSettings`` adds the layer format) and
     the CLI, so a setting is declared, defaulted and documented once."""
 
-    block: int = 2048  # pixels per processing block
+    block: int = BLOCK  # pixels per processing block
     simplify: float | None = None  # footprint tolerance in CRS units; None: one pixel; 0: exact outlines
     stretch: str = "percentile"  # non-8-bit input: per-band 2-98 percentile stretch, or "none" (clip)
     gsd: float | None = None  # metres per pixel to predict at; None: the raster's own

@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from buildseg.errors import BuildsegError
-from buildseg.inference.options import OVERLAP, WINDOW
-from buildseg.inference.postprocess import PostProcess
+from buildseg.inference.core.postprocess import PostProcess
 from buildseg.models.card import ModelCard
 from buildseg.runtime.checkpoint import checkpoint_paths, load_checkpoint
+from buildseg.settings.inference import OVERLAP, WINDOW
 
 
 def stored_settings(payloads: Sequence[dict[str, Any]], *, threshold: float | None = None,

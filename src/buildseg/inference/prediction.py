@@ -1,0 +1,145 @@
+"""``buildseg predict`` as one library call: what ``--data`` is, which job and which runner.
+
+:func:`run_prediction` takes a :class:`PredictSettings` and routes it: tiles (a CSV or an images
+folder) to ``jobs/tiles.py``, one GeoTIFF to ``jobs/geotiff.py``, many scenes to the local
+runner (one process, torchrun's ranks, or an array job's shard) or to Ray; ``--merge`` needs
+no model at all. Every input is checked before a model loads or a file is written. Returns a
+:class:`PredictOutcome` that the CLI prints.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from buildseg.outputs import FILE, FOLDER, check_outputs
+from buildseg.settings.inference import LAYER_FORMATS
+from buildseg.settings.predict import GEOTIFF, SCENES, TILES, PredictSettings
+
+
+@dataclass
+class PredictOutcome:
+    kind: str  # TILES, GEOTIFF, SCENES or "merge"
+    is_main: bool = True  # the process that reports (rank 0 under torchrun)
+    summary: dict[str, Any] = field(default_factory=dict)  # many scenes and merge
+    geo: Any = None  # GeoResult of one GeoTIFF
+    stats: Any = None  # PredictStats of tiles
+    engine: str = ""  # tiles: what predicted, for --profile
+    precision: str = ""
+    device_type: str = "cpu"
+
+
+def input_kind(data: str) -> str:
+    """TILES, GEOTIFF (one raster: a path or URL ending .tif/.tiff) or SCENES (a folder or
+    list of GeoTIFFs, or STAC)."""
+    from buildseg.data.scene_sources import is_scene_collection
+    from buildseg.formats.locations import is_remote, location_suffix
+
+    if location_suffix(data) in (".tif", ".tiff") and (is_remote(data) or Path(data).is_file()):
+        return GEOTIFF
+    return SCENES if is_scene_collection(data) else TILES
+
+
+def geotiff_settings(settings: PredictSettings, trained: dict, *, scenes: bool = False):
+    """The GeoTIFF job's settings; GSD and bands default to what the checkpoint was trained
+    on (``trained``: its ``input`` record)."""
+    from buildseg.inference.jobs.geotiff import GeoTiffSettings
+    from buildseg.inference.jobs.scenes import SceneSettings
+
+    gsd = None if settings.native_resolution else settings.gsd or trained.get("gsd")
+    values = dict(block=settings.block, simplify=settings.simplify, stretch=settings.stretch, gsd=gsd,
+                  bands=settings.bands or trained.get("bands"), min_area_m2=settings.min_area_m2,
+                  regularize=settings.regularize)
+    if scenes:
+        return SceneSettings(**values, format=settings.format or next(iter(LAYER_FORMATS)))
+    return GeoTiffSettings(**values)
+
+
+def run_prediction(settings: PredictSettings) -> PredictOutcome:
+    """Check everything ``settings`` names, then predict (or merge)."""
+    if settings.merge:
+        from buildseg.inference.jobs.scenes import merge_outputs
+
+        return PredictOutcome("merge", summary=merge_outputs(settings.merge))
+    kind = input_kind(settings.data)
+    settings.check_input(kind)
+    check_outputs((settings.out, "--out", FOLDER if kind == SCENES else FILE),
+                  (settings.masks_dir, "--masks-dir", FOLDER), (settings.overlays_dir, "--overlays-dir", FOLDER),
+                  (settings.footprints, "--footprints", FILE), (settings.geojson, "--geojson", FILE))
+    if kind == SCENES:
+        from buildseg.data.scene_sources import check_sources, list_scene_sources
+
+        scenes = list_scene_sources(settings.data, settings.stac_asset)
+        check_sources(scenes)  # unreachable or missing scenes stop here: no model loaded, nothing written
+        if settings.runner == "ray":
+            return _scenes_on_ray(settings, scenes)
+        return _with_model(settings, kind, scenes=scenes)
+    records = None
+    if kind == TILES:
+        from buildseg.formats.tables import load_records
+
+        records = load_records(settings.data)  # bad data fails before the models load
+    return _with_model(settings, kind, records=records)
+
+
+def _scenes_on_ray(settings: PredictSettings, scenes) -> PredictOutcome:
+    """Ray and its workers start first; the driver reads the checkpoints' description (no
+    model, no torch) while they do."""
+    from buildseg.inference.core.checkpoint_info import CheckpointInfo
+    from buildseg.inference.runners.ray import predict_scenes_ray
+    from buildseg.inference.runners.ray_workers import RayOptions, RayWorkers
+
+    split = {} if settings.ray_split_megapixels is None else {"split_megapixels": settings.ray_split_megapixels}
+    ray_options = RayOptions(address=settings.ray_address, workers=settings.ray_workers,
+                             max_retries=settings.max_retries, **split)
+    options = settings.segmenter_options()
+    workers = RayWorkers.start(ray_options, settings.checkpoint, options, most=len(scenes))
+    try:
+        info = CheckpointInfo.read(settings.checkpoint, **options)
+        summary = predict_scenes_ray(info, options, scenes, settings.out, geotiff_settings(settings, info.input,
+                                     scenes=True), ray_options, progress=settings.progress, workers=workers)
+    finally:
+        workers.close()
+    return PredictOutcome(SCENES, summary=summary)
+
+
+def _with_model(settings: PredictSettings, kind: str, *, scenes=None, records=None) -> PredictOutcome:
+    """The jobs that load the model in this process (under torchrun: on every rank)."""
+    from buildseg.distributed import cleanup, init_distributed
+    from buildseg.inference.core.segmenter import Segmenter
+
+    dist = init_distributed(settings.device)
+    device = str(dist.device) if dist.device.type == "cuda" else settings.device  # each rank on its LOCAL_RANK GPU
+    try:
+        segmenter = Segmenter.from_checkpoint(settings.checkpoint, **{**settings.segmenter_options(), "device": device})
+        outcome = PredictOutcome(kind, is_main=dist.is_main, engine=segmenter.engine, precision=segmenter.precision,
+                                 device_type=segmenter.device.type)
+        if kind == SCENES:
+            from buildseg.inference.runners.local import predict_scenes
+
+            outcome.summary = predict_scenes(segmenter, scenes, settings.out,
+                                             geotiff_settings(settings, segmenter.input, scenes=True), dist,
+                                             progress=settings.progress, shard=settings.shard or (0, 1))
+        elif kind == GEOTIFF:
+            from buildseg.inference.jobs.geotiff import predict_geotiff
+
+            outcome.geo = predict_geotiff(segmenter, settings.data, settings.out, settings.footprints or settings.geojson,
+                                          geotiff_settings(settings, segmenter.input), progress=settings.progress)
+        else:
+            outcome.stats = _tiles(settings, segmenter, records, dist)
+    finally:
+        cleanup(dist)
+    return outcome
+
+
+def _tiles(settings: PredictSettings, segmenter, records, dist):
+    from buildseg.inference.jobs.tile_layers import TILE_LAYERS
+    from buildseg.inference.jobs.tiles import predict_records
+
+    layer = TILE_LAYERS[settings.format](settings.out) if settings.format in TILE_LAYERS else None
+    _, stats = predict_records(segmenter, records, None if layer else settings.out, batch_size=settings.batch_size,
+                               num_workers=settings.num_workers, masks_dir=settings.masks_dir,
+                               overlays_dir=settings.overlays_dir, skip_bad=settings.skip_bad,
+                               progress=settings.progress and dist.is_main, dist=dist, layer=layer)
+    return stats

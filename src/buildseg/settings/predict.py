@@ -1,0 +1,156 @@
+"""``buildseg predict``: every flag, its default and which flags combine, for the three kinds
+of input (tiles: a CSV or an images folder; one GeoTIFF; many scenes)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from buildseg.errors import BuildsegError
+from buildseg.settings.fields import setting
+from buildseg.settings.inference import (
+    BLOCK,
+    LAYER_FORMATS,
+    OPENVINO_MODES,
+    OVERLAP,
+    TILE_FORMATS,
+    WINDOW,
+    EngineSettings,
+)
+
+TILES, GEOTIFF, SCENES = "tiles", "geotiff", "scenes"  # the kinds of --data
+RUNNERS = ("local", "ray")
+MAX_RETRIES = 2  # --runner ray: times a dead worker's scene is retried
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``I/N`` with 0 <= I < N."""
+    try:
+        first, count = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise ValueError(f"{text!r} is not I/N (e.g. 3/10: the 4th of 10 shards, 0-based)") from None
+    if count < 1 or not 0 <= first < count:
+        raise ValueError(f"{text!r}: need 0 <= I < N (I is 0-based; with SLURM use --array=0-{max(count, 1) - 1})")
+    return first, count
+
+
+def parse_bands(text: str) -> list[int]:
+    try:
+        bands = [int(v) for v in text.replace(",", " ").split()]
+    except ValueError:
+        raise ValueError(f"{text!r} is not a list of 1-based band numbers, e.g. 1,2,3") from None
+    if not bands or min(bands) < 1:
+        raise ValueError(f"{text!r} is not a list of 1-based band numbers, e.g. 1,2,3")
+    return bands
+
+
+@dataclass(frozen=True)
+class PredictSettings(EngineSettings):
+    COMMAND = "predict"
+
+    checkpoint: list[str] | None = setting(None, "checkpoint .pt or run folder; repeat to ensemble (required except "
+                                           "with --merge)", repeat=True)
+    data: str | None = setting(None, "test CSV (img_id,img_path) or folder with images/; a GeoTIFF (a path, an https:// "
+                               "or s3:// URL or a GDAL /vsi path); or many scenes: a folder of GeoTIFFs, a CSV with a "
+                               "'path' column (paths or URLs), or a STAC ItemCollection/Catalog JSON")
+    out: str | None = setting(None, "submission CSV to write (GeoTIFF input: the mask COG; many scenes: the output "
+                              "folder)")
+    stac_asset: str | None = setting(None, "STAC input: the item asset holding the image (default: the item's only "
+                                     "GeoTIFF asset, else 'visual')")
+    shard: tuple[int, int] | None = setting(None, "many scenes: predict only every N-th scene from the I-th (0-based; an "
+                                            "array job's index, e.g. $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT); the "
+                                            "last shard to finish merges", parse=parse_shard, metavar="I/N")
+    merge: str | None = setting(None, "only merge OUT_DIR's finished scenes into its layer and manifest (after array "
+                                "jobs); no model needed", metavar="OUT_DIR")
+    runner: str = setting("local", "many scenes: local (this process, or torchrun's ranks) or ray (a pool of Ray "
+                          "workers, one model each, scenes handed out largest first, a dead worker's scene retried)",
+                          choices=RUNNERS)
+    ray_address: str | None = setting(None, "--runner ray: the cluster to join (default: start a local Ray for the run)")
+    ray_workers: int | None = setting(None, "--runner ray: workers (default: one per GPU, else one per 2 CPU cores of "
+                                      "the cluster)", low=1)
+    max_retries: int = setting(MAX_RETRIES, "--runner ray: times a scene is retried when its worker dies", low=0)
+    ray_split_megapixels: float | None = setting(None, "--runner ray: cut scenes larger than this into pieces of about "
+                                                 "this size, predicted on several workers and joined as block borders "
+                                                 "are (default: auto, scenes over a quarter of one worker's share of all "
+                                                 "the pixels, in 64 Mpx pieces; 0: never split)", low=0, metavar="MPX")
+    threshold: float | None = setting(None, "probability threshold (default: the checkpoint's, else 0.5)", low=0,
+                                      high=1, low_open=True, high_open=True)
+    min_area: int | None = setting(None, "remove components smaller than this many pixels", low=0)
+    ds_ensemble: bool | None = setting(None, "average all deep-supervision heads (default: the checkpoint's setting)")
+    empty_vote: int = setting(0, "tile is empty if at least K ensemble members see nothing (0: off; K <= number of "
+                              "checkpoints)", low=0)
+    window: int = setting(WINDOW, "sliding-window size for larger images", low=32)
+    overlap: float = setting(OVERLAP, "sliding-window overlap", low=0, high=1, high_open=True)
+    num_workers: int = setting(-1, "image-decoding workers (-1: from the CPU count)", low=-1)
+    masks_dir: str | None = setting(None, "also write PNG masks here")
+    overlays_dir: str | None = setting(None, "also write overlay PNGs here")
+    skip_bad: bool = setting(False, "write -1 for unreadable images instead of stopping")
+    threads: int | None = setting(None, "the engine's compute threads (default: the engine's own, all cores this "
+                                  "process may use)", low=1)
+    engine_mode: str = setting("auto", "openvino: latency (the whole batch in one request on every core) or throughput "
+                               "(the batch split over OpenVINO's streams, all in flight); auto: the one measured faster "
+                               "on this many cores, latency where not measured", choices=OPENVINO_MODES)
+    profile: bool = setting(False, "print seconds per pipeline stage (decode wait, model, post-processing, CSV) and the "
+                            "engine's threads")
+    footprints: str | None = setting(None, "GeoTIFF input: also write building footprints here; the format follows "
+                                     "the extension: .gpkg, .parquet, .fgb, .geojson")
+    geojson: str | None = setting(None, "GeoTIFF input: footprints as GeoJSON (same as --footprints FILE.geojson)")
+    format: str | None = setting(None, "tiles (CSV/folder input): csv (the submission, default), spacenet (SpaceNet's "
+                                 "proposal CSV) or coco (COCO instance JSON at --out); many scenes: the footprint "
+                                 "layer format (default gpkg)", choices=(*TILE_FORMATS, *LAYER_FORMATS))
+    block: int = setting(BLOCK, "GeoTIFF input: pixels per processing block", low=64)
+    simplify: float | None = setting(None, "GeoTIFF input: footprint simplification tolerance in CRS units (default: "
+                                     "one pixel; 0: off)", low=0)
+    min_area_m2: float = setting(0.0, "GeoTIFF input: drop footprints smaller than this ground area", low=0)
+    regularize: bool = setting(False, "GeoTIFF input: right-angle footprints (buildingregulariser)")
+    gsd: float | None = setting(None, "GeoTIFF input: metres per pixel to predict at (default: the GSD the model was "
+                                "trained at)", low=0, low_open=True)
+    native_resolution: bool = setting(False, "GeoTIFF input: predict at the raster's own pixel size, ignoring the "
+                                      "training GSD")
+    bands: list[int] | None = setting(None, "GeoTIFF input: 1-based bands to read, e.g. 1,2,3 (default: the training "
+                                      "bands)", parse=parse_bands)
+    stretch: str = setting("percentile", "GeoTIFF input that is not 8-bit: per-band 2-98 percentile stretch to 0-255, "
+                           "or clip", choices=("percentile", "none"))
+    progress: bool = setting(True, "progress bars")
+
+    def check(self) -> None:
+        if self.merge:
+            if self.checkpoint or self.data or self.out:
+                raise BuildsegError("--merge OUT_DIR works from the folder's done-records alone: drop --checkpoint, "
+                                    "--data and --out")
+            return
+        for flag in ("checkpoint", "data", "out"):
+            if not getattr(self, flag):
+                raise BuildsegError(f"predict needs --{flag} (or --merge OUT_DIR to merge finished scenes)")
+        if self.ray_split_megapixels is not None and self.runner != "ray":
+            raise BuildsegError("--ray-split-megapixels applies to --runner ray (the local runner predicts a scene in "
+                                "one process); add --runner ray or drop it")
+        if self.runner == "ray" and self.shard:
+            raise BuildsegError("--shard splits scenes over array jobs; --runner ray hands them out itself: use one "
+                                "of them")
+        if self.footprints and self.geojson:
+            raise BuildsegError("give either --footprints or --geojson (the same thing, GeoJSON only), not both")
+
+    def check_input(self, kind: str) -> None:
+        """The rules that depend on what --data turned out to be (TILES, GEOTIFF or SCENES)."""
+        if kind != SCENES and (self.shard or self.runner != "local" or self.stac_asset):
+            flag = "--shard" if self.shard else "--runner" if self.runner != "local" else "--stac-asset"
+            raise BuildsegError(f"{flag} applies to many scenes (a folder or list of GeoTIFFs, or a STAC catalogue); "
+                                f"--data {self.data} is not one")
+        if kind == TILES and (self.gsd or self.bands or self.native_resolution or self.footprints or self.geojson):
+            raise BuildsegError("--gsd, --bands, --native-resolution, --footprints and --geojson apply to GeoTIFF "
+                                f"input; --data {self.data} is not a GeoTIFF or a folder/list of them")
+        if kind != TILES and self.empty_vote:
+            raise BuildsegError("--empty-vote blanks whole tiles (CSV/folder input); a GeoTIFF scene is not a tile: "
+                                "drop --empty-vote")
+        if self.format in TILE_FORMATS and kind != TILES:
+            raise BuildsegError(f"--format {self.format} is for tiles (CSV/folder input); scenes write masks and "
+                                f"footprint layers: use --format {'|'.join(LAYER_FORMATS)} or --footprints FILE")
+        if self.format in LAYER_FORMATS and kind != SCENES:
+            raise BuildsegError(f"--format {self.format} is the footprint layer format of many scenes; for tiles use "
+                                f"--format {'|'.join(TILE_FORMATS)}, for one GeoTIFF --footprints FILE.{self.format}")
+
+    def segmenter_options(self) -> dict:
+        """``Segmenter.from_checkpoint``'s keywords (the checkpoint aside)."""
+        return dict(device=self.device, precision=self.precision, tta=self.tta, threshold=self.threshold,
+                    min_area=self.min_area, ds_ensemble=self.ds_ensemble, window=self.window, overlap=self.overlap,
+                    empty_vote=self.empty_vote, engine=self.engine, threads=self.threads, engine_mode=self.engine_mode)
