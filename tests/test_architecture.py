@@ -91,3 +91,93 @@ def test_layers_point_down_the_pipeline(layer, forbidden):
     bad = sorted(f"{m} -> {d}" for m, deps in import_graph().items() if m.startswith(layer)
                  for d in deps if d.startswith(forbidden))
     assert bad == []
+
+
+def package_of(module: str) -> str:
+    """buildseg.inference.core.engines -> buildseg.inference.core; top-level modules are their own."""
+    parts = module.split(".")
+    if len(parts) <= 2:
+        return module
+    return ".".join(parts[:3]) if parts[1] == "inference" and len(parts) > 3 else ".".join(parts[:2])
+
+
+def package_graph() -> dict[str, set[str]]:
+    graph: dict[str, set[str]] = {}
+    for module, deps in import_graph().items():
+        here = package_of(module)
+        graph.setdefault(here, set()).update(package_of(d) for d in deps if package_of(d) != here)
+    for deps in list(graph.values()):
+        for d in deps:
+            graph.setdefault(d, set())
+    return graph
+
+
+def test_no_loop_between_packages():
+    """Packages (and inference's three layers) form no cycle: a dependency points one way."""
+    assert cycles(package_graph()) == []
+
+
+def _bad(layer: str, forbidden: tuple[str, ...]) -> list[str]:
+    return sorted(f"{m} -> {d}" for m, deps in import_graph().items() if m == layer or m.startswith(layer + ".")
+                  for d in deps if any(d == f or d.startswith(f + ".") for f in forbidden))
+
+
+@pytest.mark.parametrize("layer, forbidden", [
+    ("buildseg.config", ("buildseg.data", "buildseg.training", "buildseg.inference")),
+    ("buildseg.settings", ("buildseg.data", "buildseg.models", "buildseg.training", "buildseg.inference",
+                           "buildseg.config", "buildseg.evaluation")),
+    ("buildseg.data", ("buildseg.evaluation", "buildseg.instance_metrics", "buildseg.metrics", "buildseg.inference",
+                       "buildseg.training")),
+    ("buildseg.inference.core", ("buildseg.inference.jobs", "buildseg.inference.runners",
+                                 "buildseg.inference.prediction")),
+    ("buildseg.inference.jobs", ("buildseg.inference.runners", "buildseg.inference.prediction")),
+    ("buildseg.adaptation", ("buildseg.inference.jobs", "buildseg.inference.runners", "buildseg.inference.prediction")),
+])
+def test_lower_layers_import_no_higher_one(layer, forbidden):
+    assert _bad(layer, forbidden) == []
+
+
+def private_uses() -> list[str]:
+    """``module._name`` calls and ``from module import _name`` across buildseg modules."""
+    paths = {module_name(p): p for p in SRC.rglob("*.py")}
+    found = []
+    for name, path in paths.items():
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        aliases = {}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("buildseg"):
+                for a in node.names:
+                    target = f"{node.module}.{a.name}"
+                    if target in paths:
+                        aliases[a.asname or a.name] = target
+                    elif a.name.startswith("_") and not a.name.startswith("__"):
+                        found.append(f"{name} imports {node.module}.{a.name}")
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases
+                    and node.attr.startswith("_") and not node.attr.startswith("__")):
+                found.append(f"{name} uses {aliases[node.value.id]}.{node.attr}")
+    return sorted(found)
+
+
+def test_no_module_uses_another_modules_private_names():
+    assert private_uses() == []
+
+
+def test_the_rules_catch_what_they_forbid():
+    """The checks fail on the import that breaks them (a loop, a private name)."""
+    assert cycles({"buildseg.a": {"buildseg.b"}, "buildseg.b": {"buildseg.a"}}) == [["buildseg.a", "buildseg.b"]]
+    assert package_of("buildseg.inference.core.engines") == "buildseg.inference.core"
+    assert package_of("buildseg.data.store") == "buildseg.data"
+
+
+def test_no_function_in_src_is_longer_than_60_lines():
+    long = []
+    for path in SRC.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 60:
+                long.append(f"{path.relative_to(SRC)}:{node.name} ({node.end_lineno - node.lineno + 1} lines)")
+    assert long == []
+
+
+def test_cli_only_parses_and_calls():
+    assert len((SRC / "buildseg" / "cli.py").read_text(encoding="utf-8").splitlines()) <= 350

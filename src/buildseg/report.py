@@ -202,6 +202,21 @@ def comparison_html(before: Sequence[ImageScore], after: Sequence[ImageScore], t
             "<th>before</th><th>after</th><th>change</th><th>source</th></tr>" + tiles + "</table>")
 
 
+def _sources_html(scores) -> str:
+    """The per-source table (empty when no image names a source)."""
+    sources = sorted({s.source for s in scores if s.source})
+    if not sources:
+        return ""
+    rows = []
+    for source in sources:
+        mine = [s for s in scores if s.source == source]
+        sub = summarize(np.array([[s.tp, s.fp, s.fn] for s in mine], dtype=np.int64))
+        rows.append(f"<tr><td>{html.escape(source)}</td><td>{len(mine)}</td><td>{_num(sub['dice'])}</td>"
+                    f"<td>{_num(sub['empty_fp_rate'])}</td></tr>")
+    return ("<h2>By source</h2><table id='sources'><tr><th>source</th><th>images</th><th>Dice</th>"
+            "<th>empty-tile FP rate</th></tr>" + "".join(rows) + "</table>")
+
+
 def render_report(pred_csv: str | Path, truth_csv: str | Path, out: str | Path, images: str | Path | None = None,
                   shape: tuple[int, int] | None = None, worst: int = 12, before: str | Path | None = None) -> Path:
     """Write the report page; returns its path. ``before``: predictions of the same tiles by
@@ -246,16 +261,7 @@ def render_report(pred_csv: str | Path, truth_csv: str | Path, out: str | Path, 
                  + "".join(_triptych(s, pred[s.img_id], truth[s.img_id]) for s in empty_fp[:worst]) + "</div>")
     parts.append(f"<h2>False negatives: buildings, nothing predicted ({len(missed)})</h2><div id='missed'>"
                  + "".join(_triptych(s, pred[s.img_id], truth[s.img_id]) for s in missed[:worst]) + "</div>")
-    sources = sorted({s.source for s in scores if s.source})
-    if sources:
-        rows = []
-        for source in sources:
-            mine = [s for s in scores if s.source == source]
-            sub = summarize(np.array([[s.tp, s.fp, s.fn] for s in mine], dtype=np.int64))
-            rows.append(f"<tr><td>{html.escape(source)}</td><td>{len(mine)}</td><td>{_num(sub['dice'])}</td>"
-                        f"<td>{_num(sub['empty_fp_rate'])}</td></tr>")
-        parts.append("<h2>By source</h2><table id='sources'><tr><th>source</th><th>images</th><th>Dice</th>"
-                     "<th>empty-tile FP rate</th></tr>" + "".join(rows) + "</table>")
+    parts.append(_sources_html(scores))
     parts.append("<h2>Every scored image</h2><table id='images'><tr><th>img_id</th><th>Dice</th><th>building F1</th>"
                  "<th>true px</th><th>predicted px</th><th>buildings true</th><th>buildings predicted</th><th>source</th></tr>"
                  + "".join(f"<tr class='image-row'><td>{html.escape(s.img_id)}</td><td>{_num(s.dice)}</td><td>{_num(s.f1)}</td>"

@@ -37,6 +37,18 @@ from buildseg.settings.inference import OVERLAP, WINDOW
 log = logging.getLogger("buildseg")
 
 
+def _members_agree(models: Sequence[SegmentationModel]) -> tuple[int, list[str]]:
+    """(in_chans, targets) that every member of an ensemble shares; one line where they differ."""
+    in_chans = {m.card.in_chans for m in models}
+    if len(in_chans) > 1:
+        raise BuildsegError(f"ensemble members expect different channel counts {sorted(in_chans)}")
+    targets = {tuple(getattr(m.card, "targets", ["footprint"])) for m in models}
+    if len(targets) > 1:
+        raise BuildsegError(f"ensemble members predict different targets {sorted(targets)}: combine models trained "
+                            "with the same --targets")
+    return in_chans.pop(), list(targets.pop())
+
+
 class Segmenter:
     """One or more models (an ensemble averages their probabilities) on one engine, with the
     device, precision, TTA, sliding-window and post-processing settings they predict with.
@@ -50,6 +62,7 @@ class Segmenter:
     def __init__(
         self,
         models: Sequence[SegmentationModel],
+        *,
         device: str | torch.device = "auto",
         precision: str = "auto",
         tta: str = "none",
@@ -74,15 +87,7 @@ class Segmenter:
         for model in models:
             model = model.to(self.device).eval()
             self.models.append(model.to(memory_format=torch.channels_last) if channels_last else model)
-        in_chans = {m.card.in_chans for m in self.models}
-        if len(in_chans) > 1:
-            raise BuildsegError(f"ensemble members expect different channel counts {sorted(in_chans)}")
-        self.in_chans = in_chans.pop()
-        targets = {tuple(getattr(m.card, "targets", ["footprint"])) for m in self.models}
-        if len(targets) > 1:
-            raise BuildsegError(f"ensemble members predict different targets {sorted(targets)}: combine models trained "
-                                "with the same --targets")
-        self.targets = list(targets.pop())
+        self.in_chans, self.targets = _members_agree(self.models)
         self.split = "contact" in self.targets if split is None else bool(split) and "contact" in self.targets
         self.postprocess = postprocess or PostProcess()
         if not 0.0 <= overlap < 1.0:
@@ -104,18 +109,23 @@ class Segmenter:
             self.precision = "int8" if precision == "int8" else resolve_precision(precision, self.device)
         self.input: dict = {}  # what the models were trained on: {"gsd": metres or None, "bands": [...]}
         self.checkpoint_paths: list[Path] = [p for p in (checkpoints or []) if p is not None]
+        self._build_runners(paths, asked=(engine, precision), threads=threads, engine_mode=engine_mode)
+
+    def _build_runners(self, paths: list, *, asked: tuple[str, str], threads: int | None, engine_mode: str) -> None:
+        """One engine per model; with ``--engine auto``, a model that does not export or compile
+        still predicts, with torch."""
         try:
-            self.runners = [build_engine(self.engine, m, self.device, self.precision, channels_last, p, threads,
+            self.runners = [build_engine(self.engine, m, self.device, self.precision, self.channels_last, p, threads,
                                          mode=engine_mode) for m, p in zip(self.models, paths)]
-        except Exception as exc:  # auto: a model that does not export or compile still predicts, with torch
-            if engine != "auto" or self.engine == "torch" or precision == "int8":
+        except Exception as exc:
+            if asked[0] != "auto" or self.engine == "torch" or asked[1] == "int8":
                 raise
             log.warning("engine %s failed for this model (%s: %s); predicting with torch instead",
                         self.engine, type(exc).__name__, (str(exc).strip().splitlines() or [""])[0][:200])
             self.engine = "torch"
             if self.precision == "int8":  # chosen by auto: torch has no int8
                 self.precision = resolve_precision("auto", self.device)
-            self.runners = [build_engine("torch", m, self.device, self.precision, channels_last, p, threads)
+            self.runners = [build_engine("torch", m, self.device, self.precision, self.channels_last, p, threads)
                             for m, p in zip(self.models, paths)]
 
     @classmethod

@@ -122,6 +122,10 @@ def predict_records(
         raise
 
 
+STAGES = ("wait for decoded images (main thread)", "model (main thread)", "post-processing + RLE (background thread)",
+          "wait for post-processing (main thread)", "write CSV")  # what --profile times
+
+
 def _predict(segmenter, records, out_csv, batch_size, num_workers, masks_dir, overlays_dir, skip_bad, progress,
              dist: DistInfo, written: list[Path], layer: TileLayer | None = None) -> tuple[list[str], PredictStats]:
     started = time.monotonic()
@@ -132,34 +136,21 @@ def _predict(segmenter, records, out_csv, batch_size, num_workers, masks_dir, ov
                         pin_memory=segmenter.device.type == "cuda")
     results: dict[int, str] = {}
     skipped: list[str] = []
-    rules = segmenter.rules
-    stages = dict.fromkeys(("wait for decoded images (main thread)", "model (main thread)",
-                            "post-processing + RLE (background thread)", "wait for post-processing (main thread)",
-                            "write CSV"), 0.0)
+    rules, bar = segmenter.rules, tqdm(total=len(dataset), desc="predict", unit="img", disable=not progress)
+    stages = dict.fromkeys(STAGES, 0.0)
 
     def finish(local_index: int, image: torch.Tensor, prob: np.ndarray, members: list[np.ndarray] | None) -> None:
         began = time.monotonic()
         try:
-            _finish(local_index, image, prob, members)
+            mask = rules(prob, members)
+            results[mine[local_index]] = rle.encode(mask)
+            if layer is not None:
+                layer.add(mine[local_index], mask, prob[0] if prob.ndim == 3 else prob)
+            _write_pngs(dataset.records[local_index].img_id, image, mask, masks_dir=masks_dir,
+                        overlays_dir=overlays_dir, written=written)
         finally:
             stages["post-processing + RLE (background thread)"] += time.monotonic() - began
 
-    def _finish(local_index: int, image: torch.Tensor, prob: np.ndarray, members: list[np.ndarray] | None) -> None:
-        record = dataset.records[local_index]
-        mask = rules(prob, members)
-        results[mine[local_index]] = rle.encode(mask)
-        if layer is not None:
-            layer.add(mine[local_index], mask, prob[0] if prob.ndim == 3 else prob)
-        if masks_dir is not None:
-            written.append(Path(masks_dir) / f"{record.img_id}.png")
-            write_png(written[-1], mask * 255)
-        if overlays_dir is not None:
-            written.append(Path(overlays_dir) / f"{record.img_id}.png")
-            rgb = image.numpy().transpose(1, 2, 0)
-            rgb = rgb[:, :, :3] if rgb.shape[2] >= 3 else np.repeat(rgb[:, :, :1], 3, axis=2)
-            write_png(written[-1], overlay(np.ascontiguousarray(rgb), mask))
-
-    bar = tqdm(total=len(dataset), desc="predict", unit="img", disable=not progress)
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending = []
         batches = iter(loader)
@@ -170,18 +161,12 @@ def _predict(segmenter, records, out_csv, batch_size, num_workers, masks_dir, ov
             if items is None:
                 break
             began = time.monotonic()
-            groups: dict[tuple[int, ...], list] = {}
             for index, image, error in items:
                 if image is None:
                     skipped.append(dataset.records[index].img_id)
                     log.warning("skipping %s (written as -1): %s", dataset.records[index].img_id, error)
                     results[mine[index]] = rle.EMPTY
-                    continue
-                groups.setdefault(tuple(image.shape), []).append((index, image))
-            for group in groups.values():  # a large image is windowed inside probabilities()
-                maps = segmenter.probabilities(torch.stack([img for _, img in group]))
-                for k, (index, image) in enumerate(group):
-                    pending.append(pool.submit(finish, index, image, *maps.image(k)))
+            pending += [pool.submit(finish, index, image, *maps) for index, image, maps in _predicted(segmenter, items)]
             stages["model (main thread)"] += time.monotonic() - began
             bar.update(len(items))
             bar.set_postfix(img_s=f"{bar.n / max(1e-9, time.monotonic() - started):.1f}")
@@ -199,9 +184,33 @@ def _predict(segmenter, records, out_csv, batch_size, num_workers, masks_dir, ov
     if out_csv is not None and dist.is_main:
         write_submission(out_csv, [r.img_id for r in records], ordered)
     stages["write CSV"] = time.monotonic() - began
-    seconds = time.monotonic() - started
     n_empty = sum(1 for r in ordered if r == rle.EMPTY)
-    return ordered, PredictStats(len(records), n_empty, skipped, seconds, stages)
+    return ordered, PredictStats(len(records), n_empty, skipped, time.monotonic() - started, stages)
+
+
+def _predicted(segmenter, items):
+    """(index, image, (probabilities, members)) of a batch's readable images, images of one
+    shape predicted together (a large image is windowed inside ``probabilities``)."""
+    groups: dict[tuple[int, ...], list] = {}
+    for index, image, _ in items:
+        if image is not None:
+            groups.setdefault(tuple(image.shape), []).append((index, image))
+    for group in groups.values():
+        maps = segmenter.probabilities(torch.stack([img for _, img in group]))
+        for k, (index, image) in enumerate(group):
+            yield index, image, maps.image(k)
+
+
+def _write_pngs(img_id: str, image: torch.Tensor, mask: np.ndarray, *, masks_dir, overlays_dir, written: list[Path]):
+    """The tile's mask PNG and overlay PNG where asked for (each path noted in ``written``)."""
+    if masks_dir is not None:
+        written.append(Path(masks_dir) / f"{img_id}.png")
+        write_png(written[-1], mask * 255)
+    if overlays_dir is not None:
+        written.append(Path(overlays_dir) / f"{img_id}.png")
+        rgb = image.numpy().transpose(1, 2, 0)
+        rgb = rgb[:, :, :3] if rgb.shape[2] >= 3 else np.repeat(rgb[:, :, :1], 3, axis=2)
+        write_png(written[-1], overlay(np.ascontiguousarray(rgb), mask))
 
 
 def _gather(results: dict[int, str], total: int, dist: DistInfo) -> list[str]:
