@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 WORKERS ?= 2
 XDIST := $(if $(filter 0,$(WORKERS)),,-n $(WORKERS))
 
-.PHONY: venv demo test test-fast lint bench clean
+.PHONY: venv demo test test-fast lint bench clean docs
 
 venv: $(STAMP)
 
@@ -32,6 +32,10 @@ test-fast: lint
 # The whole suite, as CI runs it (.ci/run).
 test: lint
 	$(BIN)/python -m pytest tests $(XDIST) --durations=15
+
+# The defaults tables of docs/cli.md, generated from the settings objects.
+docs: $(STAMP)
+	$(BIN)/python -m buildseg.settings.docs --write
 
 clean:
 	rm -rf demo_out .pytest_cache
