@@ -35,7 +35,7 @@ test: lint
 
 # The defaults tables of docs/cli.md, generated from the settings objects.
 docs: $(STAMP)
-	$(BIN)/python -m buildseg.settings.docs --write
+	$(BIN)/python -m buildseg.cli_docs --write
 
 clean:
 	rm -rf demo_out .pytest_cache

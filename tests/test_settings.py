@@ -10,7 +10,7 @@ from dataclasses import MISSING, fields
 
 import pytest
 
-from buildseg.cli import _commands, build_parser, main
+from buildseg.cli import commands, build_parser, main
 from buildseg.errors import BuildsegError
 from buildseg.settings.fields import flag_of, spec_of
 
@@ -24,7 +24,7 @@ def _subparsers() -> dict[str, argparse.ArgumentParser]:
 def _all_settings():
     from buildseg.adaptation.settings import AdaptSettings
 
-    for name, (cls, _) in _commands().items():
+    for name, (cls, _) in commands().items():
         yield name, cls
         if name == "adapt":
             yield name, AdaptSettings
@@ -43,10 +43,10 @@ def test_every_settings_field_is_a_flag_with_the_same_default_and_choices(comman
 
 
 def test_the_generated_docs_are_current():
-    from buildseg.settings.docs import PAGE, page_with_tables
+    from buildseg.cli_docs import PAGE, page_with_tables
 
     text = PAGE.read_text(encoding="utf-8")
-    assert page_with_tables(text) == text, "docs/cli.md is stale: run python -m buildseg.settings.docs --write"
+    assert page_with_tables(text) == text, "docs/cli.md is stale: run python -m buildseg.cli_docs --write"
 
 
 def test_a_range_fails_alike_from_python_and_from_the_command_line(capsys):

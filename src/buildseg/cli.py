@@ -30,7 +30,7 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _commands() -> dict[str, tuple[type, str]]:
+def commands() -> dict[str, tuple[type, str]]:
     """command -> (its settings class, one line of help), in the order --help lists them."""
     from buildseg.adaptation.settings import AdaptRun
     from buildseg.settings.data import CacheSettings, DemoSettings, SynthSettings
@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"buildseg {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, (settings, text) in _commands().items():
+    for name, (settings, text) in commands().items():
         command = sub.add_parser(name, help=text)
         add_flags(command, settings)
         if name == "train":
