@@ -10,7 +10,7 @@ from dataclasses import MISSING, fields
 
 import pytest
 
-from buildseg.cli import commands, build_parser, main
+from buildseg.cli import build_parser, commands, main
 from buildseg.errors import BuildsegError
 from buildseg.settings.fields import flag_of, spec_of
 
