@@ -27,7 +27,7 @@ from buildseg.models.card import CARD_ONLY, ModelCard
 from buildseg.runtime.precisions import PRECISIONS
 from buildseg.schema import SCHEMA_VERSION, upgrade_config
 from buildseg.settings.models import OBJECTIVES
-from buildseg.settings.train import AUGMENTATIONS
+from buildseg.settings.train import AUGMENTATIONS, SOURCE_BALANCES
 
 
 @dataclass
@@ -35,6 +35,9 @@ class DataConfig:
     train: str | None = None  # competition CSV or images/+masks/ folder
     val: str | None = None  # same; default: hold out val_fraction of the training images
     val_fraction: float = 0.1
+    manifest: str | None = None  # CSV joined by img_id: source (or source_dataset) and gsd (or gsd_m) per tile
+    source_balance: str = "sqrt"  # a source's share of the crops: none (its size) | sqrt (sqrt of its size) | equal
+    gsd_jitter: float = 0.15  # tiles of known GSD are resampled to data.gsd x exp(u), u uniform in +-this
     crop_size: int = 224
     crops_per_image: int = 0  # random crops per training image per epoch; 0: image area / crop area
     val_tile: int = 224
@@ -49,7 +52,7 @@ class DataConfig:
     labels: list[str] | None = None  # footprint files: GeoJSON, GPKG, Shapefile, GeoParquet, ...
     labels_layer: str | None = None  # layer name in a multi-layer file (GeoPackage)
     all_touched: bool = False  # rasterise every pixel a polygon touches (default: pixel centres inside)
-    gsd: float | None = None  # metres per pixel to resample every scene to; default: each scene's own
+    gsd: float | None = None  # metres per pixel to resample scenes, and tiles of known GSD, to; default: as they are
     bands: list[int] | None = None  # 1-based raster bands to read; default 1..in_chans (in_chans follows bands)
     positive_fraction: float = 0.5  # share of training windows centred on a building (rest drawn building-free)
     max_nodata: float = 0.2  # windows with a larger nodata share are never used
@@ -80,6 +83,7 @@ ModelConfig.__module__ = __name__
 @dataclass
 class TrainConfig:
     out: str | None = None
+    init: str | None = None  # start the whole network (encoder, decoder, heads) from a packaged model NAME, a run or a .pt
     epochs: int = 20
     batch_size: int = 8
     lr: float = 1e-3
@@ -166,6 +170,8 @@ def _device_ok(value: str) -> bool:
 
 RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data.val_fraction": _between(0.0, 1.0),
+    "data.source_balance": _choice(*SOURCE_BALANCES),
+    "data.gsd_jitter": _between(0.0, 1.0),
     "data.crop_size": _at_least(16),
     "data.crops_per_image": _at_least(0),
     "data.val_tile": _at_least(16),

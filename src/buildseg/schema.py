@@ -22,6 +22,7 @@ import copy
 from typing import Any
 
 SCHEMA_VERSION = 2
+FORMAT = "buildseg-checkpoint-v1"  # a checkpoint file's marker; the content's version is payload["schema"]
 
 # What a version-1 card meant for a key it did not write: the v1 ModelCard defaults.
 _V1_CARD = {"arch": "unet", "encoder": "resnet34", "in_chans": 3, "decoder_channels": None, "decoder_width": 1.0,

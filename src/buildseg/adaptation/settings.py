@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from buildseg.errors import BuildsegError
-from buildseg.settings.fields import Settings, setting
+from buildseg.settings.fields import Settings, model_setting, setting
 from buildseg.settings.inference import TTA_MODES
 
 CONFIDENT_HIGH = 0.7  # a teacher pixel at or above this is taken as building
@@ -53,7 +53,10 @@ class AdaptRun(Settings):
 
     COMMAND = "adapt"
 
-    checkpoint: str = setting(None, "the trained run folder or checkpoint to adapt", required=True)
+    CHECKPOINT_REQUIRED = True
+
+    checkpoint: str | None = setting(None, "the trained run folder or checkpoint to adapt")
+    model: str | None = model_setting()
     data: str = setting(None, "the target imagery, anything predict reads (a test CSV, an images folder, a GeoTIFF or "
                         "many scenes); only pixels are read, never masks", required=True)
     out: str = setting(None, "the new run folder: best.pt predicts like any run", required=True)

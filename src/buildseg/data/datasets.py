@@ -76,8 +76,14 @@ class TrainCropDataset(Dataset):
         targets: Sequence[str] = ("footprint",),
         augmentations: Sequence[str] = ("d4", "colour"),
         scale_range: Sequence[float] = (0.6, 1.6),
+        record_weights: np.ndarray | None = None,
+        target_gsd: float | None = None,
+        gsd_jitter: float = 0.0,
     ) -> None:
         self.records = list(records)
+        self.record_weights = record_weights  # per-record draw probabilities (data/corpus.py); None: in turn
+        self.target_gsd = target_gsd  # tiles of known GSD are resampled to it (times a jitter of +-gsd_jitter)
+        self.gsd_jitter = gsd_jitter if augment else 0.0
         self.targets = list(targets)
         self.scale_range = tuple(scale_range) if augment and "scale" in augmentations else None
         self.crop_size = crop_size
@@ -108,22 +114,41 @@ class TrainCropDataset(Dataset):
         x = int(rng.integers(0, max(0, width - size) + 1))
         return y, x
 
+    def _scale(self, rng: np.random.Generator, r: int) -> float:
+        """Window side over crop side: towards the target GSD for a tile of known GSD, times the
+        "scale" augmentation's factor. A window of c*s px resized to c is another GSD."""
+        factor = 1.0
+        gsd = self.records[r].gsd
+        if self.target_gsd and gsd:
+            factor = self.target_gsd / gsd * float(np.exp(rng.uniform(-self.gsd_jitter, self.gsd_jitter)))
+        if self.scale_range is not None:
+            low, high = np.log(self.scale_range[0]), np.log(self.scale_range[1])
+            factor *= float(np.exp(rng.uniform(low, high)))
+        return factor
+
     def crop(self, key: tuple[int, int] | int) -> tuple[np.ndarray, np.ndarray, int]:
         """The unaugmented (image, mask) window of sample ``key``, padded, and the sample's seed."""
         epoch, index = key if isinstance(key, tuple) else (0, key)
-        r = index % len(self.records)
         sample_seed = int(np.random.SeedSequence([self.seed, epoch, index]).generate_state(1)[0])
         rng = np.random.default_rng(sample_seed)
-        c = out = self.crop_size
-        if self.scale_range is not None:  # a window of c*s px, resized to c: another ground sample distance
-            low, high = np.log(self.scale_range[0]), np.log(self.scale_range[1])
-            c = max(8, int(round(out * float(np.exp(rng.uniform(low, high))))))
-        if self.store is not None:
-            y, x = self._window(rng, *self.store.shapes[r], size=c)
+        if self.record_weights is None:
+            r = index % len(self.records)
+        else:
+            r = int(np.random.default_rng([sample_seed, 2]).choice(len(self.records), p=self.record_weights))
+        out = self.crop_size
+        factor = self._scale(rng, r)
+        shape = self.store.shapes[r] if self.store is not None else None
+        full = None
+        if shape is None:
+            full = read_image(self.records[r].image_path, self.in_chans)
+            shape = full.shape[:2]
+        # at most 1.5x the tile's side: a 2 cm drone tile seen at 0.5 m would be a speck in a black crop
+        c = max(8, min(int(round(out * factor)), int(1.5 * max(out, *shape[:2]))))
+        if full is None:
+            y, x = self._window(rng, *shape, size=c)
             image, mask = self.store.window(r, y, x, c, c)
         else:
             record = self.records[r]
-            full = read_image(record.image_path, self.in_chans)
             y, x = self._window(rng, *full.shape[:2], size=c)
             image = full[y : y + c, x : x + c]
             mask = self.masks.get(record, full.shape[:2])[y : y + c, x : x + c]
@@ -208,16 +233,18 @@ class GridTileDataset(Dataset):
     the real pixels only.
     """
 
-    def __init__(self, records: Sequence[Record], *, tile: int = 224, in_chans: int = 3) -> None:
+    def __init__(self, records: Sequence[Record], *, tile: int = 224, in_chans: int = 3,
+                 target_gsd: float | None = None) -> None:
         from buildseg.formats.images import image_size
 
         self.records = list(records)
         self.tile = tile
         self.in_chans = in_chans
+        self.target_gsd = target_gsd  # images of known GSD are resampled to it before tiling, as training saw them
         self.masks = MaskCache()
         self.tiles: list[tuple[int, int, int, int, int]] = []
         for r, record in enumerate(self.records):
-            height, width = image_size(record.image_path)
+            height, width = self._resampled_size(record, image_size(record.image_path))
             for y, h in grid_offsets(height, tile):
                 for x, w in grid_offsets(width, tile):
                     self.tiles.append((r, y, x, h, w))
@@ -226,14 +253,30 @@ class GridTileDataset(Dataset):
     def __len__(self) -> int:
         return len(self.tiles)
 
+    def tile_sources(self) -> list[str]:
+        """Each tile's source (the CSV's ``source`` column), for per-source scores."""
+        return [self.records[r].tile_source for r, *_ in self.tiles]
+
     def tile_id(self, index: int) -> str:
         r, y, x, _, _ = self.tiles[index]
         return f"{self.records[r].img_id}@{y},{x}"
+
+    def _resampled_size(self, record: Record, size: tuple[int, int]) -> tuple[int, int]:
+        if not (self.target_gsd and record.gsd):
+            return size
+        ratio = record.gsd / self.target_gsd
+        return max(1, int(round(size[0] * ratio))), max(1, int(round(size[1] * ratio)))
 
     def _load(self, r: int) -> tuple[np.ndarray, np.ndarray]:
         if self._last is None or self._last[0] != r:  # tiles are ordered by image: cache one
             image = read_image(self.records[r].image_path, self.in_chans)
             mask = self.masks.get(self.records[r], image.shape[:2])
+            height, width = self._resampled_size(self.records[r], image.shape[:2])
+            if (height, width) != image.shape[:2]:
+                shrink = height < image.shape[0]
+                image = cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+                image = image[:, :, None] if image.ndim == 2 else image
+                mask = cv2.resize(mask, (width, height), interpolation=cv2.INTER_NEAREST)
             self._last = (r, image, mask)
         return self._last[1], self._last[2]
 

@@ -1,6 +1,8 @@
 """The competition's CSV tables and the images/masks folder layout.
 
-Training/validation: ``img_id,img_path,mask_rle`` (img_path relative to the CSV's folder).
+Training/validation: ``img_id,img_path,mask_rle`` (img_path relative to the CSV's folder), optionally
+with ``source`` (the place or sensor a tile comes from: sampling balance, per-source scores) and
+``gsd`` (metres per pixel; blank when unknown).
 Test: ``img_id,img_path``. Submission: ``img_id,mask_rle`` in the test CSV's row order.
 A folder dataset has ``images/`` and ``masks/`` whose files share stems.
 """
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -32,6 +35,8 @@ class Record:
     rle: str | None = None
     mask_path: Path | None = None
     source: str = ""  # the CSV or folder it came from, for error messages
+    tile_source: str = ""  # the CSV's ``source`` column: the place or sensor (balancing, per-source Dice)
+    gsd: float | None = None  # the CSV's ``gsd`` column: metres per pixel, None when unknown
 
     @property
     def has_mask(self) -> bool:
@@ -82,6 +87,7 @@ def _check_columns(path: Path, columns: Sequence[str], needed: Sequence[str], ex
 
 def read_csv_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
     """(columns, rows) of a UTF-8 CSV, with errors that name the file."""
+    csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))  # an RLE of a busy 1024 px mask passes 131,072 chars
     try:
         with open(path, newline="", encoding="utf-8-sig") as handle:
             reader = csv.DictReader(handle)
@@ -111,11 +117,25 @@ def _read_csv(path: Path, masks: bool = True) -> list[Record]:
                     rle_codec.parse_runs(rle, img_id)
                 except RleError as exc:
                     raise RleError(f"{path} line {line}: {exc}") from None
-        records.append(Record(img_id, path.parent / img_path, rle=rle, source=str(path)))
+        records.append(Record(img_id, path.parent / img_path, rle=rle, source=str(path),
+                              tile_source=(row.get("source") or "").strip(),
+                              gsd=parse_gsd(row.get("gsd"), where=f"{path} line {line}")))
     if not records:
         raise BuildsegError(f"{path} has a header but no rows")
     _check_unique(records, path)
     return records
+
+
+def parse_gsd(text: str | None, *, where: str) -> float | None:
+    """Metres per pixel from a table cell: ``0.5``, ``~0.3``, ``0.54 (web-mercator z18)``; blank,
+    ``unknown``, a bound (``<0.8``) or a range (``0.3-2.5``: a dataset-wide span, not this tile's) is None."""
+    value = (text or "").strip().lstrip("~").strip()
+    match = re.match(r"^(\d+(?:\.\d*)?|\.\d+)(?:\s*m\b)?(.*)$", value)
+    if not value or value[0] in "<>" or value.lower().startswith("unknown") or (match and re.match(r"^\s*[-\u2013]\s*\d", match.group(2))):
+        return None
+    if match is None or float(match.group(1)) <= 0:
+        raise BuildsegError(f"{where}: gsd {text!r} is not metres per pixel (write e.g. 0.5, or leave it blank when unknown)")
+    return float(match.group(1))
 
 
 def _read_folder(path: Path, read_masks: bool = True) -> list[Record]:

@@ -26,9 +26,9 @@ import torch
 from buildseg.atomic import atomic_open
 from buildseg.errors import BuildsegError
 from buildseg.models.factory import ModelCard, SegmentationModel, build_model
-from buildseg.schema import SCHEMA_VERSION, upgrade_checkpoint
+from buildseg.runtime import packaged
+from buildseg.schema import FORMAT, SCHEMA_VERSION, upgrade_checkpoint
 
-FORMAT = "buildseg-checkpoint-v1"  # the file marker; the content's version is payload["schema"]
 RUN_FILES = ("best.pt", "last.pt")  # a run folder's checkpoints, in the order a folder argument picks them
 # What prediction, tuning and export read; best.pt holds only these (plus format and schema).
 PREDICTION_KEYS = ("model_card", "model", "postprocess", "input", "config", "buildseg_version", "monitor",
@@ -53,11 +53,16 @@ def run_checkpoint(folder: Path) -> Path | None:
 
 
 def checkpoint_paths(spec: str | Path | Sequence[str | Path]) -> list[Path]:
-    """Checkpoint files from one path, several, a run folder (its best.pt, else last.pt), or a
-    folder of *.pt / run folders. Every returned path is a file that exists."""
+    """Checkpoint files from one path, several, a run folder (its best.pt, else last.pt), a
+    folder of *.pt / run folders, or a packaged model (``model:NAME``, its checked weight file).
+    Every returned path is a file that exists."""
     items = [spec] if isinstance(spec, (str, Path)) else list(spec)
     paths: list[Path] = []
     for item in items:
+        name = packaged.name_of(str(item))
+        if name is not None:
+            paths.append(packaged.weights_path(name))
+            continue
         path = Path(item)
         if path.is_dir():
             run_file = run_checkpoint(path)
@@ -87,8 +92,11 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[Se
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """The payload of a checkpoint file or run folder, migrated to today's schema."""
-    path = Path(path)
+    """The payload of a checkpoint file, run folder or packaged model, migrated to today's schema."""
+    name = packaged.name_of(str(path))
+    path = packaged.weights_path(name) if name is not None else Path(path)
+    if packaged.is_packaged(path):
+        return upgrade_checkpoint(packaged.payload(path))
     if path.is_dir():
         path = run_checkpoint(path) or path
     if not path.is_file():

@@ -17,6 +17,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Callable, ClassVar
 
 from buildseg.errors import BuildsegError
+from buildseg.runtime.packaged import PACKAGED_PREFIX
 
 
 @dataclass(frozen=True)
@@ -127,11 +128,24 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, ..
             parser.add_argument(flag_of(f), type=parse, nargs=spec.nargs, **common)
 
 
+
+
+def model_setting() -> Any:
+    """The ``--model NAME`` field of every command that takes ``--checkpoint``."""
+    return setting(None, "a packaged model by name instead of --checkpoint (`buildseg models` lists them; the "
+                   "default one is 'buildings')", metavar="NAME")
+
+
 class Settings:
     """Base of every command's settings: fields are checked on construction (types as
-    declared, choices, ranges) and then by the class's cross-field :meth:`check`."""
+    declared, choices, ranges) and then by the class's cross-field :meth:`check`.
+
+    A class with ``checkpoint`` and ``model`` fields takes either: ``--model NAME`` becomes the
+    checkpoint spec ``model:NAME``, which the checkpoint loader resolves (runtime/packaged.py),
+    so the commands downstream see one checkpoint spec whatever the user named."""
 
     COMMAND: ClassVar[str] = ""
+    CHECKPOINT_REQUIRED: ClassVar[bool] = False  # one of --checkpoint / --model must be given
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -146,7 +160,22 @@ class Settings:
                                         f"{', '.join(map(str, spec.choices))}")
                 if isinstance(item, (int, float)) and not isinstance(item, bool) and not _in_range(item, spec):
                     raise BuildsegError(f"{flag_of(f)} {item} is out of range; expected {range_text(spec)}")
+        self._packaged_model()
         self.check()
+
+    def _packaged_model(self) -> None:
+        names = {f.name: f for f in fields(self)}
+        if "model" not in names or "checkpoint" not in names:
+            return
+        model, checkpoint = self.model, self.checkpoint
+        if model and checkpoint:
+            raise BuildsegError("give --checkpoint or --model, not both (--model names a packaged model)")
+        if model:
+            spec = PACKAGED_PREFIX + model
+            object.__setattr__(self, "checkpoint", [spec] if "list" in str(names["checkpoint"].type) else spec)
+        elif not checkpoint and self.CHECKPOINT_REQUIRED:
+            raise BuildsegError(f"{self.COMMAND} needs --checkpoint (a .pt or run folder) or --model NAME "
+                                "(a packaged model: `buildseg models` lists them)")
 
     def check(self) -> None:
         """Rules between fields (one line naming the flags and the fix); none by default."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from buildseg.errors import BuildsegError
-from buildseg.settings.fields import Settings, setting
+from buildseg.settings.fields import Settings, model_setting, setting
 from buildseg.settings.inference import OVERLAP, WINDOW, EngineSettings
 
 OPSET = 18  # the ONNX opset written
@@ -21,7 +21,10 @@ OBJECTIVES = ("dice", "f1")  # what tuning maximises: the competition Dice or bu
 class ExportSettings(Settings):
     COMMAND = "export"
 
-    checkpoint: str = setting(None, "checkpoint .pt or run folder", required=True)
+    CHECKPOINT_REQUIRED = True
+
+    checkpoint: str | None = setting(None, "checkpoint .pt or run folder")
+    model: str | None = model_setting()
     onnx: str = setting(None, "output .onnx file", required=True)
     opset: int = setting(OPSET, "ONNX opset", low=7)
     tolerance: float = setting(TOLERANCE, "max |logit diff| allowed in the parity check", low=0, low_open=True)
@@ -43,7 +46,10 @@ class ExportSettings(Settings):
 class QuantizeSettings(Settings):
     COMMAND = "quantize"
 
-    checkpoint: str = setting(None, "checkpoint .pt or run folder", required=True)
+    CHECKPOINT_REQUIRED = True
+
+    checkpoint: str | None = setting(None, "checkpoint .pt or run folder")
+    model: str | None = model_setting()
     data: str = setting(None, "validation CSV/folder with masks: calibration tiles and the Dice check", required=True)
     n_tiles: int = setting(CALIBRATION_TILES, "calibration tiles", low=1)
     tile: int = setting(224, "calibration and validation tile side in pixels", low=32)
@@ -56,10 +62,18 @@ class QuantizeSettings(Settings):
 class TuneSettings(EngineSettings):
     COMMAND = "tune"
 
-    checkpoint: list[str] = setting(None, "checkpoint .pt; repeat to tune an ensemble", repeat=True, required=True)
+    CHECKPOINT_REQUIRED = True
+
+    checkpoint: list[str] | None = setting(None, "checkpoint .pt; repeat to tune an ensemble", repeat=True)
+    model: str | None = model_setting()
     data: str = setting(None, "validation CSV/folder with masks (cut into a grid of --tile tiles)", required=True)
     tile: int = setting(224, "tile side in pixels", low=16)
     objective: str = setting("dice", "what the best setting maximises: competition Dice or building F1 at IoU 0.5",
                              choices=OBJECTIVES)
     save: bool = setting(True, "write the best setting into the checkpoint (--no-save: print only)")
     json: str | None = setting(None, "also write all results to this JSON file")
+
+    def check(self) -> None:
+        if self.model and self.save:
+            raise BuildsegError("tune --model: a packaged model is read-only; add --no-save (and --json FILE to keep the "
+                                "results), or fine-tune it into a run with `buildseg train --init`")

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from buildseg.errors import BuildsegError
-from buildseg.settings.fields import setting
+from buildseg.settings.fields import model_setting, setting
 from buildseg.settings.inference import (
     BLOCK,
     LAYER_FORMATS,
@@ -49,6 +49,7 @@ class PredictSettings(EngineSettings):
 
     checkpoint: list[str] | None = setting(None, "checkpoint .pt or run folder; repeat to ensemble (required except "
                                            "with --merge)", repeat=True)
+    model: str | None = model_setting()
     data: str | None = setting(None, "test CSV (img_id,img_path) or folder with images/; a GeoTIFF (a path, an https:// "
                                "or s3:// URL or a GDAL /vsi path); or many scenes: a folder of GeoTIFFs, a CSV with a "
                                "'path' column (paths or URLs), or a STAC ItemCollection/Catalog JSON")

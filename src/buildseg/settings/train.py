@@ -8,6 +8,9 @@ from dataclasses import dataclass
 from buildseg.settings.fields import Settings, setting
 
 # data.augmentations: what data/augment.py builds for each name
+# data.source_balance: a source's share of the crops is n ** alpha (data/corpus.py)
+SOURCE_BALANCES = ("none", "sqrt", "equal")
+
 AUGMENTATIONS = ("d4", "colour", "hsv", "gamma", "clahe", "blur", "jpeg", "histmatch", "scale", "cutmix")
 
 

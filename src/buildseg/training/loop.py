@@ -35,6 +35,7 @@ from buildseg.errors import BuildsegError
 from buildseg.models.factory import SegmentationModel
 from buildseg.runtime.checkpoint import load_checkpoint, prediction_payload, rng_state, save_atomic, set_rng_state
 from buildseg.runtime.device import autocast, resolve_device, resolve_precision, seed_everything
+from buildseg.training.init import apply_init
 from buildseg.training.logs import RunLog
 from buildseg.training.schedule import Progress, crop_side, make_optimizer, make_scheduler
 from buildseg.training.setup import (
@@ -70,14 +71,19 @@ class TrainResult:
     is_main: bool = True  # this process is rank 0 (DistInfo.is_main): it prints and tunes
 
 
+def _resume_payload(config: Config, resume: str | Path | None) -> dict | None:
+    """RUN/last.pt's payload when resuming (the run folder becomes train.out), else None."""
+    if resume is None:
+        return None
+    if not (Path(resume) / "last.pt").is_file():
+        raise BuildsegError(f"cannot resume: {Path(resume) / 'last.pt'} does not exist")
+    config.train.out = str(resume)
+    return load_checkpoint(Path(resume) / "last.pt")
+
+
 class Trainer:
     def __init__(self, config: Config, resume: str | Path | None = None) -> None:
-        payload = None
-        if resume is not None:
-            if not (Path(resume) / "last.pt").is_file():
-                raise BuildsegError(f"cannot resume: {Path(resume) / 'last.pt'} does not exist")
-            config.train.out = str(resume)
-            payload = load_checkpoint(Path(resume) / "last.pt")
+        payload = _resume_payload(config, resume)
         self.config, t = config, config.train
         if not config.data.train:
             raise BuildsegError("no training data: pass --data CSV|DIR (or data.train in the config)")
@@ -90,13 +96,14 @@ class Trainer:
         self.run_dir = Path(t.out)
         self.log = RunLog(self.run_dir, enabled=self.dist.is_main, tensorboard=t.tensorboard)
         seed_everything(t.seed, t.deterministic)
+        init = None if payload else apply_init(config)  # before the data: the init's GSD may become data.gsd
         data = build_data(config, self.dist, self.device)
         self.train_set, self.val_set, self.sampler, self.loader = data.train_set, data.val_set, data.sampler, data.loader
         self.scenes = data.scenes
         self.cutmix = config.data.augment and "cutmix" in config.data.augmentations
         self.card = card_from_config(config)
-        self.model: SegmentationModel = build_training_model(
-            config, self.card, "none" if payload else config.model.weights, self.dist, self.device)
+        self.model: SegmentationModel = build_training_model(config, self.card, self.dist, self.device, resumed=payload,
+                                                             init=init)
         self.frozen_norms = freeze_encoder_norms(self.model) if t.freeze_encoder_norms else []
         self.ema = None
         if t.ema:
@@ -321,6 +328,7 @@ class Trainer:
             "val_seconds": time.monotonic() - started, "nonfinite_skipped": self.nonfinite_total,
             "data_wait": self.data_wait / max(train_seconds, 1e-9),
         }
+        record.update({f"val_dice/{source or '(no source)'}": dice for source, dice in summary["dice_by_source"].items()})
         self.history.append(record)
         self.log.event({"kind": "epoch", **record})
         self.log.write_history(self.history)
@@ -330,6 +338,8 @@ class Trainer:
                      " (partial)" if partial else "", record["train_loss"], summary["dice"], summary["n_scored"],
                      summary["n"], summary["empty_fp_rate"], summary["f1"], record["train_img_s"],
                      100 * record["data_wait"])
+            for source, dice in summary["dice_by_source"].items():
+                log.info("  val Dice %.4f  %s", dice, source or "(no source)")
             if record["data_wait"] > 0.3 and train_seconds > 10:
                 log.warning("the loader, not the model, bounds the step rate: %.0f%% of the training time waited for "
                             "data; raise --num-workers or use --cache disk|ram", 100 * record["data_wait"])

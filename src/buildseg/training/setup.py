@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from buildseg import __version__
 from buildseg.config import Config, config_from_dict
+from buildseg.data.corpus import describe_sources, record_weights, with_manifest
 from buildseg.data.datasets import EpochSampler, GridTileDataset, TrainCropDataset, split_records
 from buildseg.data.store import open_store
 from buildseg.distributed import DistInfo
@@ -28,6 +29,7 @@ from buildseg.formats.tables import load_records
 from buildseg.losses import DeepSupervisionLoss, TargetsLoss, parse_loss
 from buildseg.models.factory import ModelCard, SegmentationModel, build_model
 from buildseg.runtime.device import default_workers
+from buildseg.training.init import load_init_weights
 from buildseg.training.signals import ignore_stop_signals
 
 log = logging.getLogger("buildseg")
@@ -86,8 +88,11 @@ def _datasets(config: Config, dist: DistInfo):
     if d.bands:
         raise BuildsegError("--bands selects raster bands of GeoTIFF scenes (with --labels); for PNG/CSV data use --in-chans")
     records = load_records(d.train, require_masks=True)
+    records = with_manifest(records, d.manifest) if d.manifest else records
     if d.val:
-        train_records, val_records = records, load_records(d.val, require_masks=True)
+        val_records = load_records(d.val, require_masks=True)
+        train_records = records
+        val_records = with_manifest(val_records, d.manifest, require_all=False) if d.manifest else val_records
     else:
         train_records, val_records = split_records(records, d.val_fraction, t.seed)
         if len(records) < 2:
@@ -97,10 +102,15 @@ def _datasets(config: Config, dist: DistInfo):
                        progress=dist.is_main and t.progress)
     train_set = TrainCropDataset(train_records, crop_size=d.crop_size, crops_per_image=d.crops_per_image,
                                  augment=d.augment, seed=t.seed, in_chans=in_chans, store=store,
-                                 targets=config.model.targets, augmentations=d.augmentations, scale_range=d.scale_range)
+                                 targets=config.model.targets, augmentations=d.augmentations, scale_range=d.scale_range,
+                                 record_weights=record_weights(train_records, d.source_balance), target_gsd=d.gsd,
+                                 gsd_jitter=d.gsd_jitter)
     if dist.is_main:
         log.info("crops from %s", f"the {store.mode} store" if store else "decoding each image per crop")
-    return train_set, GridTileDataset(val_records, tile=d.val_tile, in_chans=in_chans), None
+        if len({r.tile_source for r in train_records}) > 1 or any(r.gsd for r in train_records):
+            for line in describe_sources(train_records, d.source_balance):
+                log.info("source %s%s", line, "" if d.gsd else " (no data.gsd: pixels taken as they are)")
+    return train_set, GridTileDataset(val_records, tile=d.val_tile, in_chans=in_chans, target_gsd=d.gsd), None
 
 
 def build_data(config: Config, dist: DistInfo, device: torch.device) -> TrainingData:
@@ -124,8 +134,8 @@ def build_data(config: Config, dist: DistInfo, device: torch.device) -> Training
     return TrainingData(train_set, val_set, sampler, loader, scenes)
 
 
-def build_training_model(config: Config, card: ModelCard, weights: str, dist: DistInfo,
-                         device: torch.device) -> SegmentationModel:
+def build_training_model(config: Config, card: ModelCard, dist: DistInfo, device: torch.device, *,
+                         resumed: dict | None = None, init: dict | None = None) -> SegmentationModel:
     """The model on its device: channels_last, and SyncBatchNorm through timm's converter.
 
     timm's ``convert_sync_batchnorm`` turns ``BatchNormAct2d`` into ``SyncBatchNormAct`` and
@@ -134,7 +144,10 @@ def build_training_model(config: Config, card: ModelCard, weights: str, dist: Di
     plain model, so checkpoints load for prediction unchanged.
     """
     t = config.train
-    model = build_model(card, weights).to(device)
+    model = build_model(card, "none" if resumed or init else config.model.weights)
+    if init is not None:  # train --init: every tensor of the init (its weights replace ImageNet's)
+        load_init_weights(model, init, t.init)
+    model = model.to(device)
     if t.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if t.sync_bn:

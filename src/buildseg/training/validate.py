@@ -71,4 +71,13 @@ def validate(model, dataset, device, precision, batch_size, threshold=0.5, chann
     buildings = InstanceCounts(int(n_true), int(n_pred), int(n_matched), float(iou_sum)).summary()
     return {**summarize(counts[:, :3].astype(np.int64)), "f1": buildings["f1"],
             "building_precision": buildings["precision"], "building_recall": buildings["recall"],
-            "mean_iou": buildings["mean_iou"]}
+            "mean_iou": buildings["mean_iou"], "dice_by_source": dice_by_source(counts, dataset)}
+
+
+def dice_by_source(counts: np.ndarray, dataset) -> dict[str, float]:
+    """The competition Dice of each source's tiles, when the validation tiles have more than one
+    source (a corpus of many places: the mean hides the place the model fails on)."""
+    sources = np.array(dataset.tile_sources()) if hasattr(dataset, "tile_sources") else np.array([""])
+    if len(set(sources.tolist())) < 2:
+        return {}
+    return {str(s): float(summarize(counts[sources == s, :3].astype(np.int64))["dice"]) for s in sorted(set(sources.tolist()))}

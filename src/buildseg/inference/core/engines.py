@@ -147,8 +147,11 @@ INT8_FOLDER = "int8"  # beside the checkpoint: RUN/int8/<model key>.xml/.bin and
 def int8_path(model: SegmentationModel, checkpoint: Path | None) -> Path:
     """Where a new int8 OpenVINO model of ``model`` is written: with the run
     (``<checkpoint folder>/int8/<key>.xml``), so it travels with ``best.pt``; the engine
-    cache when the run folder is read-only or there is no checkpoint."""
-    if checkpoint is not None and os.access(checkpoint.parent, os.W_OK):
+    cache when the run folder is read-only, the checkpoint is a packaged model (the installed
+    package is never written to) or there is no checkpoint."""
+    from buildseg.runtime.packaged import is_packaged
+
+    if checkpoint is not None and not is_packaged(checkpoint) and os.access(checkpoint.parent, os.W_OK):
         return checkpoint.parent / INT8_FOLDER / f"{model_key(model)}.xml"
     return cache_folder(checkpoint) / f"{model_key(model)}.int8.xml"
 

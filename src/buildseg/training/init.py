@@ -1,0 +1,75 @@
+"""``train --init NAME|RUN|CHECKPOINT``: start the whole network (encoder, decoder, heads) from
+a packaged model or another run, not only the encoder from ImageNet.
+
+The network is the init's: its model card replaces the config's architecture keys, so
+``train --init buildings --data FEW.csv`` needs no architecture flags. A key the user set to
+something else (``--encoder resnet34 --init buildings``) cannot be honoured and is an error;
+so are other bands or targets than the init was trained on. The init's training GSD becomes
+``data.gsd`` when the run sets none, so tiles of known GSD are seen at the scale the weights
+learnt.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from buildseg.config import Config, ModelConfig
+from buildseg.errors import BuildsegError
+from buildseg.models.card import CARD_ONLY
+from buildseg.runtime import packaged
+from buildseg.runtime.checkpoint import load_checkpoint
+from buildseg.runtime.packaged import PACKAGED_PREFIX
+
+log = logging.getLogger("buildseg")
+FOLLOWS_DATA = ("in_chans", "targets")  # what the data decides: must equal the init's
+
+
+def init_spec(text: str) -> str:
+    """A checkpoint spec for ``--init``: a path when one exists, else a packaged model name."""
+    if Path(text).exists() or text.startswith(PACKAGED_PREFIX):
+        return text
+    if "/" in text or text.endswith(".pt"):
+        raise BuildsegError(f"--init {text}: no such run folder or checkpoint (or give a packaged model's name: "
+                            "`buildseg models` lists them)")
+    packaged.find(text)  # an unknown name is one line naming the known ones
+    return PACKAGED_PREFIX + text
+
+
+def apply_init(config: Config) -> dict[str, Any] | None:
+    """Load ``train.init`` and make ``config.model`` its card; the payload (for its weights)."""
+    if not config.train.init:
+        return None
+    spec = init_spec(config.train.init)
+    payload = load_checkpoint(spec)
+    card = payload["model_card"]
+    defaults = ModelConfig()
+    for f in fields(ModelConfig):
+        if f.name not in card or f.name in CARD_ONLY:
+            continue
+        mine, default, theirs = getattr(config.model, f.name), getattr(defaults, f.name), card[f.name]
+        if mine == theirs:
+            continue
+        if f.name in FOLLOWS_DATA:
+            raise BuildsegError(f"--init {config.train.init} was trained with {f.name} {theirs} but this run has "
+                                f"{mine}: start from a model with the same bands and targets, or drop --init")
+        if mine != default and f.name not in ("dropout",):
+            raise BuildsegError(f"--init {config.train.init} is a {card.get('arch')}/{card.get('encoder')} network with "
+                                f"{f.name} {theirs}; drop the {f.name} setting ({mine}) or drop --init")
+        setattr(config.model, f.name, theirs)
+    gsd = (payload.get("input") or {}).get("gsd")
+    if config.data.gsd is None and gsd:
+        config.data.gsd = float(gsd)
+        log.info("data.gsd = %g m (the GSD --init %s was trained at)", gsd, config.train.init)
+    log.info("network from --init %s: %s/%s", config.train.init, card.get("arch"), card.get("encoder"))
+    return payload
+
+
+def load_init_weights(model, payload: dict[str, Any], source: str) -> None:
+    """Every tensor of the init into ``model`` (strict: a missing or extra one is an error)."""
+    try:
+        model.load_state_dict(payload["model"], strict=True)
+    except RuntimeError as exc:
+        raise BuildsegError(f"--init {source}: its weights do not fit this network ({str(exc).splitlines()[0][:200]})") from None
