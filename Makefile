@@ -23,7 +23,7 @@ demo: $(STAMP)
 	$(BIN)/buildseg demo --out demo_out
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks recipes
 
 # The edit-run loop: lint + every test not marked slow (target: under 2 minutes on 2 cores).
 test-fast: lint

@@ -35,7 +35,7 @@ def commands() -> dict[str, tuple[type, str]]:
     from buildseg.adaptation.settings import AdaptRun
     from buildseg.settings.data import CacheSettings, DemoSettings, SynthSettings
     from buildseg.settings.evaluate import EvaluateSettings, ReportSettings
-    from buildseg.settings.models import ExportSettings, QuantizeSettings, TuneSettings
+    from buildseg.settings.models import ExportSettings, ModelsSettings, QuantizeSettings, TuneSettings
     from buildseg.settings.predict import PredictSettings
     from buildseg.settings.train import TrainRun
 
@@ -50,6 +50,7 @@ def commands() -> dict[str, tuple[type, str]]:
         "export": (ExportSettings, "export a checkpoint to ONNX (dynamic batch and size) with a parity check"),
         "adapt": (AdaptRun, "adapt a trained model to unlabelled imagery of a new place (self-training)"),
         "quantize": (QuantizeSettings, "int8 model for --engine openvino --precision int8, calibrated with NNCF"),
+        "models": (ModelsSettings, "list the packaged models (--model NAME, train --init NAME), or one model's card"),
         "cache": (CacheSettings, "decode a training set once into the disk store ahead of a run"),
         "synth": (SynthSettings, "write a synthetic demo dataset in the competition format"),
         "demo": (DemoSettings, "synth data -> train a few minutes -> predict -> evaluate"),
@@ -228,6 +229,15 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models(args: argparse.Namespace) -> int:
+    from buildseg.runtime.packaged import listing_lines
+    from buildseg.settings.models import ModelsSettings
+
+    settings = ModelsSettings.from_args(args)
+    print("\n".join(listing_lines(settings.name, as_json=settings.json)))
+    return 0
+
+
 def cmd_cache(args: argparse.Namespace) -> int:
     from buildseg.data.store import build_disk_store
     from buildseg.settings.data import CacheSettings
@@ -262,7 +272,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 COMMANDS = {"adapt": cmd_adapt, "quantize": cmd_quantize, "cache": cmd_cache, "train": cmd_train, "predict": cmd_predict,
             "evaluate": cmd_evaluate, "report": cmd_report, "tune": cmd_tune, "export": cmd_export, "synth": cmd_synth,
-            "demo": cmd_demo}
+            "demo": cmd_demo, "models": cmd_models}
 
 
 def _error(command: str, message: str) -> int:

@@ -126,3 +126,45 @@ def payload(path: Path) -> dict[str, Any]:
             "buildseg_version": model.code_version, "packaged": {"name": model.name, "version": model.version},
             "monitor": "dice", "best_score": float(model.quality.get("val_dice", float("nan"))), "epoch": 0, "step": 0,
             "history": []}
+
+
+def write_model(payload: dict[str, Any], *, name: str, version: str, zoo: Path | None = None, **card: Any) -> Path:
+    """Package a checkpoint payload as ``zoo/NAME.safetensors`` (fp16) + ``NAME.json`` (the
+    card: ``card`` holds sources, quality, recipe, code_version, notes). Returns the weights."""
+    from safetensors.torch import save_file
+
+    zoo = zoo or ZOO
+    zoo.mkdir(parents=True, exist_ok=True)
+    state = {k: v.half().contiguous() if v.is_floating_point() else v.contiguous() for k, v in payload["model"].items()}
+    weights = zoo / f"{name}.safetensors"
+    save_file(state, str(weights))
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    entry = PackagedModel(name=name, version=version, sha256=digest, model_card=dict(payload["model_card"]),
+                          input=dict(payload.get("input") or {}), postprocess=dict(payload.get("postprocess") or {}), **card)
+    (zoo / f"{name}.json").write_text(json.dumps(entry.__dict__, indent=1) + "\n", encoding="utf-8")
+    return weights
+
+
+def listing_lines(name: str | None = None, *, as_json: bool = False) -> list[str]:
+    """What ``buildseg models`` prints: a table of every packaged model, or one model's card."""
+    if name is not None:
+        model = find(name)
+        card = {k: v for k, v in model.__dict__.items()}
+        card["size_mb"] = model.summary()["size_mb"]
+        if as_json:
+            return [json.dumps(card, indent=2)]
+        lines = [f"{model.name} {model.version}: {model.summary()['arch']}, input {model.input.get('gsd') or 'native'} m/px, "
+                 f"{model.model_card.get('in_chans')} bands, {card['size_mb']} MB (sha256 {model.sha256[:12]}...)"]
+        lines += [f"  source {s['name']}: {s.get('tiles', '?')} tiles; terms: {s.get('terms', 'not stated')}" for s in model.sources]
+        lines += [f"  quality {k}: {v}" for k, v in model.quality.items()]
+        lines += [f"  recipe: {model.recipe}", f"  code: buildseg {model.code_version}"] + ([f"  notes: {model.notes}"] if model.notes else [])
+        return lines
+    rows = [m.summary() for m in available()]
+    if as_json:
+        return [json.dumps(rows, indent=2)]
+    if not rows:
+        return ["no packaged models installed"]
+    head = ["name", "version", "arch", "gsd_m", "bands", "size_mb", "sources", "quality"]
+    table = [head] + [[str(r[k]) for k in head] for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(head))]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table]

@@ -77,3 +77,11 @@ class TuneSettings(EngineSettings):
         if self.model and self.save:
             raise BuildsegError("tune --model: a packaged model is read-only; add --no-save (and --json FILE to keep the "
                                 "results), or fine-tune it into a run with `buildseg train --init`")
+
+
+@dataclass(frozen=True)
+class ModelsSettings(Settings):
+    COMMAND = "models"
+
+    name: str | None = setting(None, "show one packaged model's whole card (sources and their terms, recipe, quality)")
+    json: bool = setting(False, "print JSON instead of a table")

@@ -80,12 +80,20 @@ def model_key(model: SegmentationModel) -> str:
 CACHE_ENV = "BUILDSEG_ENGINE_CACHE"  # one folder for every checkpoint's graphs (a fleet's shared disk, a test run)
 
 
+def writable_beside(checkpoint: Path | None) -> bool:
+    """Whether files may be written beside ``checkpoint``: not for none, a read-only folder or a
+    packaged model (the installed package is never written to)."""
+    from buildseg.runtime.packaged import is_packaged
+
+    return checkpoint is not None and not is_packaged(checkpoint) and os.access(checkpoint.parent, os.W_OK)
+
+
 def cache_folder(checkpoint: Path | None) -> Path:
     """``$BUILDSEG_ENGINE_CACHE`` when set; else beside the checkpoint; else the user cache.
     Graphs are keyed by :func:`model_key`, so one folder can serve many checkpoints."""
     if os.environ.get(CACHE_ENV):
         return Path(os.environ[CACHE_ENV])
-    if checkpoint is not None and os.access(checkpoint.parent, os.W_OK):
+    if writable_beside(checkpoint):
         return checkpoint.parent / ".buildseg-engines"
     return user_cache_dir("engines")
 
@@ -149,9 +157,7 @@ def int8_path(model: SegmentationModel, checkpoint: Path | None) -> Path:
     (``<checkpoint folder>/int8/<key>.xml``), so it travels with ``best.pt``; the engine
     cache when the run folder is read-only, the checkpoint is a packaged model (the installed
     package is never written to) or there is no checkpoint."""
-    from buildseg.runtime.packaged import is_packaged
-
-    if checkpoint is not None and not is_packaged(checkpoint) and os.access(checkpoint.parent, os.W_OK):
+    if writable_beside(checkpoint):
         return checkpoint.parent / INT8_FOLDER / f"{model_key(model)}.xml"
     return cache_folder(checkpoint) / f"{model_key(model)}.int8.xml"
 
