@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import json
 import math
 import sys
 import time
@@ -47,11 +48,18 @@ def merge(base: dict, extra: dict) -> dict:
 
 
 def write_fold_csvs(grid: dict, root: Path, out: Path) -> dict[str, tuple[Path, Path]]:
-    with open(root / grid["manifest"]) as handle:
-        source = {row["img_id"]: row["source_dataset"] for row in csv.DictReader(handle)}
+    """Each fold's training and held-out CSVs. Sources come from the grid's manifest, or from
+    the data CSV's own ``source`` column (a corpus from recipes/buildings/corpus.py)."""
+    csv.field_size_limit(2**31 - 1)
     data_csv = root / grid["data"]
     with open(data_csv) as handle:
-        rows = list(csv.DictReader(handle))
+        reader = csv.DictReader(handle)
+        rows, columns = list(reader), list(reader.fieldnames or [])
+    if grid.get("manifest"):
+        with open(root / grid["manifest"]) as handle:
+            source = {row["img_id"]: row["source_dataset"] for row in csv.DictReader(handle)}
+    else:
+        source = {row["img_id"]: row["source"] for row in rows}
     for row in rows:
         row["img_path"] = str((data_csv.parent / row["img_path"]).resolve())
     folds = {}
@@ -62,7 +70,7 @@ def write_fold_csvs(grid: dict, root: Path, out: Path) -> dict[str, tuple[Path, 
             path = out / "folds" / f"{name}_{part}.csv"
             path.parent.mkdir(parents=True, exist_ok=True)
             with open(path, "w", newline="") as handle:
-                writer = csv.DictWriter(handle, fieldnames=["img_id", "img_path", "mask_rle"])
+                writer = csv.DictWriter(handle, fieldnames=columns)
                 writer.writeheader()
                 writer.writerows(r for r in rows if keep(r))
             paths.append(path)
@@ -76,9 +84,10 @@ def evaluate(checkpoint: Path, config, train_csv: Path, heldout_csv: Path, spec:
     post = PostProcess()
     if spec.get("tune"):
         _, val = split_records(load_records(train_csv), config.data.val_fraction, config.train.seed)
-        probs, truths = predict_tiles(seg, GridTileDataset(val, tile=224))
+        probs, truths = predict_tiles(seg, GridTileDataset(val, tile=224, target_gsd=config.data.gsd))
         post = search(probs, truths)[0].post
-    probs, truths = predict_tiles(seg, GridTileDataset(load_records(heldout_csv), tile=224))
+    # tiles of known GSD at the GSD the model was trained at, as GeoTIFF prediction resamples them
+    probs, truths = predict_tiles(seg, GridTileDataset(load_records(heldout_csv), tile=224, target_gsd=config.data.gsd))
     board = Scoreboard()
     for prob, truth in zip(probs, truths):
         board.add(apply(prob, post), truth)
@@ -92,19 +101,60 @@ def fmt(values: list[float], digits: int = 3) -> str:
     return f"{np.mean(values):.{digits}f} ± {np.std(values):.{digits}f}" if len(values) > 1 else f"{values[0]:.{digits}f}"
 
 
+def paired(per_fold: dict, base: dict) -> str:
+    """Mean ± sd of the per-run Dice differences against the first row (same fold and seed),
+    and how many went up."""
+    keys = [k for k in per_fold if k in base]
+    if not keys or per_fold is base:
+        return "—"
+    diffs = [per_fold[k]["dice"] - base[k]["dice"] for k in keys]
+    return f"{np.mean(diffs):+.3f} ± {np.std(diffs):.3f}, {sum(d > 0 for d in diffs)} of {len(diffs)} up"
+
+
 def table(results: dict, grid: dict) -> str:
     folds = list(grid["folds"])
-    lines = [f"| row | Dice (mean ± sd over folds {', '.join(folds)}, and seeds) | per fold (and seed) | IoU | empty-tile FP rate | train img/s | "
-             "images seen | train CPU min | train wall min |",
-             "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+    base = next(iter(results.values()), {})
+    lines = [f"| row | Dice (mean ± sd over folds {', '.join(folds)}, and seeds) | per fold (and seed) | vs first row, paired | "
+             "IoU | empty-tile FP rate | train img/s | images seen | train CPU min | train wall min |",
+             "|---|---:|---|---|---:|---:|---:|---:|---:|---:|"]
     for name, per_fold in results.items():
         dice = [r["dice"] for r in per_fold.values()]
         lines.append(
-            f"| {name} | {fmt(dice)} | {' / '.join(f'{d:.3f}' for d in dice)} | {fmt([r['iou'] for r in per_fold.values()])} | "
+            f"| {name} | {fmt(dice)} | {' / '.join(f'{d:.3f}' for d in dice)} | {paired(per_fold, base)} | "
+            f"{fmt([r['iou'] for r in per_fold.values()])} | "
             f"{fmt([r['empty_fp_rate'] for r in per_fold.values()], 2)} | {fmt([r['img_s'] for r in per_fold.values()], 1)} | "
             f"{fmt([r['images'] for r in per_fold.values()], 0)} | {fmt([r['cpu_minutes'] for r in per_fold.values()], 1)} | "
             f"{fmt([r['minutes'] for r in per_fold.values()], 1)} |")
     return "\n".join(lines)
+
+
+def train_row(row: dict, base: dict, root: Path, out: Path, budget: float, clock: str, train_csv: Path,
+              seed: int | None, key: str) -> tuple[Path, object, dict]:
+    """Train one row on one fold (and seed) under the budget; (best.pt, config, throughput)."""
+    name = row["name"]
+    overrides = {k: v for k, v in row.items() if k in ("model", "data", "train", "loss")}
+    if isinstance(overrides.get("model", {}).get("weights"), str) and overrides["model"]["weights"] not in ("none", "imagenet"):
+        overrides["model"]["weights"] = str((root / overrides["model"]["weights"]).resolve())
+    config = config_from_dict(merge(base, overrides), source=f"row {name!r}")
+    if seed is not None:
+        config.train.seed = seed
+    config.data.train = str(train_csv)
+    config.train.out = str(out / "runs" / name.replace(" ", "_").replace("/", "-").replace(":", "") / key.replace("/", "_"))
+    config.train.epochs = 10_000
+    config.train.time_limit = budget
+    config.train.time_limit_clock = clock
+    config.train.progress = False
+    done = Path(config.train.out) / "best.pt"
+    if done.is_file() and (Path(config.train.out) / "stats.json").is_file():  # finished before an interruption
+        return done, config, json.loads((Path(config.train.out) / "stats.json").read_text())
+    started, cpu_started = time.monotonic(), time.process_time()
+    result = train(config)
+    minutes, cpu_minutes = (time.monotonic() - started) / 60, (time.process_time() - cpu_started) / 60
+    train_seconds = sum(h["train_seconds"] for h in result.history)
+    images = sum(h["train_img_s"] * h["train_seconds"] for h in result.history)
+    stats = {"img_s": images / max(train_seconds, 1e-9), "images": images, "minutes": minutes, "cpu_minutes": cpu_minutes}
+    (Path(config.train.out) / "stats.json").write_text(json.dumps(stats))
+    return done, config, stats
 
 
 def main() -> None:
@@ -129,37 +179,20 @@ def main() -> None:
         base["model"]["weights"] = str((root / weights).resolve())
     results: dict[str, dict] = {}
     runs: dict[tuple[str, str], tuple[Path, object, dict]] = {}
-    for row in grid["rows"]:
-        name = row["name"]
-        if args.rows and name not in args.rows and row.get("reuse") not in args.rows:
-            continue
-        results[name] = {}
-        for fold, seed, (train_csv, heldout_csv) in [(f, s, p) for s in (args.seeds or [None]) for f, p in folds.items()]:
-            key = fold if seed is None else f"{fold}/s{seed}"
+    rows = [r for r in grid["rows"] if not args.rows or r["name"] in args.rows or r.get("reuse") in args.rows]
+    for row in rows:
+        results[row["name"]] = {}
+    # fold x seed outer, rows inner: an interrupted run still holds complete paired comparisons
+    for fold, seed, (train_csv, heldout_csv) in [(f, s, p) for s in (args.seeds or [None]) for f, p in folds.items()]:
+        key = fold if seed is None else f"{fold}/s{seed}"
+        for row in rows:
+            name = row["name"]
             if row.get("reuse"):
                 if (row["reuse"], key) not in runs:
                     continue
                 checkpoint, config, stats = runs[(row["reuse"], key)]
             else:
-                overrides = {k: v for k, v in row.items() if k in ("model", "data", "train", "loss")}
-                if isinstance(overrides.get("model", {}).get("weights"), str) and overrides["model"]["weights"] not in ("none", "imagenet"):
-                    overrides["model"]["weights"] = str((root / overrides["model"]["weights"]).resolve())
-                config = config_from_dict(merge(base, overrides), source=f"row {name!r}")
-                if seed is not None:
-                    config.train.seed = seed
-                config.data.train = str(train_csv)
-                config.train.out = str(out / "runs" / name.replace(" ", "_").replace("/", "-").replace(":", "") / key.replace("/", "_"))
-                config.train.epochs = 10_000
-                config.train.time_limit = budget
-                config.train.time_limit_clock = clock
-                config.train.progress = False
-                started, cpu_started = time.monotonic(), time.process_time()
-                result = train(config)
-                minutes, cpu_minutes = (time.monotonic() - started) / 60, (time.process_time() - cpu_started) / 60
-                train_seconds = sum(h["train_seconds"] for h in result.history)
-                images = sum(h["train_img_s"] * h["train_seconds"] for h in result.history)
-                stats = {"img_s": images / max(train_seconds, 1e-9), "images": images, "minutes": minutes, "cpu_minutes": cpu_minutes}
-                checkpoint = Path(config.train.out) / "best.pt"
+                checkpoint, config, stats = train_row(row, base, root, out, budget, clock, train_csv, seed, key)
                 runs[(name, key)] = (checkpoint, config, stats)
             summary = evaluate(checkpoint, config, train_csv, heldout_csv, row.get("eval", {}))
             results[name][key] = {**summary, **stats}

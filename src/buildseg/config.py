@@ -186,6 +186,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data.max_nodata": _between(0.0, 1.0),
     "model.arch": ((lambda v: v in ("unet", "seed_unet") or v.startswith("smp.")), "unet, seed_unet or smp.<Name>"),
     "model.in_chans": _at_least(1),
+    "model.style_mix": _between(0.0, 1.0, closed_high=True),
     "model.decoder_channels": ((lambda v: len(v) > 0 and all(c >= 1 for c in v)), "a non-empty list of positive ints"),
     "model.decoder_width": ((lambda v: 0 < v <= 4), "in (0, 4], e.g. 0.5 for half-width decoder convolutions"),
     "model.norm": _choice("batch", "group", "none"),

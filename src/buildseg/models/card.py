@@ -35,6 +35,8 @@ class ModelCard:
     input_norm: str = "dataset"  # dataset: the encoder's (ImageNet) mean/std | image: each image's own per-channel
     # mean/std, so a sensor's or season's overall colour and contrast are gone before the encoder (in the graph: every
     # engine and export gets it; a sliding window or GeoTIFF block is standardised on its own pixels)
+    style_mix: float = 0.0  # probability per batch of mixing early encoder feature statistics across images
+    # (MixStyle; training only: identical network at eval and in exported graphs; models/style_mix.py)
     mean: list[float] = field(default_factory=list)
     std: list[float] = field(default_factory=list)
 

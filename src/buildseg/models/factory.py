@@ -154,4 +154,10 @@ def build_model(card: ModelCard, weights: str = "none") -> SegmentationModel:
     if not card.mean:
         encoder = getattr(net, "encoder", None)
         card.mean, card.std = _normalisation(encoder, card.in_chans)
-    return SegmentationModel(net, card)
+    model = SegmentationModel(net, card)
+    encoder = getattr(net, "encoder", None)
+    if card.style_mix > 0 and encoder is not None and hasattr(encoder, "feature_info"):
+        from buildseg.models.style_mix import attach_style_mix
+
+        model.style_mix = attach_style_mix(encoder, card.style_mix)  # a child module: train()/eval() reach it
+    return model
