@@ -171,6 +171,9 @@ class Settings:
         if model and checkpoint:
             raise BuildsegError("give --checkpoint or --model, not both (--model names a packaged model)")
         if model:
+            from buildseg.runtime.packaged import find
+
+            find(model)  # an unknown name fails here, before any data is read
             spec = PACKAGED_PREFIX + model
             object.__setattr__(self, "checkpoint", [spec] if "list" in str(names["checkpoint"].type) else spec)
         elif not checkpoint and self.CHECKPOINT_REQUIRED:
