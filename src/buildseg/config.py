@@ -84,6 +84,9 @@ ModelConfig.__module__ = __name__
 class TrainConfig:
     out: str | None = None
     init: str | None = None  # start the whole network (encoder, decoder, heads) from a packaged model NAME, a run or a .pt
+    few_tiles: int = 20  # --init on at most this many tiles without --val-data: the few-label schedule (training/init.py)
+    few_steps: int = 100  # few-label schedule: optimizer steps (the stopping rule: no tiles are set aside to validate)
+    few_lr: float = 2e-4  # few-label schedule: peak learning rate (one-cycle, few_steps // 10 warm-up)
     epochs: int = 20
     batch_size: int = 8
     lr: float = 1e-3
@@ -114,6 +117,7 @@ class TrainConfig:
     max_nonfinite: int = 20  # abort after this many non-finite losses in a row
     threshold: float = 0.5  # for validation Dice
     monitor: str = "dice"  # dice | f1 (building F1 at IoU 0.5): what best.pt and early stopping follow
+    keep_last: bool = False  # best.pt holds the last weights, not the best-scoring (the few-label schedule sets it)
     tune_at_end: bool = True  # search threshold x min-area x empty rule on the validation tiles; stored in best.pt
     quantize_at_end: bool = True  # int8 OpenVINO model of best.pt, kept if it holds the validation Dice (cpu extra)
     quantize_time_limit: float = 5.0  # minutes the end-of-training int8 step may take; past it the model is refused
@@ -200,6 +204,9 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.epochs": _at_least(1),
     "train.batch_size": _at_least(1),
     "train.lr": ((lambda v: v > 0), "> 0"),
+    "train.few_lr": ((lambda v: v > 0), "> 0"),
+    "train.few_tiles": _at_least(0),
+    "train.few_steps": _at_least(1),
     "train.weight_decay": _at_least(0),
     "train.optimizer": _choice("adamw", "sgd"),
     "train.scheduler": _choice("cosine", "onecycle", "plateau", "none"),

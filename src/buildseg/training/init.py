@@ -1,6 +1,15 @@
 """``train --init NAME|RUN|CHECKPOINT``: start the whole network (encoder, decoder, heads) from
 a packaged model or another run, not only the encoder from ImageNet.
 
+**The few-label schedule.** ``--init`` on at most ``train.few_tiles`` (20) labelled tiles and no
+``--val-data``: no tiles are set aside (each is worth more for training than for choosing a
+checkpoint), the stopping rule is a fixed ``train.few_steps`` optimizer steps at a peak rate of
+``train.few_lr`` (one-cycle with a tenth of them as warm-up), in one epoch of crops drawn from all
+tiles; best.pt holds the last weights (``keep_last``), the validation line scores the training
+tiles (a sanity check, not a held-out score) and the init's tuned post-processing is kept. The
+general ``lr``, ``epochs``, ``warmup_steps`` and ``crops_per_image`` are replaced, and logged.
+Defaults chosen by measurement: benchmarks/README.md "Few labels".
+
 The network is the init's: its model card replaces the config's architecture keys, so
 ``train --init buildings --data FEW.csv`` needs no architecture flags. A key the user set to
 something else (``--encoder resnet34 --init buildings``) cannot be honoured and is an error;
@@ -73,3 +82,17 @@ def load_init_weights(model, payload: dict[str, Any], source: str) -> None:
         model.load_state_dict(payload["model"], strict=True)
     except RuntimeError as exc:
         raise BuildsegError(f"--init {source}: its weights do not fit this network ({str(exc).splitlines()[0][:200]})") from None
+
+
+def few_label_schedule(config: Config, n_tiles: int) -> bool:
+    """Switch ``config`` to the few-label schedule when it applies (see the module); True then."""
+    t, d = config.train, config.data
+    if not t.init or d.val or n_tiles > t.few_tiles:
+        return False
+    d.crops_per_image = max(1, -(-t.few_steps * t.batch_size // n_tiles))
+    t.epochs, t.lr, t.warmup_steps = 1, t.few_lr, max(1, t.few_steps // 10)
+    t.keep_last, t.tune_at_end, t.early_stopping = True, False, None
+    log.info("few-label schedule: %d tiles (<= train.few_tiles %d) and no --val-data: all of them train, %d steps at lr "
+             "%g, best.pt = the last weights, the init's post-processing kept; the validation line scores the training "
+             "tiles", n_tiles, t.few_tiles, t.few_steps, t.few_lr)
+    return True

@@ -98,6 +98,8 @@ class Trainer:
         seed_everything(t.seed, t.deterministic)
         init = None if payload else apply_init(config)  # before the data: the init's GSD may become data.gsd
         data = build_data(config, self.dist, self.device)
+        # a few-label fine-tune is not re-tuned on its own tiles: it keeps the init's post-processing
+        self.init_postprocess = (init or {}).get("postprocess") if not config.train.tune_at_end else None
         self.train_set, self.val_set, self.sampler, self.loader = data.train_set, data.val_set, data.sampler, data.loader
         self.scenes = data.scenes
         self.cutmix = config.data.augment and "cutmix" in config.data.augmentations
@@ -351,6 +353,7 @@ class Trainer:
         early stopping counts validations without one."""
         score = record["val_f1" if self.config.train.monitor == "f1" else "val_dice"]
         improved = score > self.best_score if not math.isnan(score) else self.best_score < 0
+        improved = improved or self.config.train.keep_last
         if improved:
             self.best_score, self.bad_epochs = (0.0 if math.isnan(score) else score), 0
         else:
@@ -397,7 +400,8 @@ class Trainer:
             **{name: copy.deepcopy(getattr(self, name)) for name in self.COUNTERS},
             "step": self.progress.step, "elapsed": self.progress.now(), "rng": rng_state(),
             "model_card": self.card.to_dict(), "config": self.config.to_dict(), "monitor": self.config.train.monitor,
-            "postprocess": {"threshold": self.config.train.threshold, "min_area": 0}, "buildseg_version": __version__,
+            "postprocess": self.init_postprocess or {"threshold": self.config.train.threshold, "min_area": 0},
+            "buildseg_version": __version__,
             "input": {"gsd": self.config.data.gsd, "bands": input_bands(self.config)},  # GeoTIFF prediction reads alike
         }
 

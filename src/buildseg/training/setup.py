@@ -29,7 +29,7 @@ from buildseg.formats.tables import load_records
 from buildseg.losses import DeepSupervisionLoss, TargetsLoss, parse_loss
 from buildseg.models.factory import ModelCard, SegmentationModel, build_model
 from buildseg.runtime.device import default_workers
-from buildseg.training.init import load_init_weights
+from buildseg.training.init import few_label_schedule, load_init_weights
 from buildseg.training.signals import ignore_stop_signals
 
 log = logging.getLogger("buildseg")
@@ -93,6 +93,8 @@ def _datasets(config: Config, dist: DistInfo):
         val_records = load_records(d.val, require_masks=True)
         train_records = records
         val_records = with_manifest(val_records, d.manifest, require_all=False) if d.manifest else val_records
+    elif few_label_schedule(config, len(records)):
+        train_records, val_records = records, records
     else:
         train_records, val_records = split_records(records, d.val_fraction, t.seed)
         if len(records) < 2:
