@@ -125,6 +125,7 @@ def target_folder(synth_data, tmp_path):
     return folder
 
 
+@pytest.mark.slow
 def test_adapt_never_reads_a_mask(trained_run, target_folder, tmp_path, monkeypatch):
     _unreadable_masks(target_folder, monkeypatch)
     (target_folder / "masks" / next(target_folder.glob("masks/*.png")).name).unlink()  # one image without a mask
@@ -136,6 +137,7 @@ def test_adapt_never_reads_a_mask(trained_run, target_folder, tmp_path, monkeypa
     assert adapt(trained_run, table, tmp_path / "adapted2", FAST).steps_done == 3
 
 
+@pytest.mark.slow
 def test_teacher_tta_pseudo_labels_are_the_mean_over_the_dihedral_copies(trained_run, target_folder, tmp_path,
                                                                          monkeypatch):
     """With --teacher-tta d4 the probabilities the pseudo-labels come from are the mean of the
@@ -274,6 +276,7 @@ def test_report_shows_before_and_after_on_the_same_tiles(synth_data, tmp_path):
     assert page.count("class='change-row'") >= 1
 
 
+@pytest.mark.slow
 def test_per_image_standardisation_ignores_colour_and_contrast_and_exports(tmp_path):
     """input_norm=image: a per-channel brightness/contrast change of the input leaves the
     output unchanged, in torch and in the exported ONNX graph (the engines' input)."""

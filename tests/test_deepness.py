@@ -24,6 +24,7 @@ def metadata_of(path) -> dict:
     return {k: json.loads(v) for k, v in session.get_modelmeta().custom_metadata_map.items()}
 
 
+@pytest.mark.slow
 def test_deepness_export_has_the_plugins_metadata_input_and_output(tmp_path, capsys):
     from buildseg.runtime.checkpoint import load_model, save_atomic
     from conftest import write_tiny_checkpoint

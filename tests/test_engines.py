@@ -41,6 +41,7 @@ def test_engine_matches_torch_on_random_inputs(engine, checkpoints):
     torch.testing.assert_close(torch.from_numpy(compiled.probabilities(batch).mean[:, 0]), torch.from_numpy(reference.probabilities(batch).mean[:, 0]), atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif("openvino" not in AVAILABLE, reason="openvino not installed")
 @pytest.mark.parametrize("max_shapes", [0, 2])
 def test_openvino_static_and_dynamic_compiles_agree(checkpoints, monkeypatch, max_shapes):

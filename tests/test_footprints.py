@@ -193,6 +193,7 @@ def test_many_scenes_shared_by_two_torchrun_processes(scene_folder, tmp_path):
     assert len(merged) == len(reference) and merged.geometry.geom_equals(reference.geometry).all()
 
 
+@pytest.mark.slow
 def test_checkpoint_info_gives_the_segmenters_run_key_and_plan_without_a_model(tmp_path):
     """The Ray driver reads a CheckpointInfo instead of building the models: the run key (the
     outputs' identity across runners and re-runs), the stored input and the channel count must

@@ -81,6 +81,7 @@ def test_the_invalid_polygon_is_repaired_and_counted(scene, caplog):
     assert "1 invalid geometries repaired" in caplog.text
 
 
+@pytest.mark.slow
 def test_no_training_window_is_mostly_nodata(scene):
     geo = prepare_geo_data(str(scene.raster), [str(scene.labels)], BANDS)
     dataset = GeoWindowDataset(geo.scenes, BANDS, crop_size=96, augment=True, max_nodata=0.2, positive_fraction=0.5)
@@ -197,7 +198,7 @@ def test_val_region_is_held_out_of_training(scene):
         assert not s.held_out.intersects(s.window_box(win.row, win.col, 64, 64))
     val = GeoGridDataset(geo.scenes, BANDS, tile=64)
     assert len(val) > 0
-    assert all(s.val_region.contains(Point(s.grid_transform(t.row + 32, t.col + 32) * (0, 0))) for t in val.tiles)
+    assert all(s.val_region.contains(Point(s.grid_transform(t.row + 32, t.col + 32) @ (0, 0))) for t in val.tiles)
 
 
 # -- clear errors: exit 2, one line naming the input and the fix -------------------------------

@@ -59,6 +59,7 @@ def test_geotiff_in_georeferenced_mask_and_polygons_out(checkpoint, tmp_path):
     assert total == pytest.approx(mask.sum() * 0.25, rel=1e-6)
 
 
+@pytest.mark.slow
 def test_geotiff_without_crs_warns_and_uses_pixels(checkpoint, tmp_path):
     src = write_tif(tmp_path / "plain.tif", None)
     with pytest.warns(UserWarning, match="no CRS"):
@@ -111,6 +112,7 @@ def test_float_raster_with_nan_stretches_on_its_finite_values(tmp_path):
     assert (out[:, :10] == 0).all() and out[:, 10:].max() == 255
 
 
+@pytest.mark.slow
 def test_uint16_geotiff_prediction_equals_prediction_on_its_stretched_uint8(checkpoint, tmp_path):
     from buildseg.inference.jobs.geotiff import raster_stretch
 

@@ -39,6 +39,7 @@ def test_tta_equals_the_manual_average():
     assert len(transforms("flip")) == 2 and len(transforms("d4")) == 8
 
 
+@pytest.mark.slow
 def test_sliding_window_matches_full_image_away_from_borders():
     seg = small_segmenter(window=256, overlap=0.5)
     rng = np.random.default_rng(0)
@@ -111,6 +112,7 @@ def test_perfect_prediction_scores_one(synth_data, capsys):
     assert out["dice"] == 1.0
 
 
+@pytest.mark.slow
 def test_corrupt_tile_in_the_middle(trained, synth_data, tmp_path, capsys):
     rows = list(csv.DictReader(open(synth_data / "test.csv")))
     (tmp_path / "broken.png").write_bytes(b"not a png at all")

@@ -163,6 +163,7 @@ def tiny_checkpoint(tmp_path_factory):
     return write_tiny_checkpoint(tmp_path_factory.mktemp("modes") / "m.pt", seed=8)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["fp32"])  # bf16 shares the code path (and is emulated, slowly, off AMX)
 def test_openvino_throughput_mode_gives_the_latency_modes_probabilities(tiny_checkpoint, precision):
     ckpt = tiny_checkpoint

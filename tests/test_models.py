@@ -84,6 +84,7 @@ def test_checkpoint_round_trip_gives_identical_outputs(tmp_path):
     torch.load(tmp_path / "m.pt", weights_only=True)
 
 
+@pytest.mark.slow
 def test_decoder_width_scales_the_default_plan_and_old_checkpoints_keep_theirs(tmp_path):
     def widths(model):
         return [block.convs[0][0].out_channels for block in model.net.blocks]

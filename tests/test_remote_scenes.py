@@ -121,21 +121,31 @@ def served(tmp_path):
         yield server
 
 
+@pytest.fixture(scope="module")
+def _threshold(tmp_path_factory) -> float:
+    """The stored threshold that leaves buildings on 30% of scene_0's pixels (the same scene
+    and the same untrained model in every test: computed once per module)."""
+    from buildseg.inference.core.segmenter import Segmenter
+
+    folder = tmp_path_factory.mktemp("threshold")
+    path = write_tiny_checkpoint(folder / "m.pt")
+    with rasterio.open(write_cog(folder / "scene_0.tif", seed=0)) as src:
+        image = src.read().transpose(1, 2, 0)
+    prob = Segmenter.from_checkpoint(path, engine="torch", window=128).probabilities(image).mean
+    return float(np.quantile(prob, 0.7))
+
+
 @pytest.fixture()
-def ckpt(served, tmp_path):
+def ckpt(served, tmp_path, _threshold):
     """An untrained tiny model whose stored threshold leaves buildings (30% of scene_0's
     pixels), so masks and layers have something in them to compare."""
     import torch
 
-    from buildseg.inference.core.segmenter import Segmenter
     from buildseg.runtime.checkpoint import save_atomic
 
     path = write_tiny_checkpoint(tmp_path / "m.pt")
-    with rasterio.open(served.root / "scene_0.tif") as src:
-        image = src.read().transpose(1, 2, 0)
-    prob = Segmenter.from_checkpoint(path, engine="torch", window=128).probabilities(image).mean
     payload = torch.load(path, weights_only=False)
-    payload["postprocess"] = {"threshold": float(np.quantile(prob, 0.7)), "min_area": 0}
+    payload["postprocess"] = {"threshold": _threshold, "min_area": 0}
     return save_atomic(payload, path)
 
 
@@ -149,6 +159,7 @@ def read_mask(path):
         return src.read(1), src.transform, src.crs
 
 
+@pytest.mark.slow
 def test_a_remote_cog_predicts_the_same_mask_as_the_local_file(served, ckpt, tmp_path):
     assert predict(ckpt, served.root / "scene_0.tif", tmp_path / "local.tif") == 0
     assert predict(ckpt, f"{served.url}/scene_0.tif", tmp_path / "remote.tif") == 0
@@ -158,6 +169,7 @@ def test_a_remote_cog_predicts_the_same_mask_as_the_local_file(served, ckpt, tmp
     assert any(start > 0 for name, start, _ in served.requests if name == "scene_0.tif")  # read by ranges
 
 
+@pytest.mark.slow
 def test_a_connection_dropped_mid_read_is_retried(served, ckpt, tmp_path):
     assert predict(ckpt, served.root / "scene_1.tif", tmp_path / "local.tif") == 0
     served.drop["scene_1.tif"] = 1

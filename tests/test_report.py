@@ -57,6 +57,7 @@ def test_report_rows_worst_tiles_and_sections(scored, tmp_path):
     assert page.count("data:image/png;base64,") == 1 + 3 * page.count('class="case"')  # histogram + 3 per case
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (apt-get install chromium)")
 def test_report_renders_in_headless_chromium(scored, tmp_path):
     out = tmp_path / "report.html"

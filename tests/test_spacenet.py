@@ -232,6 +232,7 @@ def test_invalid_bowtie_proposal_is_repaired_like_the_scorer(tmp_path):
 
 
 # -- predict --format spacenet -------------------------------------------------------------
+@pytest.mark.slow
 def test_predict_format_spacenet_is_the_csv_mask_as_polygons_and_scores_like_it(synth_data, tmp_path, capsys):
     """The proposal CSV rasterises back to the submission's masks pixel for pixel, lists
     every tile (POLYGON EMPTY when empty), and scores the building F1 the mask CSV scores."""

@@ -123,7 +123,7 @@ class Scene:
         from shapely.geometry import Polygon
 
         t = self.grid_transform(row, col)
-        return Polygon([t * (0, 0), t * (width, 0), t * (width, height), t * (0, height)])
+        return Polygon([t @ (0, 0), t @ (width, 0), t @ (width, height), t @ (0, height)])
 
     def footprints_in(self, box) -> np.ndarray:
         """The polygons that meet ``box``, from the STRtree (built once per process)."""
@@ -226,7 +226,7 @@ class GeoWindowDataset(Dataset):
         if positive and len(scene.polygons):
             polygon = scene.polygons[rng.integers(len(scene.polygons))]
             minx, miny, maxx, maxy = polygon.bounds
-            col, row = ~scene.grid_transform() * (rng.uniform(minx, maxx), rng.uniform(miny, maxy))
+            col, row = ~scene.grid_transform() @ (rng.uniform(minx, maxx), rng.uniform(miny, maxy))
             r, k = int(row) - int(rng.integers(c)), int(col) - int(rng.integers(c))
             return min(max(r, 0), high_r), min(max(k, 0), high_c)
         return int(rng.integers(high_r + 1)), int(rng.integers(high_c + 1))

@@ -146,7 +146,7 @@ class SceneGrid:
         """The affine transform of the grid, with its origin at grid pixel (row, col)."""
         from affine import Affine
 
-        return src_transform * Affine.translation(col * self.step_x, row * self.step_y) * Affine.scale(self.step_x, self.step_y)
+        return src_transform @ Affine.translation(col * self.step_x, row * self.step_y) @ Affine.scale(self.step_x, self.step_y)
 
 
 def scene_grid(src, gsd: float | None, path: str | Path) -> SceneGrid:
