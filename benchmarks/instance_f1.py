@@ -137,7 +137,7 @@ def main() -> None:
                 # post-processing tuned for building F1 on the training side's held-out 15%, as
                 # `buildseg tune --objective f1` would (threshold, min-area, empty rule)
                 _, val = split_records(load_records(train_csv), config.data.val_fraction, config.train.seed)
-                seg.postprocess = tune_segmenter(seg, GridTileDataset(val, tile=224), "f1").best
+                seg = seg.with_settings(postprocess=tune_segmenter(seg, GridTileDataset(val, tile=224), "f1").best)
                 for evaluation, summary in score(seg, heldout_csv, regularize=len(targets) == 1).items():
                     results.setdefault(f"{model_name}: {evaluation}", []).append(summary)
                     print(f"{model_name} / {evaluation} / {fold} / seed {seed}: Dice {summary['dice']:.4f}, "

@@ -31,9 +31,9 @@ def test_engine_matches_torch_on_random_inputs(engine, checkpoints):
     rng = np.random.default_rng(0)
     for shape in ((64, 64), (97, 45), (20, 23), (130, 70)):  # odd sizes, below the stride, above the window
         image = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
-        for seg in (reference, compiled):
-            seg.window, seg.empty_vote = 64, 1  # 130x70 goes through the sliding window; members are kept
-        got, want = compiled.probabilities(image), reference.probabilities(image)
+        # 130x70 goes through the sliding window; members are kept
+        got = compiled.with_settings(window=64, empty_vote=1).probabilities(image)
+        want = reference.with_settings(window=64, empty_vote=1).probabilities(image)
         np.testing.assert_allclose(got.mean[0, 0], want.mean[0, 0], atol=1e-4)
         for got_member, want_member in zip(got.members, want.members, strict=True):
             np.testing.assert_allclose(got_member, want_member, atol=1e-4)

@@ -45,7 +45,7 @@ def test_sliding_window_matches_full_image_away_from_borders():
     rng = np.random.default_rng(0)
     image = np.kron(rng.integers(0, 256, (125, 125, 3)), np.ones((8, 8, 1))).astype(np.uint8)  # 1000x1000
     tiled = seg.probabilities(image).mean[0, 0]
-    seg.window = 2000
+    seg = seg.with_settings(window=2000)
     full = seg.probabilities(image).mean[0, 0]
     assert tiled.shape == full.shape == (1000, 1000)
     inner = (slice(64, -64), slice(64, -64))
@@ -268,7 +268,7 @@ def test_ensemble_of_two_different_checkpoints_is_the_mean_of_their_probabilitie
     both = Segmenter.from_checkpoint([a, b], device="cpu", precision="fp32")
     np.testing.assert_allclose(both.probabilities(image).mean[0, 0], (pa + pb) / 2, atol=1e-6)
     # the same holds through the sliding window, and the members (kept for the empty vote) are each model's own map
-    both.window, both.empty_vote = 48, 1
+    both = both.with_settings(window=48, empty_vote=1)
     maps = both.probabilities(image)
     np.testing.assert_allclose(np.mean(maps.members, axis=0)[0, 0], maps.mean[0, 0], atol=1e-6)  # (B, K, H, W) maps
 
@@ -284,7 +284,7 @@ def test_empty_vote_is_honoured_by_predict_and_large_images():
     plain = Segmenter([sees, blind], device="cpu", precision="fp32", postprocess=post, empty_vote=0, channels_last=False)
     assert plain.predict(image).any()  # the ensemble mean sees buildings
     assert not voting.predict(image).any()  # one of two members sees none: empty by the vote
-    voting.window = plain.window = 48  # larger than the window: the same, window by window
+    voting, plain = voting.with_settings(window=48), plain.with_settings(window=48)  # larger than the window: the same, window by window
     assert plain.predict(image).any() and not voting.predict(image).any()
     with pytest.raises(BuildsegError, match="0..2"):
         Segmenter([sees, blind], device="cpu", empty_vote=3)
@@ -300,3 +300,19 @@ def test_predict_batch_equals_predict_image_by_image_and_the_rules_of_the_maps()
     assert maps.mean.shape == (3, 1, 64, 80) and maps.members is None  # members only for the empty vote
     for k in range(3):
         np.testing.assert_array_equal(seg.rules(*maps.image(k)), apply(maps.mean[k, 0], seg.postprocess))
+
+
+def test_segmenter_settings_are_frozen_and_with_settings_shares_the_engines():
+    seg = small_segmenter()
+    with pytest.raises(AttributeError, match="frozen: use segmenter.with_settings"):
+        seg.window = 64
+    image = np.random.default_rng(0).integers(0, 256, (80, 80, 3), dtype=np.uint8)
+    strict = seg.with_settings(postprocess=PostProcess(threshold=0.99), window=64)
+    assert strict.runners is seg.runners and strict.models is seg.models  # nothing reloaded or recompiled
+    assert seg.window != 64 and seg.postprocess.threshold != 0.99  # the original is unchanged
+    np.testing.assert_allclose(strict.probabilities(image).mean, seg.with_settings(window=64).probabilities(image).mean)
+    assert strict.predict(image).sum() <= seg.predict(image).sum()
+    with pytest.raises(BuildsegError, match="cannot change engine"):
+        seg.with_settings(engine="openvino")
+    with pytest.raises(BuildsegError, match="overlap 1.5 is out of range"):
+        seg.with_settings(overlap=1.5)

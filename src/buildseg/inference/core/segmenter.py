@@ -12,6 +12,7 @@ above it and use ``probabilities`` and the :class:`MaskRules` of ``seg.rules``.
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,21 @@ def _members_agree(models: Sequence[SegmentationModel]) -> tuple[int, list[str]]
     return in_chans.pop(), list(targets.pop())
 
 
+# the settings a Segmenter is built with: frozen after __init__ (a new Segmenter for new settings)
+FROZEN = ("device", "tta", "channels_last", "postprocess", "window", "overlap", "empty_vote", "engine", "precision",
+          "split", "input")
+CHANGEABLE = ("tta", "postprocess", "window", "overlap", "empty_vote", "split")  # with_settings: no engine rebuild
+
+
+def _check_window(*, window: int, overlap: float, empty_vote: int, n_models: int) -> None:
+    if not 0.0 <= overlap < 1.0:
+        raise BuildsegError(f"overlap {overlap} is out of range: sliding windows overlap by a fraction in [0, 1)")
+    if window < 32:
+        raise BuildsegError(f"window {window} is too small: use at least 32 px (ideally 512-1024)")
+    if not 0 <= int(empty_vote) <= n_models:
+        raise BuildsegError(f"empty vote {empty_vote} needs 0..{n_models} (the number of models in the ensemble)")
+
+
 class Segmenter:
     """One or more models (an ensemble averages their probabilities) on one engine, with the
     device, precision, TTA, sliding-window and post-processing settings they predict with.
@@ -76,6 +92,7 @@ class Segmenter:
         split: bool | None = None,
         threads: int | None = None,
         engine_mode: str = "auto",
+        inputs: dict | None = None,
     ) -> None:
         if not models:
             raise BuildsegError("a Segmenter needs at least one model")
@@ -90,12 +107,7 @@ class Segmenter:
         self.in_chans, self.targets = _members_agree(self.models)
         self.split = "contact" in self.targets if split is None else bool(split) and "contact" in self.targets
         self.postprocess = postprocess or PostProcess()
-        if not 0.0 <= overlap < 1.0:
-            raise BuildsegError(f"overlap {overlap} is out of range: sliding windows overlap by a fraction in [0, 1)")
-        if window < 32:
-            raise BuildsegError(f"window {window} is too small: use at least 32 px (ideally 512-1024)")
-        if not 0 <= int(empty_vote) <= len(self.models):
-            raise BuildsegError(f"empty vote {empty_vote} needs 0..{len(self.models)} (the number of models in the ensemble)")
+        _check_window(window=window, overlap=overlap, empty_vote=empty_vote, n_models=len(self.models))
         self.window = window
         self.overlap = overlap
         self.window_batch = 4  # sliding-window tiles per engine call
@@ -107,9 +119,34 @@ class Segmenter:
             log.info("precision auto: %s (%s)", self.precision, why)
         else:
             self.precision = "int8" if precision == "int8" else resolve_precision(precision, self.device)
-        self.input: dict = {}  # what the models were trained on: {"gsd": metres or None, "bands": [...]}
+        self.input: dict = dict(inputs or {})  # what the models were trained on: {"gsd": metres or None, "bands": [...]}
         self.checkpoint_paths: list[Path] = [p for p in (checkpoints or []) if p is not None]
         self._build_runners(paths, asked=(engine, precision), threads=threads, engine_mode=engine_mode)
+        self._frozen = True
+
+    def __setattr__(self, name: str, value) -> None:
+        if getattr(self, "_frozen", False) and name in FROZEN:
+            raise AttributeError(f"a Segmenter's settings are frozen: use segmenter.with_settings({name}=...), which "
+                                 "returns a new Segmenter sharing the loaded models and engines")
+        object.__setattr__(self, name, value)
+
+    def with_settings(self, **changes) -> "Segmenter":
+        """A new Segmenter with other post-processing or sliding-window settings (any of
+        :data:`CHANGEABLE`), sharing this one's models and compiled engines: nothing reloads."""
+        unknown = sorted(set(changes) - set(CHANGEABLE))
+        if unknown:
+            raise BuildsegError(f"with_settings cannot change {', '.join(unknown)} (they need new engines: build a new "
+                                f"Segmenter); it changes {', '.join(CHANGEABLE)}")
+        merged = {name: changes.get(name, getattr(self, name)) for name in CHANGEABLE}
+        transforms(merged["tta"])
+        _check_window(window=merged["window"], overlap=merged["overlap"], empty_vote=merged["empty_vote"],
+                      n_models=len(self.models))
+        if "split" in changes:
+            merged["split"] = bool(changes["split"]) and "contact" in self.targets
+        new = copy.copy(self)
+        for name, value in merged.items():
+            object.__setattr__(new, name, value)
+        return new
 
     def _build_runners(self, paths: list, *, asked: tuple[str, str], threads: int | None, engine_mode: str) -> None:
         """One engine per model; with ``--engine auto``, a model that does not export or compile
@@ -149,14 +186,12 @@ class Segmenter:
             paths.append(p)
             payloads.append(payload)
         post, inputs = stored_settings(payloads, threshold=threshold, min_area=min_area)
-        segmenter = cls(models, device=device, precision=precision, tta=tta, postprocess=post, checkpoints=paths, **kwargs)
-        segmenter.input = inputs
-        return segmenter
+        return cls(models, device=device, precision=precision, tta=tta, postprocess=post, checkpoints=paths, inputs=inputs,
+                   **kwargs)
 
     @property
     def rules(self) -> MaskRules:
-        """The post-processing of this segmenter's settings (read at call time, so a changed
-        ``postprocess`` or ``empty_vote`` applies at once)."""
+        """The post-processing of this segmenter's (frozen) settings."""
         return MaskRules(self.postprocess, self.targets, self.empty_vote, self.split)
 
     # -- the public surface: probabilities, predict_batch, predict (and from_checkpoint) --------
