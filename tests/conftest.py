@@ -32,6 +32,19 @@ def _one_engine_cache(tmp_path_factory):
         os.environ["BUILDSEG_ENGINE_CACHE"] = previous
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _precision_by_rule():
+    """``--precision auto`` by the flag rule, not by timing, so a test's precision (and its
+    outputs) cannot depend on the machine's load; tests/test_precision_choice.py measures."""
+    previous = os.environ.get("BUILDSEG_PRECISION_AUTO")
+    os.environ["BUILDSEG_PRECISION_AUTO"] = "rule"
+    yield
+    if previous is None:
+        os.environ.pop("BUILDSEG_PRECISION_AUTO", None)
+    else:
+        os.environ["BUILDSEG_PRECISION_AUTO"] = previous
+
+
 @pytest.fixture(scope="session")
 def synth_data(tmp_path_factory) -> Path:
     """6 training scenes of 256 px and 12 test tiles of 64 px, with truth."""

@@ -26,8 +26,9 @@ class EngineSettings(Settings):
     tta: str = setting("none", "test-time augmentation", choices=TTA_MODES)
     batch_size: int = setting(32, "images per engine call", low=1)
     device: str = setting("auto", "auto | cpu | cuda | cuda:N")
-    precision: str = setting("auto", "auto: bf16 on GPUs and CPUs with native bf16; on other CPUs int8 when the run has "
-                             "an accepted int8 model (made at the end of `train`, or by `buildseg quantize`), else fp32",
+    precision: str = setting("auto", "auto: bf16 on GPUs; on a CPU the fastest of fp32, native bf16 and the run's "
+                             "accepted int8 model (made at the end of `train`, or by `buildseg quantize`), timed on a "
+                             "few batches at first use on the machine and cached",
                              choices=PREDICT_PRECISIONS)
     engine: str = setting("auto", "inference engine (auto: openvino on x86 CPUs where installed, else torch; falls back "
                           "to torch if the model does not compile); openvino and onnxruntime cache the ONNX graph next "

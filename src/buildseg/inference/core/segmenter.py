@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -53,6 +54,7 @@ def _members_agree(models: Sequence[SegmentationModel]) -> tuple[int, list[str]]
 # the settings a Segmenter is built with: frozen after __init__ (a new Segmenter for new settings)
 FROZEN = ("device", "tta", "channels_last", "postprocess", "window", "overlap", "empty_vote", "engine", "precision",
           "split", "input")
+PRECISION_AUTO_ENV = "BUILDSEG_PRECISION_AUTO"  # measure (default) | rule: the flag rule, no timing (tests)
 CHANGEABLE = ("tta", "postprocess", "window", "overlap", "empty_vote", "split")  # with_settings: no engine rebuild
 
 
@@ -114,14 +116,18 @@ class Segmenter:
         self.empty_vote = int(empty_vote)  # >0: tile is empty if at least this many models predict it empty
         self.engine = resolve_engine(engine, self.device)
         paths = list(checkpoints) if checkpoints is not None else [None] * len(self.models)
+        built: dict[str, list] = {}  # precision -> engines, built while measuring (reused, not rebuilt)
         if precision == "auto" and self.device.type == "cpu":
-            self.precision, why = auto_cpu_precision(self.engine, self.models, paths)
+            self.precision, why = self._auto_precision(paths, built, threads=threads, engine_mode=engine_mode)
             log.info("precision auto: %s (%s)", self.precision, why)
         else:
             self.precision = "int8" if precision == "int8" else resolve_precision(precision, self.device)
         self.input: dict = dict(inputs or {})  # what the models were trained on: {"gsd": metres or None, "bands": [...]}
         self.checkpoint_paths: list[Path] = [p for p in (checkpoints or []) if p is not None]
-        self._build_runners(paths, asked=(engine, precision), threads=threads, engine_mode=engine_mode)
+        if self.precision in built:
+            self.runners = built[self.precision]
+        else:
+            self._build_runners(paths, asked=(engine, precision), threads=threads, engine_mode=engine_mode)
         self._frozen = True
 
     def __setattr__(self, name: str, value) -> None:
@@ -147,6 +153,27 @@ class Segmenter:
         for name, value in merged.items():
             object.__setattr__(new, name, value)
         return new
+
+    def _auto_precision(self, paths: list, built: dict, *, threads: int | None, engine_mode: str) -> tuple[str, str]:
+        """``--precision auto`` on a CPU: the fastest allowed precision, measured once per machine
+        and model (inference/core/precision_choice.py); the flag rule when measuring is off
+        (``BUILDSEG_PRECISION_AUTO=rule``) or an engine fails to build (the fallback below runs)."""
+        from buildseg.inference.core.precision_choice import measured_precision
+
+        if os.environ.get(PRECISION_AUTO_ENV, "measure") == "rule":
+            return auto_cpu_precision(self.engine, self.models, paths)
+
+        def build(precision: str) -> list:
+            built[precision] = [build_engine(self.engine, m, self.device, precision, self.channels_last, p, threads,
+                                             mode=engine_mode) for m, p in zip(self.models, paths)]
+            return built[precision]
+
+        try:
+            return measured_precision(self.engine, self.models, paths, build=build)
+        except Exception as exc:  # noqa: BLE001 - _build_runners reports a failing engine; the rule decides meanwhile
+            built.clear()
+            log.debug("precision auto: measuring failed (%s); the flag rule decides", exc)
+            return auto_cpu_precision(self.engine, self.models, paths)
 
     def _build_runners(self, paths: list, *, asked: tuple[str, str], threads: int | None, engine_mode: str) -> None:
         """One engine per model; with ``--engine auto``, a model that does not export or compile
