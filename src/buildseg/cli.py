@@ -126,6 +126,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
                   f"{result.area_unit or 'CRS units'})")
     else:
         _print_tiles(settings, outcome)
+    if outcome.conflation:
+        c = outcome.conflation
+        print(f"against {settings.existing}: {c['new']} new, {c['mapped']} already mapped, {c['unconfirmed']} mapped "
+              f"buildings unconfirmed; new ones for editors: {c['editor']}; unconfirmed: {c['unconfirmed_layer']}")
     return 0
 
 

@@ -9,6 +9,7 @@ no model at all. Every input is checked before a model loads or a file is writte
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ class PredictOutcome:
     engine: str = ""  # tiles: what predicted, for --profile
     precision: str = ""
     device_type: str = "cpu"
+    conflation: dict[str, Any] | None = None  # --existing: counts and the files written
 
 
 def input_kind(data: str) -> str:
@@ -57,7 +59,33 @@ def geotiff_settings(settings: PredictSettings, trained: dict, *, scenes: bool =
 
 
 def run_prediction(settings: PredictSettings) -> PredictOutcome:
-    """Check everything ``settings`` names, then predict (or merge)."""
+    """Check everything ``settings`` names, then predict (or merge); then ``--existing``."""
+    existing = None
+    if settings.existing:
+        from buildseg.footprints.conflation import read_existing
+
+        existing = read_existing(settings.existing, settings.existing_layer)  # a bad file fails before any work
+    outcome = _predict(settings)
+    layer = (outcome.geo.footprints_path if outcome.geo is not None else None) or outcome.summary.get("merged")
+    if existing is not None and outcome.is_main and layer and not outcome.summary.get("remaining"):
+        from buildseg.footprints.conflation import ConflationRule
+        from buildseg.inference.jobs.conflate import conflate_layer
+
+        rule = ConflationRule(match_iou=settings.match_iou, match_overlap=settings.match_overlap)
+        outcome.conflation = conflate_layer(Path(layer), existing, rule=rule, only_new=settings.only_new,
+                                            masks=_mask_paths(outcome, Path(layer).parent))
+    return outcome
+
+
+def _mask_paths(outcome: PredictOutcome, folder: Path) -> list[Path]:
+    """The mask rasters the footprints came from: one GeoTIFF's, or a scene folder's manifest's."""
+    if outcome.geo is not None:
+        return [Path(outcome.geo.mask_path)]
+    manifest = json.loads((folder / "manifest.json").read_text())
+    return [folder / record["mask"] for record in manifest.get("scenes", []) if record.get("mask")]
+
+
+def _predict(settings: PredictSettings) -> PredictOutcome:
     if settings.merge:
         from buildseg.inference.jobs.scenes import merge_outputs
 

@@ -4,6 +4,7 @@ of input (tiles: a CSV or an images folder; one GeoTIFF; many scenes)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from buildseg.errors import BuildsegError
 from buildseg.settings.fields import model_setting, setting
@@ -19,6 +20,8 @@ from buildseg.settings.inference import (
 
 TILES, GEOTIFF, SCENES = "tiles", "geotiff", "scenes"  # the kinds of --data
 RUNNERS = ("local", "ray")
+MATCH_IOU = 0.3  # --existing: one building in both layers (outlines from imagery and from mappers rarely agree closer)
+MATCH_OVERLAP = 0.5  # --existing: or at least half of a footprint under the other layer's buildings
 MAX_RETRIES = 2  # --runner ray: times a dead worker's scene is retried
 
 
@@ -101,6 +104,16 @@ class PredictSettings(EngineSettings):
     block: int = setting(BLOCK, "GeoTIFF input: pixels per processing block", low=64)
     simplify: float | None = setting(None, "GeoTIFF input: footprint simplification tolerance in CRS units (default: "
                                      "one pixel; 0: off)", low=0)
+    existing: str | None = setting(None, "GeoTIFF or many scenes: buildings already mapped (any vector file, any CRS, "
+                                   "e.g. an OpenStreetMap extract); each footprint gets status new|mapped, the existing "
+                                   "ones nothing supports go to a separate unconfirmed layer, and the new ones to a "
+                                   "GeoJSON for editors")
+    existing_layer: str | None = setting(None, "--existing: the layer to read from a multi-layer file (GeoPackage)")
+    match_iou: float = setting(MATCH_IOU, "--existing: a footprint is mapped when an existing building has at least "
+                               "this IoU with it", low=0, high=1, low_open=True)
+    match_overlap: float = setting(MATCH_OVERLAP, "--existing: ... or when existing buildings cover at least this share "
+                                   "of its area", low=0, high=1, low_open=True)
+    only_new: bool = setting(False, "--existing: write only the new footprints to the layer")
     min_area_m2: float = setting(0.0, "GeoTIFF input: drop footprints smaller than this ground area", low=0)
     regularize: bool = setting(False, "GeoTIFF input: right-angle footprints (buildingregulariser)")
     gsd: float | None = setting(None, "GeoTIFF input: metres per pixel to predict at (default: the GSD the model was "
@@ -130,6 +143,8 @@ class PredictSettings(EngineSettings):
                                 "of them")
         if self.footprints and self.geojson:
             raise BuildsegError("give either --footprints or --geojson (the same thing, GeoJSON only), not both")
+        if not self.existing and (self.only_new or self.existing_layer):
+            raise BuildsegError("--only-new and --existing-layer compare with mapped buildings: add --existing FILE")
 
     def check_input(self, kind: str) -> None:
         """The rules that depend on what --data turned out to be (TILES, GEOTIFF or SCENES)."""
@@ -140,6 +155,11 @@ class PredictSettings(EngineSettings):
         if kind == TILES and (self.gsd or self.bands or self.native_resolution or self.footprints or self.geojson):
             raise BuildsegError("--gsd, --bands, --native-resolution, --footprints and --geojson apply to GeoTIFF "
                                 f"input; --data {self.data} is not a GeoTIFF or a folder/list of them")
+        if self.existing and (kind == TILES or (kind == GEOTIFF and not (self.footprints or self.geojson))):
+            raise BuildsegError("--existing compares footprints: it needs GeoTIFF input with --footprints FILE (or "
+                                "many scenes)")
+        if self.existing and not Path(self.existing).exists():
+            raise BuildsegError(f"--existing {self.existing} not found (a vector file of mapped buildings)")
         if kind != TILES and self.empty_vote:
             raise BuildsegError("--empty-vote blanks whole tiles (CSV/folder input); a GeoTIFF scene is not a tile: "
                                 "drop --empty-vote")
