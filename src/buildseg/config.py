@@ -110,6 +110,7 @@ class TrainConfig:
     grad_clip: float | None = 5.0
     ema: float | None = None  # decay, e.g. 0.999; validation and best.pt then use the EMA weights
     freeze_encoder_norms: bool = False  # keep the encoder's batch norms at their pretrained statistics and affine
+    freeze_all_norms: bool = False  # ... every batch norm of the network (the few-label schedule sets it)
     progressive_crop: int | None = None  # side (px) of the first crops; grows to crop_size over the first half of the run
     early_stopping: int | None = None  # patience in validations on validation Dice
     seed: int = 0

@@ -106,7 +106,8 @@ class Trainer:
         self.card = card_from_config(config)
         self.model: SegmentationModel = build_training_model(config, self.card, self.dist, self.device, resumed=payload,
                                                              init=init)
-        self.frozen_norms = freeze_encoder_norms(self.model) if t.freeze_encoder_norms else []
+        self.frozen_norms = (freeze_encoder_norms(self.model, everywhere=t.freeze_all_norms)
+                             if t.freeze_encoder_norms or t.freeze_all_norms else [])
         self.ema = None
         if t.ema:
             from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn

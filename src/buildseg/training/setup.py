@@ -162,14 +162,15 @@ def build_training_model(config: Config, card: ModelCard, dist: DistInfo, device
     return model
 
 
-def freeze_encoder_norms(model: nn.Module) -> list[nn.Module]:
-    """Freeze the encoder's batch norms (statistics and affine): small batches on a new
-    domain then cannot drag the pretrained statistics around. Returns the frozen modules,
-    which the loop puts back in eval mode after every ``train()``."""
+def freeze_encoder_norms(model: nn.Module, *, everywhere: bool = False) -> list[nn.Module]:
+    """Freeze the encoder's batch norms (statistics and affine), or with ``everywhere`` every
+    batch norm of the network: small batches on a new domain (or crops of one tile, in a
+    few-label fine-tune) then cannot drag the learnt statistics around. Returns the frozen
+    modules, which the loop puts back in eval mode after every ``train()``."""
     encoder = getattr(getattr(model, "net", None), "encoder", None)
-    if encoder is None:
+    if encoder is None and not everywhere:
         raise BuildsegError("train.freeze_encoder_norms needs a model with a separate encoder (unet or seed_unet)")
-    frozen = [m for m in encoder.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    frozen = [m for m in (model if everywhere else encoder).modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     for module in frozen:
         for parameter in module.parameters():
             parameter.requires_grad_(False)
