@@ -155,7 +155,7 @@ def test_train_init_from_a_packaged_model_runs_end_to_end(zoo, tmp_path, synth_d
     out = tmp_path / "ft"
     code = main(["train", "--init", "tiny", "--data", str(synth_data / "train.csv"), "--out", str(out), "--epochs", "1",
                  "--crop-size", "64", "--val-tile", "64", "--num-workers", "0", "--batch-size", "4", "--precision", "fp32",
-                 "--no-progress", "--no-quantize-at-end", "--no-tune-at-end"])
+                 "--no-progress", "--no-quantize-at-end", "--no-tune-at-end", "--few-steps", "3"])
     assert code == 0
     saved = load_checkpoint(out / "best.pt")
     assert saved["model_card"]["encoder"] == "resnet18" and saved["input"]["gsd"] == 0.5
