@@ -84,14 +84,40 @@ def evaluate(checkpoint: Path, config, train_csv: Path, heldout_csv: Path, spec:
     post = PostProcess()
     if spec.get("tune"):
         _, val = split_records(load_records(train_csv), config.data.val_fraction, config.train.seed)
-        probs, truths = predict_tiles(seg, GridTileDataset(val, tile=224, target_gsd=config.data.gsd))
+        probs, truths = predict_at_gsd(seg, GridTileDataset(val, tile=224), config.data.gsd)
         post = search(probs, truths)[0].post
-    # tiles of known GSD at the GSD the model was trained at, as GeoTIFF prediction resamples them
-    probs, truths = predict_tiles(seg, GridTileDataset(load_records(heldout_csv), tile=224, target_gsd=config.data.gsd))
+    probs, truths = predict_at_gsd(seg, GridTileDataset(load_records(heldout_csv), tile=224), config.data.gsd)
     board = Scoreboard()
     for prob, truth in zip(probs, truths):
         board.add(apply(prob, post), truth)
     return {**board.summary(), "post": post}
+
+
+def predict_at_gsd(seg, grid: GridTileDataset, model_gsd: float | None):
+    """Probabilities and truths on the tiles' own (native) grid, so every row is scored on the
+    same tiles: a tile of known GSD is resampled to the model's GSD, predicted, and its map
+    resampled back (as GeoTIFF prediction writes the mask on the scene's grid)."""
+    import cv2
+    import torch
+
+    if not model_gsd:
+        return predict_tiles(seg, grid)
+    probs, truths = [], []
+    for index in range(len(grid)):
+        image, mask, valid = grid[index]
+        h, w = valid.tolist()
+        tile = image[:, :h, :w].permute(1, 2, 0).numpy()
+        gsd = grid.records[grid.tiles[index][0]].gsd
+        if gsd:
+            size = (max(32, round(w * gsd / model_gsd)), max(32, round(h * gsd / model_gsd)))
+            small = cv2.resize(tile, size, interpolation=cv2.INTER_AREA if size[0] < w else cv2.INTER_LINEAR)
+            prob = seg.probabilities(torch.from_numpy(small).permute(2, 0, 1)[None].contiguous()).mean[0, 0]
+            prob = cv2.resize(prob, (w, h), interpolation=cv2.INTER_LINEAR)
+        else:
+            prob = seg.probabilities(torch.from_numpy(tile).permute(2, 0, 1)[None].contiguous()).mean[0, 0]
+        probs.append(prob.astype(np.float32))
+        truths.append(mask[0, :h, :w].numpy().astype(bool))
+    return probs, truths
 
 
 def fmt(values: list[float], digits: int = 3) -> str:

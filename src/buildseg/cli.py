@@ -118,8 +118,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
         else:
             print(f"{done}; merged layer {summary['merged']} ({summary['n_footprints']} footprints); manifest "
                   f"{Path(settings.out) / 'manifest.json'}")
-    elif outcome.kind == "geotiff":
+    elif outcome.kind in ("geotiff", "service"):
         result = outcome.geo
+        if outcome.kind == "service":
+            print(f"tile service at zoom {outcome.summary['zoom']} ({outcome.summary['gsd_m']} m per pixel); manifest "
+                  f"{Path(settings.out) / 'manifest.json'}")
         print(f"wrote {result.mask_path} (CRS {result.crs or 'none: pixel coordinates'})")
         if result.footprints_path:
             print(f"wrote {result.footprints_path}: {result.n_polygons} building footprints (area in "

@@ -16,7 +16,7 @@ from typing import Any
 
 from buildseg.outputs import FILE, FOLDER, check_outputs
 from buildseg.settings.inference import LAYER_FORMATS
-from buildseg.settings.predict import GEOTIFF, SCENES, TILES, PredictSettings
+from buildseg.settings.predict import GEOTIFF, SCENES, SERVICE, TILES, PredictSettings
 
 
 @dataclass
@@ -37,7 +37,10 @@ def input_kind(data: str) -> str:
     list of GeoTIFFs, or STAC)."""
     from buildseg.data.scene_sources import is_scene_collection
     from buildseg.formats.locations import is_remote, location_suffix
+    from buildseg.formats.tile_services import is_tile_template
 
+    if is_tile_template(data):
+        return SERVICE
     if location_suffix(data) in (".tif", ".tiff") and (is_remote(data) or Path(data).is_file()):
         return GEOTIFF
     return SCENES if is_scene_collection(data) else TILES
@@ -92,7 +95,7 @@ def _predict(settings: PredictSettings) -> PredictOutcome:
         return PredictOutcome("merge", summary=merge_outputs(settings.merge))
     kind = input_kind(settings.data)
     settings.check_input(kind)
-    check_outputs((settings.out, "--out", FOLDER if kind == SCENES else FILE),
+    check_outputs((settings.out, "--out", FOLDER if kind in (SCENES, SERVICE) else FILE),
                   (settings.masks_dir, "--masks-dir", FOLDER), (settings.overlays_dir, "--overlays-dir", FOLDER),
                   (settings.footprints, "--footprints", FILE), (settings.geojson, "--geojson", FILE))
     if kind == SCENES:
@@ -103,6 +106,10 @@ def _predict(settings: PredictSettings) -> PredictOutcome:
         if settings.runner == "ray":
             return _scenes_on_ray(settings, scenes)
         return _with_model(settings, kind, scenes=scenes)
+    if kind == SERVICE:
+        from buildseg.inference.jobs.tile_service import read_aoi
+
+        read_aoi(settings.aoi)  # a bad AOI fails before the model loads
     records = None
     if kind == TILES:
         from buildseg.formats.tables import load_records
@@ -149,6 +156,10 @@ def _with_model(settings: PredictSettings, kind: str, *, scenes=None, records=No
             outcome.summary = predict_scenes(segmenter, scenes, settings.out,
                                              geotiff_settings(settings, segmenter.input, scenes=True), dist,
                                              progress=settings.progress, shard=settings.shard or (0, 1))
+        elif kind == SERVICE:
+            from buildseg.inference.jobs.tile_service import predict_service
+
+            outcome.geo, outcome.summary = predict_service(segmenter, settings, geotiff_settings(settings, segmenter.input))
         elif kind == GEOTIFF:
             from buildseg.inference.jobs.geotiff import predict_geotiff
 

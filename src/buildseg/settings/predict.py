@@ -18,7 +18,8 @@ from buildseg.settings.inference import (
     EngineSettings,
 )
 
-TILES, GEOTIFF, SCENES = "tiles", "geotiff", "scenes"  # the kinds of --data
+TILES, GEOTIFF, SCENES, SERVICE = "tiles", "geotiff", "scenes", "service"  # the kinds of --data
+MAX_CONNECTIONS = 2  # a tile service's concurrent requests: modest, a shared service is not ours
 RUNNERS = ("local", "ray")
 MATCH_IOU = 0.3  # --existing: one building in both layers (outlines from imagery and from mappers rarely agree closer)
 MATCH_OVERLAP = 0.5  # --existing: or at least half of a footprint under the other layer's buildings
@@ -104,6 +105,13 @@ class PredictSettings(EngineSettings):
     block: int = setting(BLOCK, "GeoTIFF input: pixels per processing block", low=64)
     simplify: float | None = setting(None, "GeoTIFF input: footprint simplification tolerance in CRS units (default: "
                                      "one pixel; 0: off)", low=0)
+    aoi: str | None = setting(None, "tile service input (--data https://host/{z}/{x}/{y}.png): the area to map, any "
+                              "vector file in any CRS")
+    zoom: int | None = setting(None, "tile service: the zoom level (default: the one whose pixel size is closest to the "
+                               "model's training GSD at the AOI's latitude)", low=0, high=23)
+    tms: bool = setting(False, "tile service: TMS row order (rows counted from the south; same as {-y})")
+    tile_cache: str | None = setting(None, "tile service: GDAL's tile cache folder (default: under the user cache)")
+    max_connections: int = setting(MAX_CONNECTIONS, "tile service: concurrent tile requests", low=1, high=32)
     existing: str | None = setting(None, "GeoTIFF or many scenes: buildings already mapped (any vector file, any CRS, "
                                    "e.g. an OpenStreetMap extract); each footprint gets status new|mapped, the existing "
                                    "ones nothing supports go to a separate unconfirmed layer, and the new ones to a "
@@ -155,6 +163,17 @@ class PredictSettings(EngineSettings):
         if kind == TILES and (self.gsd or self.bands or self.native_resolution or self.footprints or self.geojson):
             raise BuildsegError("--gsd, --bands, --native-resolution, --footprints and --geojson apply to GeoTIFF "
                                 f"input; --data {self.data} is not a GeoTIFF or a folder/list of them")
+        if kind == SERVICE:
+            from buildseg.formats.tile_services import check_template
+
+            check_template(self.data)
+            if not self.aoi:
+                raise BuildsegError(f"--data {self.data} is a tile service: give the area to map with --aoi FILE")
+            if not Path(self.aoi).exists():
+                raise BuildsegError(f"--aoi {self.aoi} not found (any vector file of the area to map)")
+        elif self.aoi or self.zoom is not None or self.tms or self.tile_cache:
+            raise BuildsegError(f"--aoi, --zoom, --tms and --tile-cache apply to a tile service URL template "
+                                f"(https://host/{{z}}/{{x}}/{{y}}.png); --data {self.data} is not one")
         if self.existing and (kind == TILES or (kind == GEOTIFF and not (self.footprints or self.geojson))):
             raise BuildsegError("--existing compares footprints: it needs GeoTIFF input with --footprints FILE (or "
                                 "many scenes)")
@@ -166,7 +185,7 @@ class PredictSettings(EngineSettings):
         if self.format in TILE_FORMATS and kind != TILES:
             raise BuildsegError(f"--format {self.format} is for tiles (CSV/folder input); scenes write masks and "
                                 f"footprint layers: use --format {'|'.join(LAYER_FORMATS)} or --footprints FILE")
-        if self.format in LAYER_FORMATS and kind != SCENES:
+        if self.format in LAYER_FORMATS and kind not in (SCENES, SERVICE):
             raise BuildsegError(f"--format {self.format} is the footprint layer format of many scenes; for tiles use "
                                 f"--format {'|'.join(TILE_FORMATS)}, for one GeoTIFF --footprints FILE.{self.format}")
 

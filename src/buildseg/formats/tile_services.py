@@ -1,0 +1,89 @@
+"""XYZ/TMS tile services as rasters GDAL reads: no hand-written tile client.
+
+A URL template (``https://host/{z}/{x}/{y}.png``; ``{-y}`` or ``tms=True`` for TMS row order)
+becomes a GDAL WMS service description (the TMS mini-driver: GDAL fetches, retries and caches
+the tiles, with buildseg's user agent and a connection limit), and an area of interest becomes
+a VRT window of it at one zoom level: a small raster on the Web Mercator grid that the GeoTIFF
+pipeline reads block by block like any scene.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from xml.sax.saxutils import escape
+
+from buildseg.errors import BuildsegError
+
+WORLD = 20037508.342789244  # half the Web Mercator world's side, metres
+TILE = 256
+MAX_ZOOM = 23
+EQUATOR_M_PER_PX_Z0 = 2 * WORLD / TILE  # 156543.03 m per pixel at zoom 0 on the equator
+
+
+def is_tile_template(text: str) -> bool:
+    return bool(re.match(r"^https?://", str(text))) and "{" in str(text) and "}" in str(text)
+
+
+def check_template(text: str) -> None:
+    missing = [k for k in ("{z}", "{x}") if k not in text] + ([] if ("{y}" in text or "{-y}" in text) else ["{y}"])
+    if missing:
+        raise BuildsegError(f"--data {text}: a tile URL template needs {{z}}, {{x}} and {{y}} (or {{-y}} for TMS row "
+                            f"order); it lacks {', '.join(missing)}")
+
+
+def check_zoom(zoom: int) -> None:
+    if not 0 <= zoom <= MAX_ZOOM:
+        raise BuildsegError(f"--zoom {zoom} is out of range: tile services have zoom levels 0..{MAX_ZOOM}")
+
+
+def zoom_for_gsd(gsd: float, latitude: float) -> int:
+    """The zoom whose ground pixel size at ``latitude`` is closest to ``gsd`` metres (in log)."""
+    ground_z0 = EQUATOR_M_PER_PX_Z0 * math.cos(math.radians(latitude))
+    return max(0, min(MAX_ZOOM, round(math.log2(ground_z0 / gsd))))
+
+
+def service_xml(template: str, *, zoom: int, tms: bool, cache_dir: str | Path | None, user_agent: str,
+                max_connections: int, bands: int = 3) -> str:
+    """GDAL's WMS description of the service over the whole Web Mercator world at ``zoom``
+    (its full resolution: reads at that zoom fetch that zoom's tiles, no overview involved)."""
+    flip = tms or "{-y}" in template
+    url = template.replace("{z}", "${z}").replace("{x}", "${x}").replace("{-y}", "${y}").replace("{y}", "${y}")
+    cache = f"<Cache><Path>{escape(str(cache_dir))}</Path></Cache>" if cache_dir else "<Cache/>"
+    return (f"<GDAL_WMS><Service name=\"TMS\"><ServerUrl>{escape(url)}</ServerUrl></Service>"
+            f"<DataWindow><UpperLeftX>{-WORLD}</UpperLeftX><UpperLeftY>{WORLD}</UpperLeftY>"
+            f"<LowerRightX>{WORLD}</LowerRightX><LowerRightY>{-WORLD}</LowerRightY><TileLevel>{zoom}</TileLevel>"
+            f"<TileCountX>1</TileCountX><TileCountY>1</TileCountY><YOrigin>{'bottom' if flip else 'top'}</YOrigin>"
+            f"</DataWindow><Projection>EPSG:3857</Projection><BlockSizeX>{TILE}</BlockSizeX><BlockSizeY>{TILE}</BlockSizeY>"
+            f"<BandsCount>{bands}</BandsCount><MaxConnections>{max_connections}</MaxConnections>"
+            f"<UserAgent>{escape(user_agent)}</UserAgent>{cache}<ZeroBlockHttpCodes>204</ZeroBlockHttpCodes>"
+            f"<ZeroBlockOnServerException>false</ZeroBlockOnServerException></GDAL_WMS>")
+
+
+def aoi_window(bounds_3857: tuple[float, float, float, float], zoom: int) -> tuple[int, int, int, int]:
+    """(col, row, width, height) in pixels of the zoom level's global grid covering ``bounds``,
+    snapped outwards to whole tiles (tile requests and blocks line up)."""
+    res = 2 * WORLD / (TILE * 2**zoom)
+    minx, miny, maxx, maxy = bounds_3857
+    col0 = math.floor((minx + WORLD) / res / TILE) * TILE
+    row0 = math.floor((WORLD - maxy) / res / TILE) * TILE
+    col1 = math.ceil((maxx + WORLD) / res / TILE) * TILE
+    row1 = math.ceil((WORLD - miny) / res / TILE) * TILE
+    return col0, row0, col1 - col0, row1 - row0
+
+
+def aoi_vrt(service_path: Path, bounds_3857: tuple[float, float, float, float], zoom: int, bands: int = 3) -> str:
+    """A VRT of the AOI's tiles at ``zoom``: the service read at that zoom's resolution."""
+    col, row, width, height = aoi_window(bounds_3857, zoom)
+    scale = 1  # the service is described at this zoom (service_xml)
+    res = 2 * WORLD / (TILE * 2**zoom)
+    transform = f"{-WORLD + col * res}, {res}, 0, {WORLD - row * res}, 0, {-res}"
+    sources = "".join(
+        f"<VRTRasterBand dataType=\"Byte\" band=\"{b}\"><SimpleSource><SourceFilename relativeToVRT=\"1\">"
+        f"{escape(service_path.name)}</SourceFilename><SourceBand>{b}</SourceBand>"
+        f"<SrcRect xOff=\"{col * scale}\" yOff=\"{row * scale}\" xSize=\"{width * scale}\" ySize=\"{height * scale}\"/>"
+        f"<DstRect xOff=\"0\" yOff=\"0\" xSize=\"{width}\" ySize=\"{height}\"/></SimpleSource></VRTRasterBand>"
+        for b in range(1, bands + 1))
+    return (f"<VRTDataset rasterXSize=\"{width}\" rasterYSize=\"{height}\"><SRS>EPSG:3857</SRS>"
+            f"<GeoTransform>{transform}</GeoTransform>{sources}</VRTDataset>")

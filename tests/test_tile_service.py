@@ -1,0 +1,183 @@
+"""Predicting from an XYZ/TMS tile service over an area of interest: the tiles are served on
+127.0.0.1 by the test; the footprints equal those of the same mosaic written as a GeoTIFF;
+the AOI may be in any CRS; bad input is one line, exit 2, nothing written."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+gpd = pytest.importorskip("geopandas")
+rasterio = pytest.importorskip("rasterio")
+from PIL import Image  # noqa: E402
+from rasterio.transform import from_origin  # noqa: E402
+from shapely.geometry import box  # noqa: E402
+
+from buildseg.cli import main  # noqa: E402
+from buildseg.formats import tile_services as ts  # noqa: E402
+from buildseg.inference.jobs.conflate import read_layer  # noqa: E402
+from buildseg.inference.jobs.geotiff import predict_geotiff  # noqa: E402
+from buildseg.inference.jobs.tile_service import predict_service, public_url  # noqa: E402
+from buildseg.settings.predict import PredictSettings  # noqa: E402
+from test_footprints import bright_segmenter, houses  # noqa: E402
+
+ZOOM = 19
+X0, Y0 = 2**18 + 40, 2**18 - 300  # a little north of the equator
+COLS, ROWS = 3, 2
+
+
+class Tiles(http.server.SimpleHTTPRequestHandler):
+    failing: set = set()
+
+    def do_GET(self):  # noqa: N802 - http.server's name
+        if any(self.path.endswith(f) for f in self.failing):
+            self.send_error(500, "tile server error")
+            return
+        super().do_GET()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture()
+def service(tmp_path):
+    """z/x/y PNG tiles of a mosaic of houses, served on 127.0.0.1; (URL template, mosaic, root)."""
+    mosaic = np.concatenate([np.concatenate([houses(seed=10 * j + i) for i in range(COLS)], axis=1) for j in range(ROWS)])
+    root = tmp_path / "tiles"
+    for j in range(ROWS):
+        for i in range(COLS):
+            folder = root / str(ZOOM) / str(X0 + i)
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(mosaic[j * 256:(j + 1) * 256, i * 256:(i + 1) * 256]).save(folder / f"{Y0 + j}.png")
+    Tiles.failing = set()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Tiles, directory=str(root)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/{{z}}/{{x}}/{{y}}.png", mosaic
+    server.shutdown()
+    server.server_close()
+
+
+def tile_bounds(i0, j0, i1, j1):
+    res = 2 * ts.WORLD / (256 * 2**ZOOM)
+    return (-ts.WORLD + (X0 + i0) * 256 * res, ts.WORLD - (Y0 + j1) * 256 * res,
+            -ts.WORLD + (X0 + i1) * 256 * res, ts.WORLD - (Y0 + j0) * 256 * res)
+
+
+def write_aoi(path, bounds, crs="EPSG:3857"):
+    gpd.GeoDataFrame(geometry=[box(*bounds)], crs="EPSG:3857").to_crs(crs).to_file(path)
+    return path
+
+
+def settings_for(url, aoi, out, **extra):
+    return PredictSettings(checkpoint=["unused.pt"], data=url, aoi=str(aoi), out=str(out), zoom=ZOOM,
+                           tile_cache=str(Path(out).parent / "cache"), progress=False, **extra)
+
+
+@pytest.mark.parametrize("aoi_crs", ["EPSG:3857", "EPSG:4326"])
+def test_the_aois_footprints_equal_those_of_the_same_mosaic_as_a_geotiff(service, tmp_path, aoi_crs):
+    from buildseg.inference.prediction import geotiff_settings
+
+    url, mosaic = service
+    aoi = write_aoi(tmp_path / "aoi.gpkg", tile_bounds(0, 0, COLS, ROWS), aoi_crs)
+    settings = settings_for(url, aoi, tmp_path / "out", block=256)
+    seg = bright_segmenter()
+    result, summary = predict_service(seg, settings, geotiff_settings(settings, {}))
+    assert summary["zoom"] == ZOOM and (tmp_path / "out" / "manifest.json").is_file()
+    res = 2 * ts.WORLD / (256 * 2**ZOOM)
+    minx, _, _, maxy = tile_bounds(0, 0, COLS, ROWS)
+    with rasterio.open(tmp_path / "mosaic.tif", "w", driver="GTiff", height=mosaic.shape[0], width=mosaic.shape[1], count=3,
+                       dtype="uint8", crs="EPSG:3857", transform=from_origin(minx, maxy, res, res)) as dst:
+        dst.write(mosaic.transpose(2, 0, 1))
+    reference = predict_geotiff(seg, tmp_path / "mosaic.tif", tmp_path / "m.tif", tmp_path / "ref.gpkg", block=256)
+    with rasterio.open(result.mask_path) as a, rasterio.open(reference.mask_path) as b:
+        assert a.transform.almost_equals(b.transform) and np.array_equal(a.read(1), b.read(1)) and a.read(1).any()
+    ours, theirs = read_layer(result.footprints_path), read_layer(reference.footprints_path)
+    assert len(ours) == len(theirs) > 5
+    assert ours.geometry.union_all().symmetric_difference(theirs.geometry.union_all()).area < 1e-6
+
+
+def test_footprints_outside_the_aoi_are_left_out(service, tmp_path):
+    from buildseg.inference.prediction import geotiff_settings
+
+    url, _ = service
+    aoi = write_aoi(tmp_path / "aoi.gpkg", tile_bounds(0, 0, 1.5, 1))  # half of the second tile
+    settings = settings_for(url, aoi, tmp_path / "out", block=256)
+    result, _ = predict_service(bright_segmenter(), settings, geotiff_settings(settings, {}))
+    frame = read_layer(result.footprints_path)
+    assert len(frame) > 0 and frame.geometry.centroid.within(box(*tile_bounds(0, 0, 1.5, 1))).all()
+
+
+def test_zoom_follows_the_models_gsd_at_the_aois_latitude():
+    assert ts.zoom_for_gsd(0.3, 0.0) == 19 and ts.zoom_for_gsd(0.6, 0.0) == 18
+    assert ts.zoom_for_gsd(0.3, 60.0) == 18  # pixels shrink towards the poles
+    assert public_url("https://u:p@host/{z}/{x}/{y}.png?key=SECRET&x=1") == "https://host/{z}/{x}/{y}.png?key=***&x=1"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--data", "http://127.0.0.1:9/{z}/{x}.png", "--aoi", "{aoi}"], "lacks {y}"),
+    (["--data", "http://127.0.0.1:9/{z}/{x}/{y}.png"], "give the area to map with --aoi FILE"),
+    (["--data", "http://127.0.0.1:9/{z}/{x}/{y}.png", "--aoi", "{aoi}", "--zoom", "30"], "out of range"),
+    (["--data", "http://127.0.0.1:9/{z}/{x}/{y}.png", "--aoi", "{nocrs}"], "has no CRS"),
+    (["--data", "{tif}", "--aoi", "{aoi}"], "apply to a tile service URL template"),
+])
+def test_bad_tile_service_input_is_one_line_and_nothing_is_written(tmp_path, capsys, argv, message):
+    import warnings
+
+    from conftest import write_tiny_checkpoint
+
+    write_aoi(tmp_path / "aoi.gpkg", tile_bounds(0, 0, 1, 1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gpd.GeoDataFrame(geometry=[box(0, 0, 1, 1)], crs=None).to_file(tmp_path / "nocrs.gpkg")
+    with rasterio.open(tmp_path / "s.tif", "w", driver="GTiff", height=64, width=64, count=3, dtype="uint8",
+                       crs="EPSG:3857", transform=from_origin(1000, 1000, 2, 2)) as dst:
+        dst.write(np.zeros((3, 64, 64), np.uint8))
+    ckpt = write_tiny_checkpoint(tmp_path / "m.pt")
+    argv = [a.format(aoi=tmp_path / "aoi.gpkg", nocrs=tmp_path / "nocrs.gpkg", tif=tmp_path / "s.tif")
+            if a.startswith("{") and not a.startswith("{z") else a for a in argv]
+    try:
+        code = main(["predict", "--checkpoint", str(ckpt), *argv, "--out", str(tmp_path / "out"), "--engine", "torch"])
+    except SystemExit as exc:  # argparse's own range check
+        code = exc.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_predict_from_a_tile_service_on_the_command_line(service, tmp_path, capsys):
+    from buildseg.runtime.checkpoint import load_checkpoint, save_atomic
+    from conftest import write_tiny_checkpoint
+
+    url, _ = service
+    aoi = write_aoi(tmp_path / "aoi.geojson", tile_bounds(0, 0, COLS, ROWS), "EPSG:4326")
+    ckpt = write_tiny_checkpoint(tmp_path / "m.pt")
+    payload = load_checkpoint(ckpt)
+    payload["input"] = {"gsd": 0.3, "bands": None}  # zoom 19 near the equator
+    save_atomic({k: v for k, v in payload.items() if k not in ("format", "schema")}, ckpt)
+    code = main(["predict", "--checkpoint", str(ckpt), "--data", url, "--aoi", str(aoi), "--out", str(tmp_path / "out"),
+                 "--engine", "torch", "--no-progress", "--tile-cache", str(tmp_path / "cache")])
+    assert code == 0
+    assert "tile service at zoom 19" in capsys.readouterr().out
+    assert {p.name for p in (tmp_path / "out").iterdir()} >= {"mask.tif", "footprints.gpkg", "manifest.json"}
+
+
+def test_a_failing_tile_stops_the_run_with_one_line_naming_it(service, tmp_path, capsys):
+    url, _ = service
+    Tiles.failing = {f"/{ZOOM}/{X0 + 1}/{Y0}.png"}
+    aoi = write_aoi(tmp_path / "aoi.gpkg", tile_bounds(0, 0, COLS, ROWS))
+    from conftest import write_tiny_checkpoint
+
+    ckpt = write_tiny_checkpoint(tmp_path / "m.pt")
+    code = main(["predict", "--checkpoint", str(ckpt), "--data", url, "--aoi", str(aoi), "--zoom", str(ZOOM), "--out",
+                 str(tmp_path / "out"), "--engine", "torch", "--no-progress", "--tile-cache", str(tmp_path / "cache")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert "aoi.vrt" in err[0] or "500" in err[0], err
+    assert not (tmp_path / "out" / "footprints.gpkg").exists()
