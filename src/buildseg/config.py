@@ -86,7 +86,7 @@ class TrainConfig:
     init: str | None = None  # start the whole network (encoder, decoder, heads) from a packaged model NAME, a run or a .pt
     few_tiles: int = 20  # --init on at most this many tiles without --val-data: the few-label schedule (training/init.py)
     few_steps: int = 100  # few-label schedule: optimizer steps (the stopping rule: no tiles are set aside to validate)
-    few_lr: float = 2e-4  # few-label schedule: peak learning rate (one-cycle, few_steps // 10 warm-up)
+    few_lr: float = 5e-5  # few-label schedule: peak learning rate (one-cycle, few_steps // 10 warm-up; 2e-4 broke k=3)
     epochs: int = 20
     batch_size: int = 8
     lr: float = 1e-3
