@@ -79,7 +79,8 @@ def score(checkpoint: Path, scored_csv: Path) -> float:
     return float(board.summary()["dice"])
 
 
-def fine_tune(start: str, base: Path, labels_csv: Path, out: Path, imagenet: str, seed: int) -> Path:
+def fine_tune(start: str, base: Path, labels_csv: Path, out: Path, imagenet: str, seed: int,
+              few_lr: float | None = None) -> Path:
     if (out / "best.pt").is_file():
         return out / "best.pt"
     config = Config()
@@ -90,6 +91,8 @@ def fine_tune(start: str, base: Path, labels_csv: Path, out: Path, imagenet: str
     config.train.seed = seed
     if start == STARTS[1]:
         config.train.init = str(base)
+        if few_lr:
+            config.train.few_lr = few_lr
     else:  # ImageNet: the base's architecture and GSD, the same few-label steps, the general learning rate
         card = load_checkpoint(base)["model_card"]
         config.model.encoder, config.model.weights = card["encoder"], imagenet
@@ -131,6 +134,7 @@ def main() -> None:
     parser.add_argument("--imagenet-at", type=int, nargs="*", default=None, help="ks that also train from ImageNet "
                         "(default: all)")
     parser.add_argument("--no-wait", action="store_true")
+    parser.add_argument("--few-lr", type=float, help="the fine-tune's train.few_lr (default: the config's)")
     args = parser.parse_args()
     grid_path = Path(args.grid).resolve()
     grid = yaml.safe_load(grid_path.read_text())
@@ -160,7 +164,8 @@ def main() -> None:
                     if start == STARTS[2] and args.imagenet_at is not None and k not in args.imagenet_at:
                         continue
                     name = "finetune" if start == STARTS[1] else "imagenet"
-                    checkpoint = fine_tune(start, base, labels_csv, out / "runs" / f"{fold}_s{seed}_k{k}_{name}", imagenet, seed)
+                    checkpoint = fine_tune(start, base, labels_csv, out / "runs" / f"{fold}_s{seed}_k{k}_{name}", imagenet,
+                                           seed, args.few_lr)
                     results[(k, start, key)] = score(checkpoint, scored_csv)
                     print(f"{key} k={k} {start}: Dice {results[(k, start, key)]:.4f} (untouched {untouched:.4f})", flush=True)
                 (out / "few_labels.md").write_text(table(results) + "\n")
