@@ -13,6 +13,7 @@ import pytest
 from buildseg.cli import main
 from buildseg.inference.runners.ray import RayOptions, SceneWorker, predict_scenes_ray
 from conftest import write_tiny_checkpoint
+from test_tile_service import service  # noqa: F401 - the tile server fixture
 
 ray = pytest.importorskip("ray")
 gpd = pytest.importorskip("geopandas")
@@ -155,3 +156,23 @@ def test_the_pool_grows_to_the_wanted_workers_when_pieces_outnumber_the_scenes(l
         assert len(set(pids)) == 2
         workers.fit(1)
         assert len(workers.actors) == 1 and ray.get(workers.actors[0].ready.remote(), timeout=60) in pids
+
+
+def test_an_aoi_from_a_tile_service_on_ray_gives_the_local_runners_layer(local_ray, service, tmp_path):
+    """The AOI's pieces are scenes: Ray hands them out and the merge joins them as locally."""
+    from test_tile_service import COLS, ROWS, ZOOM, tile_bounds, write_aoi
+
+    url, _ = service
+    aoi = write_aoi(tmp_path / "aoi.gpkg", tile_bounds(0, 0, COLS, ROWS))
+    ckpt = write_tiny_checkpoint(tmp_path / "m.pt")
+    common = ["--checkpoint", str(ckpt), "--data", url, "--aoi", str(aoi), "--zoom", str(ZOOM), "--block", "256",
+              "--piece-megapixels", "0.06", "--window", "128", "--engine", "torch", "--no-progress", "--threshold",
+              "0.3", "--tile-cache", str(tmp_path / "cache")]
+    assert main(["predict", *common, "--out", str(tmp_path / "local")]) == 0
+    assert main(["predict", *common, "--out", str(tmp_path / "ray"), "--runner", "ray", "--ray-workers", "2"]) == 0
+    manifest = json.loads((tmp_path / "ray" / "manifest.json").read_text())
+    assert manifest["areas"]["aoi"]["pieces"] == COLS * ROWS
+    local_only = ("scene", "mtime_ns")  # each run has its own aoi.vrt
+    assert [{k: v for k, v in r.items() if k not in local_only} for r in records(tmp_path / "ray")] == \
+        [{k: v for k, v in r.items() if k not in local_only} for r in records(tmp_path / "local")]
+    assert same_layer(tmp_path / "ray", tmp_path / "local") and same_masks(tmp_path / "ray", tmp_path / "local")

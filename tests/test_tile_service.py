@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import http.server
+import json
 import threading
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from buildseg.cli import main  # noqa: E402
 from buildseg.formats import tile_services as ts  # noqa: E402
 from buildseg.inference.jobs.conflate import read_layer  # noqa: E402
 from buildseg.inference.jobs.geotiff import predict_geotiff  # noqa: E402
-from buildseg.inference.jobs.tile_service import predict_service, public_url  # noqa: E402
+from buildseg.inference.jobs.tile_service import plan_area, public_url  # noqa: E402
 from buildseg.settings.predict import PredictSettings  # noqa: E402
 from test_footprints import bright_segmenter, houses  # noqa: E402
 
@@ -79,38 +80,92 @@ def settings_for(url, aoi, out, **extra):
                            tile_cache=str(Path(out).parent / "cache"), progress=False, **extra)
 
 
-@pytest.mark.parametrize("aoi_crs", ["EPSG:3857", "EPSG:4326"])
-def test_the_aois_footprints_equal_those_of_the_same_mosaic_as_a_geotiff(service, tmp_path, aoi_crs):
+def run_area(url, aoi, out, segmenter=None, *, shard=(0, 1), **extra):
+    """plan_area + the local runner, as ``buildseg predict`` runs them (no checkpoint)."""
     from buildseg.inference.prediction import geotiff_settings
+    from buildseg.inference.runners.local import predict_scenes
 
-    url, mosaic = service
-    aoi = write_aoi(tmp_path / "aoi.gpkg", tile_bounds(0, 0, COLS, ROWS), aoi_crs)
-    settings = settings_for(url, aoi, tmp_path / "out", block=256)
-    seg = bright_segmenter()
-    result, summary = predict_service(seg, settings, geotiff_settings(settings, {}))
-    assert summary["zoom"] == ZOOM and (tmp_path / "out" / "manifest.json").is_file()
+    settings = settings_for(url, aoi, out, **{"block": 256, **extra})
+    scenes, _ = plan_area(settings, trained_gsd=None)
+    summary = predict_scenes(segmenter or bright_segmenter(), scenes, out, geotiff_settings(settings, {}, scenes=True),
+                             progress=False, shard=shard)
+    return scenes, summary
+
+
+def mosaic_geotiff(mosaic, path):
     res = 2 * ts.WORLD / (256 * 2**ZOOM)
     minx, _, _, maxy = tile_bounds(0, 0, COLS, ROWS)
-    with rasterio.open(tmp_path / "mosaic.tif", "w", driver="GTiff", height=mosaic.shape[0], width=mosaic.shape[1], count=3,
+    with rasterio.open(path, "w", driver="GTiff", height=mosaic.shape[0], width=mosaic.shape[1], count=3,
                        dtype="uint8", crs="EPSG:3857", transform=from_origin(minx, maxy, res, res)) as dst:
         dst.write(mosaic.transpose(2, 0, 1))
-    reference = predict_geotiff(seg, tmp_path / "mosaic.tif", tmp_path / "m.tif", tmp_path / "ref.gpkg", block=256)
-    with rasterio.open(result.mask_path) as a, rasterio.open(reference.mask_path) as b:
+    return path
+
+
+def same_layers(a, b) -> bool:
+    a, b = read_layer(a), read_layer(b)
+    return len(a) == len(b) and a.geometry.union_all().symmetric_difference(b.geometry.union_all()).area < 1e-6 and \
+        np.allclose(sorted(a["mean_prob"]), sorted(b["mean_prob"]))
+
+
+@pytest.mark.parametrize("aoi_crs, piece_megapixels", [("EPSG:3857", 0.06), ("EPSG:4326", 16.0)])
+def test_the_aois_footprints_equal_those_of_the_same_mosaic_as_a_geotiff(service, tmp_path, aoi_crs, piece_megapixels):
+    url, mosaic = service
+    aoi = write_aoi(tmp_path / "aoi.gpkg", tile_bounds(0, 0, COLS, ROWS), aoi_crs)
+    scenes, summary = run_area(url, aoi, tmp_path / "out", piece_megapixels=piece_megapixels)
+    assert len(scenes) == (COLS * ROWS if piece_megapixels < 1 else 1) and summary["remaining"] == 0
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["areas"]["aoi"]["zoom"] == ZOOM and manifest["areas"]["aoi"]["mask"] == "aoi_mask.vrt"
+    seg = bright_segmenter()
+    reference = predict_geotiff(seg, mosaic_geotiff(mosaic, tmp_path / "mosaic.tif"), tmp_path / "m.tif",
+                                tmp_path / "ref.gpkg", block=256)
+    with rasterio.open(tmp_path / "out" / "aoi_mask.vrt") as a, rasterio.open(reference.mask_path) as b:
         assert a.transform.almost_equals(b.transform) and np.array_equal(a.read(1), b.read(1)) and a.read(1).any()
-    ours, theirs = read_layer(result.footprints_path), read_layer(reference.footprints_path)
-    assert len(ours) == len(theirs) > 5
-    assert ours.geometry.union_all().symmetric_difference(theirs.geometry.union_all()).area < 1e-6
+    assert len(read_layer(reference.footprints_path)) > 5
+    assert same_layers(tmp_path / "out" / "footprints.gpkg", reference.footprints_path)
 
 
-def test_footprints_outside_the_aoi_are_left_out(service, tmp_path):
-    from buildseg.inference.prediction import geotiff_settings
-
+def test_shards_and_a_killed_run_give_the_layer_of_one_uninterrupted_run(service, tmp_path):
     url, _ = service
-    aoi = write_aoi(tmp_path / "aoi.gpkg", tile_bounds(0, 0, 1.5, 1))  # half of the second tile
-    settings = settings_for(url, aoi, tmp_path / "out", block=256)
-    result, _ = predict_service(bright_segmenter(), settings, geotiff_settings(settings, {}))
-    frame = read_layer(result.footprints_path)
-    assert len(frame) > 0 and frame.geometry.centroid.within(box(*tile_bounds(0, 0, 1.5, 1))).all()
+    aoi = write_aoi(tmp_path / "aoi.gpkg", tile_bounds(0, 0, COLS, ROWS))
+    run_area(url, aoi, tmp_path / "whole", piece_megapixels=0.06)
+    first, summary = run_area(url, aoi, tmp_path / "shards", piece_megapixels=0.06, shard=(0, 2))
+    assert summary["remaining"] == len(first) // 2 and not (tmp_path / "shards" / "footprints.gpkg").exists()
+    _, summary = run_area(url, aoi, tmp_path / "shards", piece_megapixels=0.06, shard=(1, 2))
+    assert summary["remaining"] == 0 and same_layers(tmp_path / "shards" / "footprints.gpkg",
+                                                     tmp_path / "whole" / "footprints.gpkg")
+
+    class Killed(Exception):
+        pass
+
+    seg, calls = bright_segmenter(), []
+    probabilities = seg.probabilities
+
+    def dies_on_the_fourth_block(image):
+        calls.append(1)
+        if len(calls) == 4:
+            raise Killed()
+        return probabilities(image)
+
+    object.__setattr__(seg, "probabilities", dies_on_the_fourth_block)
+    with pytest.raises(Killed):
+        run_area(url, aoi, tmp_path / "killed", seg, piece_megapixels=0.06)
+    _, summary = run_area(url, aoi, tmp_path / "killed", piece_megapixels=0.06)
+    assert summary["skipped"] == 3 and summary["predicted"] == COLS * ROWS - 3
+    assert same_layers(tmp_path / "killed" / "footprints.gpkg", tmp_path / "whole" / "footprints.gpkg")
+
+
+def test_footprints_and_mask_outside_the_aoi_are_left_out(service, tmp_path):
+    url, _ = service
+    inside = box(*tile_bounds(0, 0, 1.5, 1))  # half of the second tile
+    aoi = write_aoi(tmp_path / "aoi.gpkg", inside.bounds)
+    scenes, _ = run_area(url, aoi, tmp_path / "out")
+    frame = read_layer(tmp_path / "out" / "footprints.gpkg")
+    assert len(frame) > 0 and frame.geometry.centroid.within(inside).all()
+    with rasterio.open(tmp_path / "out" / "aoi_mask.vrt") as src:
+        mask = src.read(1)
+        cols = np.arange(src.width)
+        centre_x = src.transform.c + (cols + 0.5) * src.transform.a
+    assert mask.any() and not mask[:, centre_x > inside.bounds[2]].any()
 
 
 def test_zoom_follows_the_models_gsd_at_the_aois_latitude():
@@ -125,6 +180,7 @@ def test_zoom_follows_the_models_gsd_at_the_aois_latitude():
     (["--data", "http://127.0.0.1:9/{z}/{x}/{y}.png", "--aoi", "{aoi}", "--zoom", "30"], "out of range"),
     (["--data", "http://127.0.0.1:9/{z}/{x}/{y}.png", "--aoi", "{nocrs}"], "has no CRS"),
     (["--data", "{tif}", "--aoi", "{aoi}"], "apply to a tile service URL template"),
+    (["--data", "http://127.0.0.1:9/{z}/{x}/{y}.png", "--aoi", "{polar}"], "outside the service's extent"),
 ])
 def test_bad_tile_service_input_is_one_line_and_nothing_is_written(tmp_path, capsys, argv, message):
     import warnings
@@ -139,7 +195,9 @@ def test_bad_tile_service_input_is_one_line_and_nothing_is_written(tmp_path, cap
                        crs="EPSG:3857", transform=from_origin(1000, 1000, 2, 2)) as dst:
         dst.write(np.zeros((3, 64, 64), np.uint8))
     ckpt = write_tiny_checkpoint(tmp_path / "m.pt")
-    argv = [a.format(aoi=tmp_path / "aoi.gpkg", nocrs=tmp_path / "nocrs.gpkg", tif=tmp_path / "s.tif")
+    gpd.GeoDataFrame(geometry=[box(10, 86, 11, 88)], crs="EPSG:4326").to_file(tmp_path / "polar.gpkg")
+    argv = [a.format(aoi=tmp_path / "aoi.gpkg", nocrs=tmp_path / "nocrs.gpkg", tif=tmp_path / "s.tif",
+                     polar=tmp_path / "polar.gpkg")
             if a.startswith("{") and not a.startswith("{z") else a for a in argv]
     try:
         code = main(["predict", "--checkpoint", str(ckpt), *argv, "--out", str(tmp_path / "out"), "--engine", "torch"])
@@ -165,7 +223,7 @@ def test_predict_from_a_tile_service_on_the_command_line(service, tmp_path, caps
                  "--engine", "torch", "--no-progress", "--tile-cache", str(tmp_path / "cache")])
     assert code == 0
     assert "tile service at zoom 19" in capsys.readouterr().out
-    assert {p.name for p in (tmp_path / "out").iterdir()} >= {"mask.tif", "footprints.gpkg", "manifest.json"}
+    assert {p.name for p in (tmp_path / "out").iterdir()} >= {"aoi_mask.vrt", "footprints.gpkg", "manifest.json"}
 
 
 def test_a_failing_tile_stops_the_run_with_one_line_naming_it(service, tmp_path, capsys):

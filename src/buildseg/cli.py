@@ -111,6 +111,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
               f"manifest {Path(settings.merge) / 'manifest.json'}")
     elif outcome.kind == "scenes":
         summary = outcome.summary
+        if "area" in summary:
+            area = summary["area"]
+            print(f"tile service at zoom {area['zoom']} ({area['gsd_m']} m per pixel): the AOI in {area['pieces']} "
+                  f"piece(s)")
         done = f"{summary['predicted']} scenes predicted, {summary['skipped']} already done"
         if summary["remaining"]:
             print(f"{done}; {summary['remaining']} scenes of other shards remain: the last shard merges, or run "
@@ -118,11 +122,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         else:
             print(f"{done}; merged layer {summary['merged']} ({summary['n_footprints']} footprints); manifest "
                   f"{Path(settings.out) / 'manifest.json'}")
-    elif outcome.kind in ("geotiff", "service"):
+    elif outcome.kind == "geotiff":
         result = outcome.geo
-        if outcome.kind == "service":
-            print(f"tile service at zoom {outcome.summary['zoom']} ({outcome.summary['gsd_m']} m per pixel); manifest "
-                  f"{Path(settings.out) / 'manifest.json'}")
         print(f"wrote {result.mask_path} (CRS {result.crs or 'none: pixel coordinates'})")
         if result.footprints_path:
             print(f"wrote {result.footprints_path}: {result.n_polygons} building footprints (area in "

@@ -11,11 +11,18 @@
 A scene's *identity* decides whether a done-record still holds: size and modification time
 for a local file, the location itself for a remote one (a remote file replaced in place at
 the same URL is not noticed; use versioned URLs or a new OUT_DIR).
+
+A scene may also be a *piece* of a larger raster: ``window`` (whole blocks of it) and
+``clip`` (an area outside which nothing is kept). A tile service's area of interest becomes
+such pieces (``inference/jobs/tile_service.py``), so the many-scene machinery (done-records,
+resume, shards, Ray, merge) shares out one area; the merge joins the pieces' buildings across
+their borders (``jobs/scenes.py``).
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +40,9 @@ class SceneSource:
 
     location: str
     name: str
+    window: tuple[int, int, int, int] | None = None  # (row, col, height, width): whole blocks of the raster
+    clip: str | None = None  # a vector file (the raster's CRS): the area kept, buildings by their centroid
+    group: str | None = None  # the pieces of one raster share a group: the merge joins them into one layer
 
     @classmethod
     def of(cls, location: str | Path) -> "SceneSource":
@@ -44,9 +54,15 @@ class SceneSource:
 
     def identity(self) -> dict:
         if self.remote:
-            return {"location": self.location}
-        stat = Path(self.location).stat()
-        return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+            ident = {"location": self.location}
+        else:
+            stat = Path(self.location).stat()
+            ident = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+        if self.window is not None:
+            ident["window"] = list(self.window)
+        if self.clip is not None:
+            ident["clip_sha256"] = hashlib.sha256(Path(self.clip).read_bytes()).hexdigest()[:16]
+        return ident
 
     def check(self) -> None:
         """A local file must exist; a remote one must answer with a raster header (one small

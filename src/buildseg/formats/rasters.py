@@ -225,3 +225,31 @@ def read_window(src, bands: list[int], grid: SceneGrid, row: float, col: float, 
     image = to_uint8(raw, stretch)
     image[:, ~valid] = 0
     return np.ascontiguousarray(image.transpose(1, 2, 0)), valid
+
+
+def mosaic_vrt(paths: list[Path]) -> str:
+    """A GDAL VRT mosaic of single-band rasters on one grid (same CRS and pixel size, e.g. the
+    mask COGs of an area's pieces), each placed by its own transform; paths relative to the
+    VRT's folder (the first raster's)."""
+    from xml.sax.saxutils import escape
+
+    rasterio = require_rasterio()
+    headers = []
+    for path in paths:
+        with rasterio.open(path) as src:
+            headers.append((path, src.transform, src.width, src.height, src.crs, src.dtypes[0]))
+    res_x, res_y = headers[0][1].a, headers[0][1].e
+    left = min(t.c for _, t, *_ in headers)
+    top = max(t.f for _, t, *_ in headers)
+    place = [(p, round((t.c - left) / res_x), round((t.f - top) / res_y), w, h) for p, t, w, h, *_ in headers]
+    width = max(x + w for _, x, _, w, _ in place)
+    height = max(y + h for _, _, y, _, h in place)
+    dtype = {"uint8": "Byte"}.get(headers[0][5], headers[0][5].capitalize())
+    sources = "".join(
+        f"<SimpleSource><SourceFilename relativeToVRT=\"1\">{escape(Path(p).name)}</SourceFilename><SourceBand>1"
+        f"</SourceBand><SrcRect xOff=\"0\" yOff=\"0\" xSize=\"{w}\" ySize=\"{h}\"/><DstRect xOff=\"{x}\" yOff=\"{y}\" "
+        f"xSize=\"{w}\" ySize=\"{h}\"/></SimpleSource>" for p, x, y, w, h in place)
+    crs = escape(headers[0][4].to_wkt()) if headers[0][4] else ""
+    return (f"<VRTDataset rasterXSize=\"{width}\" rasterYSize=\"{height}\"><SRS>{crs}</SRS><GeoTransform>{left}, "
+            f"{res_x}, 0, {top}, 0, {res_y}</GeoTransform><VRTRasterBand dataType=\"{dtype}\" band=\"1\">{sources}"
+            f"</VRTRasterBand></VRTDataset>")

@@ -61,29 +61,36 @@ def service_xml(template: str, *, zoom: int, tms: bool, cache_dir: str | Path | 
             f"<ZeroBlockOnServerException>false</ZeroBlockOnServerException></GDAL_WMS>")
 
 
-def aoi_window(bounds_3857: tuple[float, float, float, float], zoom: int) -> tuple[int, int, int, int]:
-    """(col, row, width, height) in pixels of the zoom level's global grid covering ``bounds``,
-    snapped outwards to whole tiles (tile requests and blocks line up)."""
-    res = 2 * WORLD / (TILE * 2**zoom)
-    minx, miny, maxx, maxy = bounds_3857
-    col0 = math.floor((minx + WORLD) / res / TILE) * TILE
-    row0 = math.floor((WORLD - maxy) / res / TILE) * TILE
-    col1 = math.ceil((maxx + WORLD) / res / TILE) * TILE
-    row1 = math.ceil((WORLD - miny) / res / TILE) * TILE
+def snap_window(bounds: tuple[float, float, float, float], transform, *, block: int, width: int,
+                height: int) -> tuple[int, int, int, int] | None:
+    """(col, row, width, height) of the service raster's pixels covering ``bounds`` (in its
+    CRS), snapped outwards to whole ``block`` s (tile requests and blocks line up) and cut to
+    the raster; None when they miss it."""
+    minx, miny, maxx, maxy = bounds
+    inverse = ~transform
+    cols, rows = zip(*(inverse @ (x, y) for x in (minx, maxx) for y in (miny, maxy)))
+    eps = 1e-6  # an AOI drawn on tile edges must not reach into the next tile by a rounding error
+    col0 = max(0, math.floor(min(cols) / block + eps) * block)
+    row0 = max(0, math.floor(min(rows) / block + eps) * block)
+    col1 = min(width, math.ceil(max(cols) / block - eps) * block)
+    row1 = min(height, math.ceil(max(rows) / block - eps) * block)
+    if col1 <= col0 or row1 <= row0:
+        return None
     return col0, row0, col1 - col0, row1 - row0
 
 
-def aoi_vrt(service_path: Path, bounds_3857: tuple[float, float, float, float], zoom: int, bands: int = 3) -> str:
-    """A VRT of the AOI's tiles at ``zoom``: the service read at that zoom's resolution."""
-    col, row, width, height = aoi_window(bounds_3857, zoom)
-    scale = 1  # the service is described at this zoom (service_xml)
-    res = 2 * WORLD / (TILE * 2**zoom)
-    transform = f"{-WORLD + col * res}, {res}, 0, {WORLD - row * res}, 0, {-res}"
+def window_vrt(source_name: str, window: tuple[int, int, int, int], transform, crs_wkt: str, bands: int = 3) -> str:
+    """A VRT of one window of the service raster described by the file ``source_name`` (beside
+    the VRT), at the service's own pixels: a small raster that the GeoTIFF pipeline reads
+    block by block like any scene."""
+    col, row, width, height = window
+    left, top = transform @ (col, row)
+    geo = f"{left}, {transform.a}, {transform.b}, {top}, {transform.d}, {transform.e}"
     sources = "".join(
-        f"<VRTRasterBand dataType=\"Byte\" band=\"{b}\"><SimpleSource><SourceFilename relativeToVRT=\"1\">"
-        f"{escape(service_path.name)}</SourceFilename><SourceBand>{b}</SourceBand>"
-        f"<SrcRect xOff=\"{col * scale}\" yOff=\"{row * scale}\" xSize=\"{width * scale}\" ySize=\"{height * scale}\"/>"
+        f"<VRTRasterBand dataType=\"Byte\" band=\"{b}\" blockXSize=\"{TILE}\" blockYSize=\"{TILE}\"><SimpleSource>"
+        f"<SourceFilename relativeToVRT=\"1\">{escape(source_name)}</SourceFilename><SourceBand>{b}</SourceBand>"
+        f"<SrcRect xOff=\"{col}\" yOff=\"{row}\" xSize=\"{width}\" ySize=\"{height}\"/>"
         f"<DstRect xOff=\"0\" yOff=\"0\" xSize=\"{width}\" ySize=\"{height}\"/></SimpleSource></VRTRasterBand>"
         for b in range(1, bands + 1))
-    return (f"<VRTDataset rasterXSize=\"{width}\" rasterYSize=\"{height}\"><SRS>EPSG:3857</SRS>"
-            f"<GeoTransform>{transform}</GeoTransform>{sources}</VRTDataset>")
+    return (f"<VRTDataset rasterXSize=\"{width}\" rasterYSize=\"{height}\"><SRS>{escape(crs_wkt)}</SRS>"
+            f"<GeoTransform>{geo}</GeoTransform>{sources}</VRTDataset>")

@@ -10,7 +10,7 @@ no model at all. Every input is checked before a model loads or a file is writte
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -107,9 +107,16 @@ def _predict(settings: PredictSettings) -> PredictOutcome:
             return _scenes_on_ray(settings, scenes)
         return _with_model(settings, kind, scenes=scenes)
     if kind == SERVICE:
-        from buildseg.inference.jobs.tile_service import read_aoi
+        from buildseg.inference.core.checkpoint_info import CheckpointInfo
+        from buildseg.inference.jobs.tile_service import plan_area
 
-        read_aoi(settings.aoi)  # a bad AOI fails before the model loads
+        trained = CheckpointInfo.read(settings.checkpoint, **settings.segmenter_options()).input  # no model yet
+        scenes, about = plan_area(settings, trained_gsd=trained.get("gsd"))  # a bad AOI or service: before any write
+        settings = replace(settings, native_resolution=True)  # the zoom was chosen for the GSD: its tiles' own pixels
+        outcome = _scenes_on_ray(settings, scenes) if settings.runner == "ray" else \
+            _with_model(settings, SCENES, scenes=scenes)
+        outcome.summary["area"] = {**about, "pieces": len(scenes)}
+        return outcome
     records = None
     if kind == TILES:
         from buildseg.formats.tables import load_records
@@ -156,10 +163,6 @@ def _with_model(settings: PredictSettings, kind: str, *, scenes=None, records=No
             outcome.summary = predict_scenes(segmenter, scenes, settings.out,
                                              geotiff_settings(settings, segmenter.input, scenes=True), dist,
                                              progress=settings.progress, shard=settings.shard or (0, 1))
-        elif kind == SERVICE:
-            from buildseg.inference.jobs.tile_service import predict_service
-
-            outcome.geo, outcome.summary = predict_service(segmenter, settings, geotiff_settings(settings, segmenter.input))
         elif kind == GEOTIFF:
             from buildseg.inference.jobs.geotiff import predict_geotiff
 

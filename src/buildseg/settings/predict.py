@@ -20,6 +20,7 @@ from buildseg.settings.inference import (
 
 TILES, GEOTIFF, SCENES, SERVICE = "tiles", "geotiff", "scenes", "service"  # the kinds of --data
 MAX_CONNECTIONS = 2  # a tile service's concurrent requests: modest, a shared service is not ours
+PIECE_MEGAPIXELS = 16.0  # a tile service's AOI: pieces of about 4096 x 4096 px, each one scene of the run
 RUNNERS = ("local", "ray")
 MATCH_IOU = 0.3  # --existing: one building in both layers (outlines from imagery and from mappers rarely agree closer)
 MATCH_OVERLAP = 0.5  # --existing: or at least half of a footprint under the other layer's buildings
@@ -112,6 +113,10 @@ class PredictSettings(EngineSettings):
     tms: bool = setting(False, "tile service: TMS row order (rows counted from the south; same as {-y})")
     tile_cache: str | None = setting(None, "tile service: GDAL's tile cache folder (default: under the user cache)")
     max_connections: int = setting(MAX_CONNECTIONS, "tile service: concurrent tile requests", low=1, high=32)
+    piece_megapixels: float = setting(PIECE_MEGAPIXELS, "tile service: the AOI is cut into pieces of whole blocks of "
+                                      "about this size, each a scene of a many-scene run (done-records, resume, "
+                                      "--shard, --runner ray, --merge); the layer does not depend on it", low=0,
+                                      low_open=True, metavar="MPX")
     existing: str | None = setting(None, "GeoTIFF or many scenes: buildings already mapped (any vector file, any CRS, "
                                    "e.g. an OpenStreetMap extract); each footprint gets status new|mapped, the existing "
                                    "ones nothing supports go to a separate unconfirmed layer, and the new ones to a "
@@ -156,10 +161,10 @@ class PredictSettings(EngineSettings):
 
     def check_input(self, kind: str) -> None:
         """The rules that depend on what --data turned out to be (TILES, GEOTIFF or SCENES)."""
-        if kind != SCENES and (self.shard or self.runner != "local" or self.stac_asset):
+        if kind not in (SCENES, SERVICE) and (self.shard or self.runner != "local") or kind != SCENES and self.stac_asset:
             flag = "--shard" if self.shard else "--runner" if self.runner != "local" else "--stac-asset"
-            raise BuildsegError(f"{flag} applies to many scenes (a folder or list of GeoTIFFs, or a STAC catalogue); "
-                                f"--data {self.data} is not one")
+            raise BuildsegError(f"{flag} applies to many scenes (a folder or list of GeoTIFFs, a STAC catalogue, or a "
+                                f"tile service's area); --data {self.data} is not one")
         if kind == TILES and (self.gsd or self.bands or self.native_resolution or self.footprints or self.geojson):
             raise BuildsegError("--gsd, --bands, --native-resolution, --footprints and --geojson apply to GeoTIFF "
                                 f"input; --data {self.data} is not a GeoTIFF or a folder/list of them")
@@ -171,8 +176,8 @@ class PredictSettings(EngineSettings):
                 raise BuildsegError(f"--data {self.data} is a tile service: give the area to map with --aoi FILE")
             if not Path(self.aoi).exists():
                 raise BuildsegError(f"--aoi {self.aoi} not found (any vector file of the area to map)")
-        elif self.aoi or self.zoom is not None or self.tms or self.tile_cache:
-            raise BuildsegError(f"--aoi, --zoom, --tms and --tile-cache apply to a tile service URL template "
+        elif self.aoi or self.zoom is not None or self.tms or self.tile_cache or self.piece_megapixels != PIECE_MEGAPIXELS:
+            raise BuildsegError(f"--aoi, --zoom, --tms, --tile-cache and --piece-megapixels apply to a tile service URL template "
                                 f"(https://host/{{z}}/{{x}}/{{y}}.png); --data {self.data} is not one")
         if self.existing and (kind == TILES or (kind == GEOTIFF and not (self.footprints or self.geojson))):
             raise BuildsegError("--existing compares footprints: it needs GeoTIFF input with --footprints FILE (or "

@@ -70,6 +70,7 @@ class GeoResult:
     crs: str | None
     area_unit: str | None
     footprints: object | None = field(default=None, repr=False)  # the GeoDataFrame written
+    pixel_size: float | None = None  # the raster's pixel size in CRS units
 
     @property
     def geojson_path(self) -> Path | None:  # the name before footprints had several formats
@@ -194,13 +195,18 @@ def predict_blocks(segmenter: Segmenter, plan: ScenePlan, blocks: list[tuple[int
     return parts
 
 
-def footprint_layer(plan: ScenePlan, parts: list[BlockParts], settings: GeoTiffSettings, path: Path):
-    """The scene's footprints from its blocks' parts (in block order, whoever predicted them):
-    parts cut by block borders joined, then cleaned, then written to ``path``."""
+def join_blocks(parts: list[BlockParts], *, crs, pixel_size: float, settings: GeoTiffSettings, source: str):
+    """The footprints (a GeoDataFrame) of blocks' parts, in block order whoever predicted them:
+    parts cut by block borders joined, then cleaned. ``pixel_size`` in CRS units."""
     parts = sorted(parts, key=lambda p: (p.y, p.x))
     joined = [q for p in parts for q in p.inner] + join_border_parts([q for p in parts for q in p.border])
     options = FootprintOptions(settings.min_area_m2, settings.simplify, settings.regularize)
-    frame = clean_footprints(joined, plan.crs, abs(plan.transform.a), metres_per_unit(plan.crs), options, plan.name)
+    return clean_footprints(joined, crs, pixel_size, metres_per_unit(crs), options, source)
+
+
+def footprint_layer(plan: ScenePlan, parts: list[BlockParts], settings: GeoTiffSettings, path: Path):
+    """The scene's footprints from its blocks' parts (:func:`join_blocks`), written to ``path``."""
+    frame = join_blocks(parts, crs=plan.crs, pixel_size=abs(plan.transform.a), settings=settings, source=plan.name)
     write_footprints(frame, path)
     return frame
 
@@ -209,7 +215,7 @@ def geo_result(plan: ScenePlan, mask_path: Path, footprints_path: Path | None, f
     unit = metres_per_unit(plan.crs)
     area_unit = "m^2" if unit else ("px^2" if plan.crs is None else None)
     return GeoResult(mask_path, footprints_path, 0 if frame is None else len(frame),
-                     plan.crs.to_string() if plan.crs else None, area_unit, frame)
+                     plan.crs.to_string() if plan.crs else None, area_unit, frame, abs(plan.transform.a))
 
 
 def predict_geotiff(

@@ -12,6 +12,12 @@ so the outputs are the same whichever worker predicted which piece (tests/test_r
 Pieces follow block borders because a block's pixels depend only on its own window and
 margin: a piece boundary is a block boundary that the join already handles, and nothing is
 predicted twice.
+
+A piece can also be a scene of its own (a :class:`SceneSource` with a ``window``: how a tile
+service's area of interest is shared out): :func:`predict_piece_scene` writes its mask COG,
+clipped to the scene's area, and its blocks' raw parts to ``NAME_parts.parquet``
+(:func:`write_parts`); the many-scene merge joins the parts of all the pieces of one raster
+(:func:`read_parts`, ``geotiff.join_blocks``) exactly as one process would have.
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from buildseg.atomic import atomic_path
+from buildseg.data.scene_sources import SceneSource
+from buildseg.footprints.polygons import Part
 from buildseg.footprints.writers import to_cog
 from buildseg.formats.rasters import require_rasterio
 from buildseg.inference.core.segmenter import Segmenter
@@ -33,8 +41,11 @@ from buildseg.inference.jobs.geotiff import (
     ScenePlan,
     footprint_layer,
     geo_result,
+    plan_scene,
     predict_blocks,
 )
+
+PARTS = "_parts.parquet"  # a piece scene's raw footprint parts: NAME_parts.parquet
 
 PIECES = ".buildseg-pieces"  # OUT_DIR/.buildseg-pieces/<scene name>/<k>.tif while a split scene is in flight
 
@@ -127,3 +138,71 @@ def assemble_scene(plan: ScenePlan, results: list[PieceResult], mask_path: Path,
     if results:
         shutil.rmtree(results[0].path.parent, ignore_errors=True)
     return geo_result(plan, mask_path, footprints_path, frame)
+
+
+def write_parts(parts: list[BlockParts], crs, path: Path) -> None:
+    """Blocks' raw parts as GeoParquet (block, inner or border, order within the block, the
+    probability sum and pixel count the join needs), written atomically."""
+    import geopandas as gpd
+
+    rows = [(p.y, p.x, border, seq, q.prob_sum, q.pixels, q.polygon)
+            for p in parts for border, items in ((False, p.inner), (True, p.border)) for seq, q in enumerate(items)]
+    columns = ["y", "x", "border", "seq", "prob_sum", "pixels", "geometry"]
+    frame = gpd.GeoDataFrame(dict(zip(columns, zip(*rows))) if rows else {c: [] for c in columns}, crs=crs)
+    with atomic_path(path) as tmp:
+        frame.to_parquet(tmp)
+
+
+def read_parts(path: Path) -> list[BlockParts]:
+    """:func:`write_parts`' blocks back, in block order."""
+    import geopandas as gpd
+
+    frame = gpd.read_parquet(path).sort_values(["y", "x", "border", "seq"], kind="stable")
+    blocks: dict[tuple[int, int], BlockParts] = {}
+    for y, x, border, polygon, prob_sum, pixels in zip(frame["y"], frame["x"], frame["border"], frame.geometry,
+                                                       frame["prob_sum"], frame["pixels"]):
+        block = blocks.setdefault((int(y), int(x)), BlockParts(int(y), int(x), [], []))
+        (block.border if border else block.inner).append(Part(polygon, float(prob_sum), int(pixels)))
+    return list(blocks.values())
+
+
+def clip_mask(path: Path, clip: str | Path) -> None:
+    """Zero the mask outside the area of ``clip`` (a vector file; pixel centres decide)."""
+    import geopandas as gpd
+    from rasterio.features import geometry_mask
+
+    rasterio = require_rasterio()
+    with rasterio.open(path, "r+") as dst:
+        area = gpd.read_file(clip).to_crs(dst.crs).geometry
+        outside = geometry_mask(list(area), out_shape=(dst.height, dst.width), transform=dst.transform)
+        mask = dst.read(1)
+        mask[outside] = 0
+        dst.write(mask[None])
+
+
+def predict_piece_scene(segmenter: Segmenter, scene: SceneSource, mask_path: Path, parts_path: Path,
+                        settings: GeoTiffSettings, *, progress: bool = False) -> GeoResult:
+    """A piece scene: its window's blocks (with context from the whole raster) into a mask COG
+    clipped to ``scene.clip``, and their raw parts into ``parts_path`` for the merge's join."""
+    from rasterio.windows import Window
+
+    rasterio = require_rasterio()
+    plan = plan_scene(segmenter, scene.location, settings)
+    row, col, height, width = scene.window
+    if row % plan.block or col % plan.block or row + height > plan.height or col + width > plan.width:
+        raise ValueError(f"{scene.name}: the window {scene.window} is not whole blocks of {plan.name}")
+    blocks = [(y, x) for y, x in plan.blocks() if row <= y < row + height and col <= x < col + width]
+    transform = rasterio.windows.transform(Window(col, row, width, height), plan.transform)
+    tmp = mask_path.with_name(f".{mask_path.name}.tmp")
+    try:
+        with rasterio.open(tmp, "w", **plan.mask_profile(height=height, width=width, transform=transform)) as dst:
+            parts = predict_blocks(segmenter, plan, blocks, dst, origin=(row, col), progress=progress)
+        if scene.clip:
+            clip_mask(tmp, scene.clip)
+        to_cog(tmp, mask_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    write_parts(parts, plan.crs, parts_path)
+    result = geo_result(plan, mask_path, parts_path, None)
+    result.n_polygons = sum(len(p.inner) + len(p.border) for p in parts)
+    return result

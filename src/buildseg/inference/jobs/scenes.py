@@ -12,6 +12,12 @@ resumes, and a changed checkpoint or setting redoes everything. At the end the m
 ``OUT_DIR/manifest.json`` are rebuilt from the done-records, in the scenes' order, so they
 equal those of an uninterrupted run whichever process predicted which scene.
 
+Pieces of one raster (scenes with a ``window`` and a ``group``: a tile service's area of
+interest, ``jobs/tile_service.py``) write their mask COG and their raw footprint parts
+(``NAME_parts.parquet``); the merge joins the parts of each group across the pieces' borders
+and cleans them as one process would have, keeps the buildings whose centroid lies in the
+group's clip area, and writes ``GROUP_mask.vrt``, a mosaic of the pieces' masks.
+
 Who predicts what: under torchrun, scene ``i`` goes to rank ``i % world_size``; with
 ``shard=(I, N)`` (a batch scheduler's array job) the scenes ``I, I+N, ...``; with the Ray
 runner (``runners/ray.py``) a pool of workers takes them largest first. Whoever finishes the
@@ -108,11 +114,15 @@ def scene_outputs(out_dir: Path, scene: SceneSource, settings: SceneSettings) ->
 
 
 def write_done_record(out_dir: Path, scene: SceneSource, index: int, key: str, result: GeoResult,
-                      seconds: float) -> dict:
+                      seconds: float, settings: SceneSettings | None = None) -> dict:
     """The scene's done-record, written atomically once both outputs are in place; the record."""
     record = {"scene": scene.location, "name": scene.name, "index": index, "run_key": key, **scene.identity(),
               "mask": result.mask_path.name, "footprints": result.footprints_path.name,
               "n_footprints": result.n_polygons, "crs": result.crs, "seconds": round(seconds, 2)}
+    if scene.group is not None:  # what the merge needs to join and clean this group's parts
+        record.update(group=scene.group, pixel_size=result.pixel_size,
+                      clip=Path(scene.clip).name if scene.clip else None,
+                      clean=asdict(scene_settings(settings or SceneSettings())))
     path = _record_path(out_dir, scene.name)
     path.parent.mkdir(parents=True, exist_ok=True)  # made with the first record: a run that fails first leaves none
     with atomic_open(path, "w") as handle:
@@ -125,9 +135,15 @@ def predict_scene(segmenter: Segmenter, scene: SceneSource, index: int, out_dir:
     """Predict one scene into OUT_DIR and write its done-record; the record."""
     started = time.monotonic()
     mask_path, layer_path = scene_outputs(out_dir, scene, settings)
-    result = predict_geotiff(segmenter, scene.location, mask_path, layer_path, scene_settings(settings),
-                             progress=progress)
-    return write_done_record(out_dir, scene, index, key, result, time.monotonic() - started)
+    if scene.window is not None:
+        from buildseg.inference.jobs.scene_pieces import PARTS, predict_piece_scene
+
+        result = predict_piece_scene(segmenter, scene, mask_path, out_dir / f"{scene.name}{PARTS}",
+                                     scene_settings(settings), progress=progress)
+    else:
+        result = predict_geotiff(segmenter, scene.location, mask_path, layer_path, scene_settings(settings),
+                                 progress=progress)
+    return write_done_record(out_dir, scene, index, key, result, time.monotonic() - started, settings)
 
 
 def pending_scenes(scenes: list[SceneSource], out_dir: Path, key: str) -> list[int]:
@@ -172,10 +188,16 @@ def _merge(out_dir: Path, records: list[dict], key: str, suffix: str) -> dict[st
     import geopandas as gpd
     import pandas as pd
 
-    frames, crs = [], None
+    frames, crs, groups = [], None, {}
     for record in records:
-        frame = gpd.read_file(out_dir / record["footprints"]) if suffix not in (".parquet",) else \
-            gpd.read_parquet(out_dir / record["footprints"])
+        if record.get("group") is not None:
+            if record["group"] in groups:
+                continue
+            groups[record["group"]] = [r for r in records if r.get("group") == record["group"]]
+            frame = _join_group(out_dir, record["group"], groups[record["group"]])
+        else:
+            frame = gpd.read_file(out_dir / record["footprints"]) if suffix not in (".parquet",) else \
+                gpd.read_parquet(out_dir / record["footprints"])
         crs = crs or frame.crs
         if len(frame):
             frames.append(frame.to_crs(crs) if frame.crs is not None and crs is not None and frame.crs != crs else frame)
@@ -183,6 +205,42 @@ def _merge(out_dir: Path, records: list[dict], key: str, suffix: str) -> dict[st
         gpd.GeoDataFrame({"mean_prob": [], "source": []}, geometry=[], crs=crs)
     merged_path = write_footprints(merged, out_dir / f"footprints{suffix}")
     manifest = {"run_key": key, "merged": merged_path.name, "n_footprints": len(merged), "scenes": records}
+    if groups:
+        manifest["areas"] = {name: _area_summary(out_dir, name, members) for name, members in groups.items()}
     with atomic_open(out_dir / "manifest.json", "w") as handle:
         handle.write(json.dumps(manifest, indent=1))
     return {"merged": str(merged_path), "n_footprints": len(merged)}
+
+
+def _join_group(out_dir: Path, group: str, records: list[dict]):
+    """One raster's footprints from its pieces' parts: joined across the pieces' borders,
+    cleaned, and kept where the centroid lies in the clip area."""
+    import geopandas as gpd
+
+    from buildseg.inference.jobs.geotiff import join_blocks
+    from buildseg.inference.jobs.scene_pieces import read_parts
+
+    parts = [block for record in records for block in read_parts(out_dir / record["footprints"])]
+    first = records[0]
+    clean = {k: v for k, v in first["clean"].items() if k in {f.name for f in fields(GeoTiffSettings)}}
+    from rasterio.crs import CRS
+
+    crs = CRS.from_user_input(first["crs"]) if first.get("crs") else None
+    frame = join_blocks(parts, crs=crs, pixel_size=first["pixel_size"], settings=GeoTiffSettings(**clean),
+                        source=group)
+    if first.get("clip") and len(frame):
+        area = gpd.read_file(out_dir / first["clip"]).to_crs(frame.crs).geometry.union_all()
+        frame = frame[frame.geometry.centroid.within(area)].reset_index(drop=True)
+    return frame
+
+
+def _area_summary(out_dir: Path, group: str, records: list[dict]) -> dict:
+    """A group's mask mosaic (``GROUP_mask.vrt`` over its pieces' COGs) and what its
+    ``GROUP.json`` says about it (a tile service's zoom, pixel size, URL)."""
+    from buildseg.formats.rasters import mosaic_vrt
+
+    mosaic = out_dir / f"{group}_mask.vrt"
+    with atomic_open(mosaic, "w") as handle:
+        handle.write(mosaic_vrt([out_dir / r["mask"] for r in records]))
+    about = out_dir / f"{group}.json"
+    return {**(json.loads(about.read_text()) if about.is_file() else {}), "mask": mosaic.name, "pieces": len(records)}

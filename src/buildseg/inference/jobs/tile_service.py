@@ -1,14 +1,25 @@
 """Map an area straight from a tile service: ``predict --data https://host/{z}/{x}/{y}.png
 --aoi area.gpkg --out DIR``.
 
-The area of interest (any vector file, any CRS) is read first; the zoom is ``--zoom`` or the one
-whose ground pixel size at the AOI's latitude is closest to the model's training GSD (printed);
-GDAL reads the tiles (formats/tile_services.py: its TMS driver, its retries, its disk cache under
-``--tile-cache``, buildseg's user agent, at most ``--max-connections`` at once) through a VRT of
-the AOI's tiles, which the GeoTIFF pipeline predicts block by block like any scene, at the
-zoom's own pixels. ``DIR`` gets ``mask.tif`` (the COG on the tiles' Web Mercator grid),
-``footprints.<format>`` (buildings whose centroid lies in the AOI: a building on the AOI's edge
-is kept whole, not cut) and ``manifest.json``.
+The area of interest (any vector file, any CRS; one or many polygons) is read first; the zoom
+is ``--zoom`` or the one whose ground pixel size at the AOI's latitude is closest to the
+model's training GSD (printed). GDAL reads the tiles (``formats/tile_services.py``: its TMS
+driver, its retries, its disk cache under ``--tile-cache``, buildseg's user agent, at most
+``--max-connections`` at once) through ``DIR/aoi.vrt``, a window of the service over the AOI
+snapped to whole tiles. The model sees the zoom's own pixels (within a factor of 1.41 of the
+GSD it was trained at; ``--gsd`` chooses the zoom): resampling would make GDAL fetch tiles
+beyond the AOI for its kernels.
+
+The area is then a many-scene run (``jobs/scenes.py``): the VRT is cut into pieces of whole
+blocks of about ``--piece-megapixels`` (those that touch the AOI), each a scene with a done-
+record, so a killed run resumes, ``--shard I/N`` shares the pieces over array jobs,
+``--runner ray`` over a pool and ``--merge DIR`` merges. Each piece is predicted with context
+from its neighbours and its buildings are joined across piece borders at the merge, so the
+layer is the same whichever runner and piece size made it, and the same as predicting the
+mosaic as one GeoTIFF. ``DIR`` gets the pieces' mask COGs (zero outside the AOI) and their
+mosaic ``aoi_mask.vrt``, ``footprints.<format>`` (buildings whose centroid lies in the AOI: a
+building on the AOI's edge is kept whole, not cut) and ``manifest.json`` (with the zoom, the
+pixel size and the service's URL without credentials under ``areas``).
 """
 
 from __future__ import annotations
@@ -17,21 +28,23 @@ import json
 import logging
 import math
 import re
-from dataclasses import replace
+import tempfile
 from pathlib import Path
-from typing import Any
 
 from buildseg import __version__
-from buildseg.atomic import atomic_open
+from buildseg.data.scene_sources import SceneSource
 from buildseg.errors import BuildsegError
 from buildseg.formats import tile_services
 from buildseg.runtime import user_cache_dir
 
 log = logging.getLogger("buildseg")
 
+AREA = "aoi"  # the area's group name: DIR/aoi.vrt, DIR/aoi_r<row>_c<col>_mask.tif, DIR/aoi_mask.vrt, DIR/aoi.json
+DEFAULT_GSD = 0.5  # metres per pixel when the model does not say what it was trained at
+
 
 def read_aoi(path: str | Path):
-    """(the AOI as one geometry in EPSG:3857, its centroid's latitude)."""
+    """The AOI's polygons (a GeoSeries in their own CRS)."""
     import geopandas as gpd
 
     try:
@@ -43,9 +56,7 @@ def read_aoi(path: str | Path):
     frame = frame[frame.geometry.notna() & frame.geom_type.isin(["Polygon", "MultiPolygon"])]
     if frame.empty:
         raise BuildsegError(f"--aoi {path} holds no polygon: draw the area to map as one or more polygons")
-    area = frame.to_crs("EPSG:3857").geometry.union_all()
-    latitude = frame.to_crs("EPSG:4326").geometry.union_all().centroid.y
-    return area, float(latitude)
+    return frame.geometry
 
 
 def public_url(template: str) -> str:
@@ -54,36 +65,81 @@ def public_url(template: str) -> str:
     return re.sub(r"([?&](?:key|token|access_token|apikey|api_key)=)[^&]*", r"\1***", url, flags=re.I)
 
 
-def predict_service(segmenter, settings, geo_settings) -> tuple[Any, dict[str, Any]]:
-    """(the GeoTIFF job's result for the AOI, the run's summary)."""
-    from buildseg.footprints.writers import write_footprints
-    from buildseg.inference.jobs.conflate import read_layer
-    from buildseg.inference.jobs.geotiff import predict_geotiff
+def _write_if_changed(path: Path, text: str) -> None:
+    """Rewrite only on a change: a piece's done-record holds the VRT's mtime, so an unchanged
+    area resumes and a changed one is predicted again."""
+    if not path.is_file() or path.read_text() != text:
+        path.write_text(text)
 
-    aoi, latitude = read_aoi(settings.aoi)
-    gsd = float(segmenter.input.get("gsd") or 0.5)
+
+def _service_raster(description: str):
+    """(transform, CRS, width, height) of the service raster ``description`` (GDAL XML)."""
+    from buildseg.formats.rasters import open_raster
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "service.xml"
+        path.write_text(description)
+        with open_raster(path) as src:
+            return src.transform, src.crs, src.width, src.height
+
+
+def _pieces(window: tuple[int, int, int, int], transform, area, *, block: int, piece_pixels: int):
+    """(row, col, height, width) of the VRT's pieces of whole blocks that touch the AOI
+    (``area`` in the service's CRS), grown by one block so a building on a piece's edge
+    is whole."""
+    from shapely.geometry import box
+
+    _, _, width, height = window
+    side = block * max(1, math.isqrt(max(1, piece_pixels)) // block)
+    grown = area.buffer(block * abs(transform.a))
+    pieces = []
+    for row in range(0, height, side):
+        for col in range(0, width, side):
+            h, w = min(side, height - row), min(side, width - col)
+            (x0, y0), (x1, y1) = transform @ (col, row), transform @ (col + w, row + h)
+            if grown.intersects(box(min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1))):
+                pieces.append((row, col, h, w))
+    return pieces
+
+
+def plan_area(settings, *, trained_gsd: float | None) -> tuple[list[SceneSource], dict]:
+    """(the AOI's pieces as scenes of a many-scene run, what ``aoi.json`` says); writes ``DIR/service.xml``, ``aoi.vrt``,
+    ``aoi_area.geojson`` (the AOI in EPSG:4326) and ``aoi.json`` once everything checks out."""
+    aoi = read_aoi(settings.aoi)
+    latitude = float(aoi.to_crs("EPSG:4326").union_all().centroid.y)
+    gsd = settings.gsd or trained_gsd or DEFAULT_GSD
     zoom = settings.zoom if settings.zoom is not None else tile_services.zoom_for_gsd(gsd, latitude)
     tile_services.check_zoom(zoom)
-    ground = tile_services.EQUATOR_M_PER_PX_Z0 / 2**zoom * math.cos(math.radians(latitude))
-    log.info("tile service at zoom %d: %.2f m per pixel at latitude %.2f (the model was trained at %g m)", zoom, ground,
-             latitude, gsd)
-    out = Path(settings.out)
-    out.mkdir(parents=True, exist_ok=True)
-    service = out / "service.xml"
-    service.write_text(tile_services.service_xml(
+    out = Path(settings.out).resolve()
+    description = tile_services.service_xml(
         settings.data, zoom=zoom, tms=settings.tms, cache_dir=settings.tile_cache or user_cache_dir("tiles"),
-        user_agent=f"buildseg/{__version__}", max_connections=settings.max_connections))
-    vrt = out / "aoi.vrt"
-    vrt.write_text(tile_services.aoi_vrt(service, aoi.bounds, zoom))
-    layer = out / f"footprints.{settings.format or 'gpkg'}"
-    result = predict_geotiff(segmenter, vrt, out / "mask.tif", layer, replace(geo_settings, gsd=None),
-                             progress=settings.progress)
-    frame = read_layer(layer)
-    inside = frame[frame.geometry.centroid.within(aoi)] if len(frame) else frame
-    write_footprints(inside, layer)
-    result = replace(result, n_polygons=len(inside), footprints=inside)
-    summary = {"zoom": zoom, "gsd_m": round(ground, 3), "service": public_url(settings.data), "aoi": str(settings.aoi),
-               "n_footprints": len(inside), "mask": "mask.tif", "footprints": layer.name}
-    with atomic_open(out / "manifest.json", "w") as handle:
-        handle.write(json.dumps(summary, indent=1))
-    return result, summary
+        user_agent=f"buildseg/{__version__}", max_connections=settings.max_connections)
+    transform, crs, width, height = _service_raster(description)
+    area = aoi.to_crs(crs).union_all()
+    bounds = area.bounds
+    window = None if not all(map(math.isfinite, bounds)) else tile_services.snap_window(
+        bounds, transform, block=tile_services.TILE, width=width, height=height)
+    if window is None:
+        raise BuildsegError(f"--aoi {settings.aoi} lies outside the service's extent ({crs}): check the AOI's CRS "
+                            "and coordinates")
+    ground = abs(transform.a) * (math.cos(math.radians(latitude)) if crs.to_epsg() == 3857 else 1.0)
+    pieces = _pieces(window, transform @ _offset(window), area, block=settings.block,
+                     piece_pixels=int(settings.piece_megapixels * 1e6))
+    log.info("tile service at zoom %d: %.2f m per pixel at latitude %.2f (the model was trained at %g m); %d x %d px "
+             "in %d piece(s)", zoom, ground, latitude, gsd, window[2], window[3], len(pieces))
+    out.mkdir(parents=True, exist_ok=True)
+    _write_if_changed(out / "service.xml", description)
+    _write_if_changed(out / f"{AREA}.vrt", tile_services.window_vrt("service.xml", window, transform, crs.to_wkt()))
+    _write_if_changed(out / f"{AREA}_area.geojson", aoi.to_crs("EPSG:4326").to_json(drop_id=True))
+    about = {"service": public_url(settings.data), "zoom": zoom, "gsd_m": round(ground, 3), "aoi": str(settings.aoi),
+             "window_px": list(window)}
+    _write_if_changed(out / f"{AREA}.json", json.dumps(about, indent=1))
+    scenes = [SceneSource(str(out / f"{AREA}.vrt"), f"{AREA}_r{row}_c{col}", window=(row, col, h, w),
+                          clip=str(out / f"{AREA}_area.geojson"), group=AREA) for row, col, h, w in pieces]
+    return scenes, about
+
+
+def _offset(window: tuple[int, int, int, int]):
+    from affine import Affine
+
+    return Affine.translation(window[0], window[1])

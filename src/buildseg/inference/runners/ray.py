@@ -59,8 +59,9 @@ def _scene_size(scene: SceneSource) -> tuple[int, float, int]:
 
     with open_raster(scene.location) as src:
         metric = src.crs is not None and src.crs.is_projected and (src.crs.linear_units or "").startswith("met")
-        area = src.width * src.height * abs(src.transform.a * src.transform.e) / 1e6 if metric else 0.0
-        return src.width * src.height * src.count, area, src.width * src.height
+        height, width = (src.height, src.width) if scene.window is None else scene.window[2:]  # a piece: its window
+        area = width * height * abs(src.transform.a * src.transform.e) / 1e6 if metric else 0.0
+        return width * height * src.count, area, width * height
 
 
 def predict_scenes_ray(segmenter: Segmenter | CheckpointInfo, options: dict[str, Any], scenes: list[SceneSource], out_dir: str | Path,
@@ -121,7 +122,7 @@ def _tasks(segmenter: Segmenter | CheckpointInfo, scenes, order, pixels: dict[in
     scenes above ``split_pixels`` are planned here (their header and stretch read once)."""
     tasks, splits = [], {}
     for i in order:
-        if split_pixels is not None and pixels[i] > split_pixels:
+        if split_pixels is not None and pixels[i] > split_pixels and scenes[i].window is None:  # not a piece already
             plan = plan_scene(segmenter, scenes[i].location, scene_settings(settings))
             pieces = split_scene(plan, piece_pixels)
             if len(pieces) > 1:
