@@ -34,10 +34,11 @@ COLS, ROWS = 3, 2
 
 class Tiles(http.server.SimpleHTTPRequestHandler):
     failing: set = set()
+    status = 500
 
     def do_GET(self):  # noqa: N802 - http.server's name
         if any(self.path.endswith(f) for f in self.failing):
-            self.send_error(500, "tile server error")
+            self.send_error(self.status, "tile server error")
             return
         super().do_GET()
 
@@ -55,7 +56,7 @@ def service(tmp_path):
             folder = root / str(ZOOM) / str(X0 + i)
             folder.mkdir(parents=True, exist_ok=True)
             Image.fromarray(mosaic[j * 256:(j + 1) * 256, i * 256:(i + 1) * 256]).save(folder / f"{Y0 + j}.png")
-    Tiles.failing = set()
+    Tiles.failing, Tiles.status = set(), 500
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Tiles, directory=str(root)))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -226,16 +227,37 @@ def test_predict_from_a_tile_service_on_the_command_line(service, tmp_path, caps
     assert {p.name for p in (tmp_path / "out").iterdir()} >= {"aoi_mask.vrt", "footprints.gpkg", "manifest.json"}
 
 
-def test_a_failing_tile_stops_the_run_with_one_line_naming_it(service, tmp_path, capsys):
+def test_a_failing_tile_stops_the_run_with_one_line_naming_it(service, tmp_path, capsys, monkeypatch):
+    from conftest import write_tiny_checkpoint
+
+    monkeypatch.setenv("GDAL_HTTP_MAX_RETRY", "0")  # GDAL's retries would only slow the test
     url, _ = service
     Tiles.failing = {f"/{ZOOM}/{X0 + 1}/{Y0}.png"}
     aoi = write_aoi(tmp_path / "aoi.gpkg", tile_bounds(0, 0, COLS, ROWS))
-    from conftest import write_tiny_checkpoint
-
     ckpt = write_tiny_checkpoint(tmp_path / "m.pt")
     code = main(["predict", "--checkpoint", str(ckpt), "--data", url, "--aoi", str(aoi), "--zoom", str(ZOOM), "--out",
                  str(tmp_path / "out"), "--engine", "torch", "--no-progress", "--tile-cache", str(tmp_path / "cache")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1, err
-    assert "aoi.vrt" in err[0] or "500" in err[0], err
+    tile_url = url.format(z=ZOOM, x=X0 + 1, y=Y0)
+    assert f"tile {ZOOM}/{X0 + 1}/{Y0} (HTTP 500): {tile_url}" in err[0] and "--allow-gaps" in err[0], err
     assert not (tmp_path / "out" / "footprints.gpkg").exists()
+
+
+@pytest.mark.parametrize("status", [404, 500])
+def test_with_allow_gaps_a_failing_tile_is_a_recorded_gap_and_the_rest_is_predicted(service, tmp_path, monkeypatch,
+                                                                                   status):
+    monkeypatch.setenv("GDAL_HTTP_MAX_RETRY", "0")
+    url, _ = service
+    Tiles.failing, Tiles.status = {f"/{ZOOM}/{X0 + 1}/{Y0}.png"}, status
+    aoi = write_aoi(tmp_path / "aoi.gpkg", tile_bounds(0, 0, COLS, ROWS))
+    _, summary = run_area(url, aoi, tmp_path / "out", allow_gaps=True, piece_megapixels=0.06)
+    assert summary["remaining"] == 0 and summary["gaps"] == 1
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert np.allclose(manifest["areas"]["aoi"]["gaps"][0], tile_bounds(1, 0, 2, 1))
+    gap = box(*tile_bounds(1, 0, 2, 1))
+    frame = read_layer(tmp_path / "out" / "footprints.gpkg")
+    assert len(frame) > 5 and not frame.geometry.centroid.within(gap).any()
+    with rasterio.open(tmp_path / "out" / "aoi_mask.vrt") as src:
+        mask = src.read(1)
+    assert not mask[:256, 256:512].any() and mask[:, :256].any()

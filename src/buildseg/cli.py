@@ -122,6 +122,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
         else:
             print(f"{done}; merged layer {summary['merged']} ({summary['n_footprints']} footprints); manifest "
                   f"{Path(settings.out) / 'manifest.json'}")
+            if summary.get("gaps"):
+                print(f"warning: {summary['gaps']} tile(s) could not be read and are gaps (no buildings there); their "
+                      "bounds are in the manifest under areas; run again later to fill them")
     elif outcome.kind == "geotiff":
         result = outcome.geo
         print(f"wrote {result.mask_path} (CRS {result.crs or 'none: pixel coordinates'})")

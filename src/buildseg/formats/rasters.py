@@ -174,8 +174,48 @@ def scene_grid(src, gsd: float | None, path: str | Path) -> SceneGrid:
     return SceneGrid(max(1, int(round(src.height / step_y))), max(1, int(round(src.width / step_x))), step_y, step_x, gsd)
 
 
+def _chain(exc: BaseException) -> str:
+    """GDAL's messages behind a read error (rasterio chains them), in one string."""
+    texts, seen = [], set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        texts.append(str(exc))
+        exc = exc.__cause__ or exc.__context__
+    return " | ".join(texts)
+
+
+def _read_by_blocks(src, bands: list[int], window, shape: tuple[int, int, int],
+                    gaps: list) -> tuple[np.ndarray, np.ndarray]:
+    """(raw, masks) of ``window`` read one source block at a time (unresampled): a block that
+    fails is left 0 and invalid and its (row, col, height, width) appended to ``gaps``."""
+    from rasterio.windows import Window
+
+    from buildseg.formats.tile_services import failed_tile
+
+    raw = np.zeros(shape, dtype=src.dtypes[0])
+    masks = np.zeros(shape, dtype=np.uint8)
+    bh, bw = src.block_shapes[0]
+    row0, col0 = int(round(window.row_off)), int(round(window.col_off))
+    for by in range(max(0, row0 // bh * bh), min(src.height, row0 + shape[1]), bh):
+        for bx in range(max(0, col0 // bw * bw), min(src.width, col0 + shape[2]), bw):
+            top, left = max(by, row0), max(bx, col0)
+            bottom, right = min(by + bh, row0 + shape[1], src.height), min(bx + bw, col0 + shape[2], src.width)
+            part = Window(left, top, right - left, bottom - top)
+            place = (slice(None), slice(top - row0, bottom - row0), slice(left - col0, right - col0))
+            try:
+                raw[place] = src.read(bands, window=part)
+                masks[place] = src.read_masks(bands, window=part)
+            except Exception as exc:  # GDAL's read errors come as several types
+                gap = (by, bx, min(bh, src.height - by), min(bw, src.width - bx))
+                if gap not in gaps:
+                    gaps.append(gap)
+                    log.warning("gap: %s", failed_tile(src.name, _chain(exc)) or f"{src.name} block row={by}, col={bx}")
+    return raw, masks
+
+
 def read_window(src, bands: list[int], grid: SceneGrid, row: float, col: float, height: int, width: int,
-                stretch: Stretch | None, fill_is_nodata: bool = True) -> tuple[np.ndarray, np.ndarray]:
+                stretch: Stretch | None, fill_is_nodata: bool = True,
+                gaps: list | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(H, W, bands) uint8 image and (H, W) bool validity of a grid window.
 
     Outside the raster is invalid and 0. Invalid are also the raster's nodata pixels (its
@@ -183,6 +223,10 @@ def read_window(src, bands: list[int], grid: SceneGrid, row: float, col: float, 
     ``fill_is_nodata``, pixels that are 0 in every band (an undeclared fill border; training
     counts them as nodata, prediction does not, since a black roof can be 0 too). Invalid
     pixels are set to 0.
+
+    ``gaps``: a read that fails is read again block by block; a block that still fails is
+    invalid and listed in ``gaps`` instead of stopping the run (a tile service's missing tile).
+    Without it, a failing tile of a service is one line naming the tile and its URL.
     """
     rasterio = require_rasterio()
     from rasterio._err import CPLE_BaseError
@@ -211,6 +255,15 @@ def read_window(src, bands: list[int], grid: SceneGrid, row: float, col: float, 
                     uncache_remote(src.name)
                     reader = fresh = rasterio.open(src.name)
                     continue
+                if gaps is not None and not grid.resampled:
+                    raw, masks = _read_by_blocks(reader, bands, window, shape, gaps)
+                    break
+                from buildseg.formats.tile_services import failed_tile
+
+                tile = failed_tile(src.name, _chain(exc))
+                if tile:
+                    raise BuildsegError(f"{tile} failed after GDAL's retries; run again later (finished pieces are "
+                                        "kept), or add --allow-gaps to predict around it and record it") from None
                 if remote:
                     raise BuildsegError(f"cannot read {src.name} at grid pixels row={row}, col={col} after {attempt} "
                                         f"tries: {_short(exc)}; check the network and the URL, then run again") from None

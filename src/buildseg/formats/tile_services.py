@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
-from xml.sax.saxutils import escape
+from xml.sax.saxutils import escape, unescape
 
 from buildseg.errors import BuildsegError
 
@@ -20,6 +20,15 @@ WORLD = 20037508.342789244  # half the Web Mercator world's side, metres
 TILE = 256
 MAX_ZOOM = 23
 EQUATOR_M_PER_PX_Z0 = 2 * WORLD / TILE  # 156543.03 m per pixel at zoom 0 on the equator
+HTTP_RETRIES = 3  # GDAL retries a failed tile request this many times (GDAL_HTTP_MAX_RETRY), 1 s apart and more
+
+
+def prepare_service_reads() -> None:
+    """GDAL's retries for tile requests in this process (the environment's settings win)."""
+    import os
+
+    os.environ.setdefault("GDAL_HTTP_MAX_RETRY", str(HTTP_RETRIES))
+    os.environ.setdefault("GDAL_HTTP_RETRY_DELAY", "1")
 
 
 def is_tile_template(text: str) -> bool:
@@ -94,3 +103,30 @@ def window_vrt(source_name: str, window: tuple[int, int, int, int], transform, c
         for b in range(1, bands + 1))
     return (f"<VRTDataset rasterXSize=\"{width}\" rasterYSize=\"{height}\"><SRS>{escape(crs_wkt)}</SRS>"
             f"<GeoTransform>{geo}</GeoTransform>{sources}</VRTDataset>")
+
+
+def public_url(template: str) -> str:
+    """A URL without credentials (user:password@, key=... query values) for logs and files."""
+    url = re.sub(r"//[^/@]+@", "//", template)
+    return re.sub(r"([?&](?:key|token|access_token|apikey|api_key)=)[^&]*", r"\1***", url, flags=re.I)
+
+
+def failed_tile(raster: str | Path, detail: str) -> str | None:
+    """``"tile z/x/y (HTTP 500): URL"`` when ``detail`` (GDAL's messages) says that a tile of
+    the service behind ``raster`` (an area's VRT beside its ``service.xml``) failed to
+    download; None for any other read error. The URL comes without credentials."""
+    block = re.search(r"Unable to download block (\d+), (\d+)", detail)
+    service = Path(str(raster)).with_name("service.xml")
+    if not block or not service.is_file():
+        return None
+    text = service.read_text()
+    level = re.search(r"<TileLevel>(\d+)</TileLevel>", text)
+    url = re.search(r"<ServerUrl>(.*?)</ServerUrl>", text)
+    if not level or not url:
+        return None
+    zoom, x, y = int(level.group(1)), int(block.group(1)), int(block.group(2))
+    if "<YOrigin>bottom</YOrigin>" in text:
+        y = 2**zoom - 1 - y
+    code = re.search(r"(?:Error code|HTTP (?:error|status) code)\s*:?\s*(\d{3})", detail)
+    address = unescape(url.group(1)).replace("${z}", str(zoom)).replace("${x}", str(x)).replace("${y}", str(y))
+    return f"tile {zoom}/{x}/{y}{f' (HTTP {code.group(1)})' if code else ''}: {public_url(address)}"

@@ -55,7 +55,7 @@ def geotiff_settings(settings: PredictSettings, trained: dict, *, scenes: bool =
     gsd = None if settings.native_resolution else settings.gsd or trained.get("gsd")
     values = dict(block=settings.block, simplify=settings.simplify, stretch=settings.stretch, gsd=gsd,
                   bands=settings.bands or trained.get("bands"), min_area_m2=settings.min_area_m2,
-                  regularize=settings.regularize)
+                  regularize=settings.regularize, allow_gaps=settings.allow_gaps)
     if scenes:
         return SceneSettings(**values, format=settings.format or next(iter(LAYER_FORMATS)))
     return GeoTiffSettings(**values)

@@ -113,6 +113,9 @@ class PredictSettings(EngineSettings):
     tms: bool = setting(False, "tile service: TMS row order (rows counted from the south; same as {-y})")
     tile_cache: str | None = setting(None, "tile service: GDAL's tile cache folder (default: under the user cache)")
     max_connections: int = setting(MAX_CONNECTIONS, "tile service: concurrent tile requests", low=1, high=32)
+    allow_gaps: bool = setting(False, "tile service: a tile that still fails after GDAL's retries is a gap (never a "
+                               "building; listed in manifest.json under areas, and counted) instead of stopping the "
+                               "run")
     piece_megapixels: float = setting(PIECE_MEGAPIXELS, "tile service: the AOI is cut into pieces of whole blocks of "
                                       "about this size, each a scene of a many-scene run (done-records, resume, "
                                       "--shard, --runner ray, --merge); the layer does not depend on it", low=0,
@@ -176,8 +179,10 @@ class PredictSettings(EngineSettings):
                 raise BuildsegError(f"--data {self.data} is a tile service: give the area to map with --aoi FILE")
             if not Path(self.aoi).exists():
                 raise BuildsegError(f"--aoi {self.aoi} not found (any vector file of the area to map)")
-        elif self.aoi or self.zoom is not None or self.tms or self.tile_cache or self.piece_megapixels != PIECE_MEGAPIXELS:
-            raise BuildsegError(f"--aoi, --zoom, --tms, --tile-cache and --piece-megapixels apply to a tile service URL template "
+        elif (self.aoi or self.zoom is not None or self.tms or self.tile_cache or self.allow_gaps
+              or self.piece_megapixels != PIECE_MEGAPIXELS):
+            raise BuildsegError(f"--aoi, --zoom, --tms, --tile-cache, --allow-gaps and --piece-megapixels apply to a tile "
+                                f"service URL template "
                                 f"(https://host/{{z}}/{{x}}/{{y}}.png); --data {self.data} is not one")
         if self.existing and (kind == TILES or (kind == GEOTIFF and not (self.footprints or self.geojson))):
             raise BuildsegError("--existing compares footprints: it needs GeoTIFF input with --footprints FILE (or "

@@ -71,6 +71,7 @@ class GeoResult:
     area_unit: str | None
     footprints: object | None = field(default=None, repr=False)  # the GeoDataFrame written
     pixel_size: float | None = None  # the raster's pixel size in CRS units
+    gaps: list = field(default_factory=list)  # [minx, miny, maxx, maxy] of windows that could not be read
 
     @property
     def geojson_path(self) -> Path | None:  # the name before footprints had several formats
@@ -90,6 +91,7 @@ class GeoTiffSettings:
     bands: list[int] | None = None  # 1-based bands to read; None: 1..in_chans
     min_area_m2: float = 0.0  # footprints smaller than this ground area are dropped
     regularize: bool = False  # right-angle footprints (buildingregulariser)
+    allow_gaps: bool = False  # a tile that cannot be read is a recorded gap (never a building), not a stop
 
 
 MARGIN = 64  # context pixels read around every block (the network sees past the block's edge)
@@ -112,6 +114,7 @@ class ScenePlan:
     margin: int
     crs: Any  # rasterio CRS or None
     transform: Any  # the raster's affine transform
+    allow_gaps: bool = False  # GeoTiffSettings.allow_gaps
 
     def blocks(self) -> list[tuple[int, int]]:
         """(row, col) of every block's top-left pixel, row-major: the order parts are joined in."""
@@ -156,14 +159,15 @@ def plan_scene(segmenter: Segmenter | CheckpointInfo, src_path: str | Path, sett
                      location_name(src_path), settings.gsd, 1 / grid.step_x)
         scaling = raster_stretch(src, bands, settings.stretch)
         return ScenePlan(src_path, location_name(src_path), tuple(bands), grid, scaling, src.height, src.width,
-                         settings.block, margin, src.crs, src.transform)
+                         settings.block, margin, src.crs, src.transform, settings.allow_gaps)
 
 
 def predict_blocks(segmenter: Segmenter, plan: ScenePlan, blocks: list[tuple[int, int]], dst, *,
-                   origin: tuple[int, int] = (0, 0), footprints: bool = True,
-                   progress: bool = False) -> list[BlockParts]:
+                   origin: tuple[int, int] = (0, 0), footprints: bool = True, progress: bool = False,
+                   gaps: list | None = None) -> list[BlockParts]:
     """Predict ``blocks`` of the scene and write their masks into ``dst`` (an open rasterio
     dataset whose pixel (0, 0) is the scene's pixel ``origin``); their footprint parts.
+    With ``plan.allow_gaps``, the raster windows that could not be read go to ``gaps``.
 
     A block's result depends only on the plan and its own position (its window and margin are
     read from the raster), so any process predicting it writes the same pixels."""
@@ -173,13 +177,15 @@ def predict_blocks(segmenter: Segmenter, plan: ScenePlan, blocks: list[tuple[int
 
     grid, margin, rules = plan.grid, plan.margin, segmenter.rules
     parts = []
+    gaps = (gaps if gaps is not None else []) if plan.allow_gaps else None  # None: a failed read stops the scene
     with open_raster(plan.location) as src:
         for y, x in tqdm(blocks, desc=plan.name, unit="block", disable=not progress or len(blocks) < 2):
             h, w = plan.block_shape(y, x)
             size = (h + 2 * margin, w + 2 * margin)
             rows, cols = max(1, round(size[0] / grid.step_y)), max(1, round(size[1] / grid.step_x))
             image, valid = read_window(src, list(plan.bands), grid, (y - margin) / grid.step_y,
-                                       (x - margin) / grid.step_x, rows, cols, plan.scaling, fill_is_nodata=False)
+                                       (x - margin) / grid.step_x, rows, cols, plan.scaling, fill_is_nodata=False,
+                                       gaps=gaps)
             maps = segmenter.probabilities(image).mean[0]  # (K, h, w): the footprint, then e.g. the contact zone
             if grid.resampled:
                 maps = np.stack([cv2.resize(m, (size[1], size[0]), interpolation=cv2.INTER_LINEAR) for m in maps])
@@ -254,3 +260,12 @@ def predict_geotiff(
         tmp.unlink(missing_ok=True)
     frame = footprint_layer(plan, parts, settings, footprints_path) if footprints_path is not None else None
     return geo_result(plan, mask_path, footprints_path, frame)
+
+
+def gap_bounds(plan: ScenePlan, gaps: list) -> list[list[float]]:
+    """Raster windows (row, col, height, width) as [minx, miny, maxx, maxy] in the scene's CRS."""
+    bounds = []
+    for row, col, height, width in sorted(set(gaps)):
+        (x0, y0), (x1, y1) = plan.transform @ (col, row), plan.transform @ (col + width, row + height)
+        bounds.append([min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)])
+    return bounds

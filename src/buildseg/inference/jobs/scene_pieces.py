@@ -33,6 +33,7 @@ from buildseg.data.scene_sources import SceneSource
 from buildseg.footprints.polygons import Part
 from buildseg.footprints.writers import to_cog
 from buildseg.formats.rasters import require_rasterio
+from buildseg.formats.tile_services import prepare_service_reads
 from buildseg.inference.core.segmenter import Segmenter
 from buildseg.inference.jobs.geotiff import (
     BlockParts,
@@ -40,6 +41,7 @@ from buildseg.inference.jobs.geotiff import (
     GeoTiffSettings,
     ScenePlan,
     footprint_layer,
+    gap_bounds,
     geo_result,
     plan_scene,
     predict_blocks,
@@ -193,10 +195,11 @@ def predict_piece_scene(segmenter: Segmenter, scene: SceneSource, mask_path: Pat
         raise ValueError(f"{scene.name}: the window {scene.window} is not whole blocks of {plan.name}")
     blocks = [(y, x) for y, x in plan.blocks() if row <= y < row + height and col <= x < col + width]
     transform = rasterio.windows.transform(Window(col, row, width, height), plan.transform)
-    tmp = mask_path.with_name(f".{mask_path.name}.tmp")
+    tmp, gaps = mask_path.with_name(f".{mask_path.name}.tmp"), []
+    prepare_service_reads()
     try:
         with rasterio.open(tmp, "w", **plan.mask_profile(height=height, width=width, transform=transform)) as dst:
-            parts = predict_blocks(segmenter, plan, blocks, dst, origin=(row, col), progress=progress)
+            parts = predict_blocks(segmenter, plan, blocks, dst, origin=(row, col), progress=progress, gaps=gaps)
         if scene.clip:
             clip_mask(tmp, scene.clip)
         to_cog(tmp, mask_path)
@@ -205,4 +208,5 @@ def predict_piece_scene(segmenter: Segmenter, scene: SceneSource, mask_path: Pat
     write_parts(parts, plan.crs, parts_path)
     result = geo_result(plan, mask_path, parts_path, None)
     result.n_polygons = sum(len(p.inner) + len(p.border) for p in parts)
+    result.gaps = gap_bounds(plan, gaps)
     return result

@@ -119,6 +119,8 @@ def write_done_record(out_dir: Path, scene: SceneSource, index: int, key: str, r
     record = {"scene": scene.location, "name": scene.name, "index": index, "run_key": key, **scene.identity(),
               "mask": result.mask_path.name, "footprints": result.footprints_path.name,
               "n_footprints": result.n_polygons, "crs": result.crs, "seconds": round(seconds, 2)}
+    if result.gaps:
+        record["gaps"] = result.gaps
     if scene.group is not None:  # what the merge needs to join and clean this group's parts
         record.update(group=scene.group, pixel_size=result.pixel_size,
                       clip=Path(scene.clip).name if scene.clip else None,
@@ -209,7 +211,8 @@ def _merge(out_dir: Path, records: list[dict], key: str, suffix: str) -> dict[st
         manifest["areas"] = {name: _area_summary(out_dir, name, members) for name, members in groups.items()}
     with atomic_open(out_dir / "manifest.json", "w") as handle:
         handle.write(json.dumps(manifest, indent=1))
-    return {"merged": str(merged_path), "n_footprints": len(merged)}
+    gaps = sum(len(area["gaps"]) for area in manifest.get("areas", {}).values())
+    return {"merged": str(merged_path), "n_footprints": len(merged), **({"gaps": gaps} if groups else {})}
 
 
 def _join_group(out_dir: Path, group: str, records: list[dict]):
@@ -243,4 +246,6 @@ def _area_summary(out_dir: Path, group: str, records: list[dict]) -> dict:
     with atomic_open(mosaic, "w") as handle:
         handle.write(mosaic_vrt([out_dir / r["mask"] for r in records]))
     about = out_dir / f"{group}.json"
-    return {**(json.loads(about.read_text()) if about.is_file() else {}), "mask": mosaic.name, "pieces": len(records)}
+    gaps = sorted({tuple(g) for r in records for g in r.get("gaps", [])})
+    return {**(json.loads(about.read_text()) if about.is_file() else {}), "mask": mosaic.name, "pieces": len(records),
+            "gaps": [list(g) for g in gaps]}

@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
 import tempfile
 from pathlib import Path
 
@@ -35,6 +34,7 @@ from buildseg import __version__
 from buildseg.data.scene_sources import SceneSource
 from buildseg.errors import BuildsegError
 from buildseg.formats import tile_services
+from buildseg.formats.tile_services import public_url
 from buildseg.runtime import user_cache_dir
 
 log = logging.getLogger("buildseg")
@@ -57,12 +57,6 @@ def read_aoi(path: str | Path):
     if frame.empty:
         raise BuildsegError(f"--aoi {path} holds no polygon: draw the area to map as one or more polygons")
     return frame.geometry
-
-
-def public_url(template: str) -> str:
-    """The template without credentials (user:password@, key=... query values) for logs and files."""
-    url = re.sub(r"//[^/@]+@", "//", template)
-    return re.sub(r"([?&](?:key|token|access_token|apikey|api_key)=)[^&]*", r"\1***", url, flags=re.I)
 
 
 def _write_if_changed(path: Path, text: str) -> None:
