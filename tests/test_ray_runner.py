@@ -13,7 +13,7 @@ import pytest
 from buildseg.cli import main
 from buildseg.inference.runners.ray import RayOptions, SceneWorker, predict_scenes_ray
 from conftest import write_tiny_checkpoint
-from test_tile_service import service  # noqa: F401 - the tile server fixture
+from test_tile_service import service  # noqa: F401,F811 - the tile server fixture
 
 ray = pytest.importorskip("ray")
 gpd = pytest.importorskip("geopandas")
@@ -158,7 +158,7 @@ def test_the_pool_grows_to_the_wanted_workers_when_pieces_outnumber_the_scenes(l
         assert len(workers.actors) == 1 and ray.get(workers.actors[0].ready.remote(), timeout=60) in pids
 
 
-def test_an_aoi_from_a_tile_service_on_ray_gives_the_local_runners_layer(local_ray, service, tmp_path):
+def test_an_aoi_from_a_tile_service_on_ray_gives_the_local_runners_layer(local_ray, service, tmp_path):  # noqa: F811
     """The AOI's pieces are scenes: Ray hands them out and the merge joins them as locally."""
     from test_tile_service import COLS, ROWS, ZOOM, tile_bounds, write_aoi
 
