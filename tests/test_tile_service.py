@@ -33,22 +33,85 @@ COLS, ROWS = 3, 2
 
 
 class Tiles(http.server.SimpleHTTPRequestHandler):
+    """z/x/y PNG files; ``/wmts/WMTSCapabilities.xml`` (GoogleMapsCompatible, RESTful URLs to
+    the same files); ``/wms?...REQUEST=GetMap`` cut from the mosaic by BBOX; some paths fail."""
+
     failing: set = set()
     status = 500
+    mosaic = None
+    agents: set = set()
 
     def do_GET(self):  # noqa: N802 - http.server's name
+        from urllib.parse import parse_qs, urlsplit
+
+        Tiles.agents.add(self.headers.get("User-Agent", ""))
         if any(self.path.endswith(f) for f in self.failing):
             self.send_error(self.status, "tile server error")
             return
+        parts = urlsplit(self.path)
+        if parts.path == "/wmts/WMTSCapabilities.xml":
+            return self._send(wmts_capabilities(f"http://{self.headers['Host']}"), "application/xml")
+        if parts.path == "/wms":
+            query = {k.upper(): v[0] for k, v in parse_qs(parts.query).items()}
+            return self._send(wms_map(self.mosaic, query), "image/png")
         super().do_GET()
+
+    def _send(self, body: bytes, kind: str) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
 
     def log_message(self, *args):
         pass
 
 
+def wmts_capabilities(host: str) -> bytes:
+    """A WMTS 1.0.0 capabilities document: one layer on GoogleMapsCompatible zooms 0..ZOOM."""
+    matrices = "".join(
+        f"<TileMatrix><ows:Identifier>{z}</ows:Identifier><ScaleDenominator>{2 * ts.WORLD / (256 * 2**z) / 0.00028!r}"
+        f"</ScaleDenominator><TopLeftCorner>{-ts.WORLD!r} {ts.WORLD!r}</TopLeftCorner><TileWidth>256</TileWidth>"
+        f"<TileHeight>256</TileHeight><MatrixWidth>{2**z}</MatrixWidth><MatrixHeight>{2**z}</MatrixHeight></TileMatrix>"
+        for z in range(ZOOM + 1))
+    return (f"""<?xml version="1.0" encoding="UTF-8"?>
+<Capabilities xmlns="http://www.opengis.net/wmts/1.0" xmlns:ows="http://www.opengis.net/ows/1.1"
+ xmlns:xlink="http://www.w3.org/1999/xlink" version="1.0.0">
+<ows:ServiceIdentification><ows:ServiceType>OGC WMTS</ows:ServiceType><ows:ServiceTypeVersion>1.0.0
+</ows:ServiceTypeVersion></ows:ServiceIdentification>
+<Contents><Layer><ows:Identifier>houses</ows:Identifier>
+<ows:WGS84BoundingBox><ows:LowerCorner>-180 -85</ows:LowerCorner><ows:UpperCorner>180 85</ows:UpperCorner>
+</ows:WGS84BoundingBox><Style isDefault="true"><ows:Identifier>default</ows:Identifier></Style>
+<Format>image/png</Format><TileMatrixSetLink><TileMatrixSet>GoogleMapsCompatible</TileMatrixSet></TileMatrixSetLink>
+<ResourceURL format="image/png" resourceType="tile" template="{host}/{{TileMatrix}}/{{TileCol}}/{{TileRow}}.png"/>
+</Layer><TileMatrixSet><ows:Identifier>GoogleMapsCompatible</ows:Identifier>
+<ows:SupportedCRS>urn:ogc:def:crs:EPSG::3857</ows:SupportedCRS>{matrices}</TileMatrixSet></Contents></Capabilities>
+""").encode()
+
+
+def wms_map(mosaic: np.ndarray, query: dict) -> bytes:
+    """A WMS GetMap answer in EPSG:3857 at the mosaic's own resolution: its pixels in BBOX."""
+    import io
+
+    minx, miny, maxx, maxy = (float(v) for v in query["BBOX"].split(","))
+    width, height = int(query["WIDTH"]), int(query["HEIGHT"])
+    left, _, _, top = tile_bounds(0, 0, COLS, ROWS)
+    res = (maxx - minx) / width
+    col, row = round((minx - left) / res), round((top - maxy) / res)
+    image = np.zeros((height, width, 3), np.uint8)
+    r0, c0 = max(row, 0), max(col, 0)
+    r1, c1 = min(row + height, mosaic.shape[0]), min(col + width, mosaic.shape[1])
+    if r1 > r0 and c1 > c0:
+        image[r0 - row:r1 - row, c0 - col:c1 - col] = mosaic[r0:r1, c0:c1]
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 @pytest.fixture()
 def service(tmp_path):
-    """z/x/y PNG tiles of a mosaic of houses, served on 127.0.0.1; (URL template, mosaic, root)."""
+    """z/x/y PNG tiles of a mosaic of houses, served on 127.0.0.1 (also as WMTS and WMS);
+    (URL template, mosaic)."""
     mosaic = np.concatenate([np.concatenate([houses(seed=10 * j + i) for i in range(COLS)], axis=1) for j in range(ROWS)])
     root = tmp_path / "tiles"
     for j in range(ROWS):
@@ -56,7 +119,7 @@ def service(tmp_path):
             folder = root / str(ZOOM) / str(X0 + i)
             folder.mkdir(parents=True, exist_ok=True)
             Image.fromarray(mosaic[j * 256:(j + 1) * 256, i * 256:(i + 1) * 256]).save(folder / f"{Y0 + j}.png")
-    Tiles.failing, Tiles.status = set(), 500
+    Tiles.failing, Tiles.status, Tiles.mosaic, Tiles.agents = set(), 500, mosaic, set()
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Tiles, directory=str(root)))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -108,14 +171,26 @@ def same_layers(a, b) -> bool:
         np.allclose(sorted(a["mean_prob"]), sorted(b["mean_prob"]))
 
 
-@pytest.mark.parametrize("aoi_crs, piece_megapixels", [("EPSG:3857", 0.06), ("EPSG:4326", 16.0)])
-def test_the_aois_footprints_equal_those_of_the_same_mosaic_as_a_geotiff(service, tmp_path, aoi_crs, piece_megapixels):
-    url, mosaic = service
+def service_url(template: str, kind: str) -> tuple[str, dict]:
+    """(--data, extra settings) of the test server as an XYZ template, a WMTS or a WMS."""
+    host = template.split("/{z}")[0]
+    return {"xyz": (template, {}), "wmts": (f"{host}/wmts/WMTSCapabilities.xml", {}),
+            "wms": (f"{host}/wms", {"layer": "houses"})}[kind]
+
+
+@pytest.mark.parametrize("kind, aoi_crs, piece_megapixels", [("xyz", "EPSG:3857", 0.06), ("xyz", "EPSG:4326", 16.0),
+                                                             ("wmts", "EPSG:4326", 0.06), ("wms", "EPSG:3857", 0.06)])
+def test_the_aois_footprints_equal_those_of_the_same_mosaic_as_a_geotiff(service, tmp_path, kind, aoi_crs,
+                                                                         piece_megapixels):
+    template, mosaic = service
+    url, extra = service_url(template, kind)
     aoi = write_aoi(tmp_path / "aoi.gpkg", tile_bounds(0, 0, COLS, ROWS), aoi_crs)
-    scenes, summary = run_area(url, aoi, tmp_path / "out", piece_megapixels=piece_megapixels)
+    scenes, summary = run_area(url, aoi, tmp_path / "out", piece_megapixels=piece_megapixels, **extra)
     assert len(scenes) == (COLS * ROWS if piece_megapixels < 1 else 1) and summary["remaining"] == 0
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
-    assert manifest["areas"]["aoi"]["zoom"] == ZOOM and manifest["areas"]["aoi"]["mask"] == "aoi_mask.vrt"
+    area = manifest["areas"]["aoi"]
+    assert area["zoom"] == ZOOM and area["kind"] == kind and area["mask"] == "aoi_mask.vrt"
+    assert {a.split("/")[0] for a in Tiles.agents} == {"buildseg"}  # GDAL sent buildseg's user agent
     seg = bright_segmenter()
     reference = predict_geotiff(seg, mosaic_geotiff(mosaic, tmp_path / "mosaic.tif"), tmp_path / "m.tif",
                                 tmp_path / "ref.gpkg", block=256)
@@ -182,6 +257,8 @@ def test_zoom_follows_the_models_gsd_at_the_aois_latitude():
     (["--data", "http://127.0.0.1:9/{z}/{x}/{y}.png", "--aoi", "{nocrs}"], "has no CRS"),
     (["--data", "{tif}", "--aoi", "{aoi}"], "apply to a tile service URL template"),
     (["--data", "http://127.0.0.1:9/{z}/{x}/{y}.png", "--aoi", "{polar}"], "outside the service's extent"),
+    (["--data", "http://127.0.0.1:9/wms", "--aoi", "{aoi}"], "name the layer to read with --layer"),
+    (["--data", "http://127.0.0.1:9/wms", "--layer", "a", "--aoi", "{aoi}", "--zoom", "23"], "zoom levels 0..22"),
 ])
 def test_bad_tile_service_input_is_one_line_and_nothing_is_written(tmp_path, capsys, argv, message):
     import warnings

@@ -1,16 +1,26 @@
-"""XYZ/TMS tile services as rasters GDAL reads: no hand-written tile client.
+"""Imagery services as rasters GDAL reads: no hand-written tile client.
 
-A URL template (``https://host/{z}/{x}/{y}.png``; ``{-y}`` or ``tms=True`` for TMS row order)
-becomes a GDAL WMS service description (the TMS mini-driver: GDAL fetches, retries and caches
-the tiles, with buildseg's user agent and a connection limit), and an area of interest becomes
-a VRT window of it at one zoom level: a small raster on the Web Mercator grid that the GeoTIFF
-pipeline reads block by block like any scene.
+Three kinds (:func:`service_kind`):
+* ``xyz``: a URL template (``https://host/{z}/{x}/{y}.png``; ``{-y}`` or ``tms=True`` for TMS
+  row order), read by GDAL's WMS driver with its TMS mini-driver over the Web Mercator world
+  at one zoom (:func:`service_xml`);
+* ``wmts``: a WMTS GetCapabilities URL (any URL naming WMTS), read by GDAL's WMTS driver at
+  one of the layer's tile matrices (:func:`wmts_xml`, :func:`wmts_levels`);
+* ``wms``: a WMS endpoint (any other URL naming WMS), read by GDAL's WMS driver in EPSG:3857
+  on the pixel grid of one Web Mercator zoom (:func:`wms_xml`), so a WMS and an XYZ layer of
+  the same imagery give the same pixels.
+Every description carries buildseg's user agent, a connection limit and GDAL's disk cache;
+GDAL fetches, retries and caches. An area of interest then becomes a VRT window of the
+service snapped to whole tiles (:func:`snap_window`, :func:`window_vrt`): a small raster that
+the GeoTIFF pipeline reads block by block like any scene.
 """
 
 from __future__ import annotations
 
 import math
 import re
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from xml.sax.saxutils import escape, unescape
 
@@ -31,8 +41,23 @@ def prepare_service_reads() -> None:
     os.environ.setdefault("GDAL_HTTP_RETRY_DELAY", "1")
 
 
+SERVICE_KINDS = ("xyz", "wmts", "wms")
+MAX_WMS_ZOOM = 22  # the WMS grid is the world at 256 x 2^zoom pixels: GDAL's sizes are 32-bit
+
+
+def service_kind(text: str) -> str | None:
+    """``xyz`` (a URL template with ``{...}``), ``wmts`` or ``wms`` (a URL naming it), else None."""
+    text = str(text)
+    if not re.match(r"^https?://", text) or re.search(r"\.(tiff?|vrt|jp2|json|csv)(\?|$)", text, flags=re.I):
+        return None
+    if "{" in text and "}" in text:
+        return "xyz"
+    low = text.lower()
+    return "wmts" if "wmts" in low else "wms" if "wms" in low else None
+
+
 def is_tile_template(text: str) -> bool:
-    return bool(re.match(r"^https?://", str(text))) and "{" in str(text) and "}" in str(text)
+    return service_kind(text) is not None
 
 
 def check_template(text: str) -> None:
@@ -42,9 +67,75 @@ def check_template(text: str) -> None:
                             f"order); it lacks {', '.join(missing)}")
 
 
-def check_zoom(zoom: int) -> None:
-    if not 0 <= zoom <= MAX_ZOOM:
-        raise BuildsegError(f"--zoom {zoom} is out of range: tile services have zoom levels 0..{MAX_ZOOM}")
+def check_zoom(zoom: int, most: int = MAX_ZOOM) -> None:
+    if not 0 <= zoom <= most:
+        raise BuildsegError(f"--zoom {zoom} is out of range: this service has zoom levels 0..{most}")
+
+
+def _tail(cache_dir: str | Path | None, user_agent: str, max_connections: int, bands: int) -> str:
+    """What every GDAL description here ends with: bands, politeness, cache, error handling."""
+    cache = f"<Cache><Path>{escape(str(cache_dir))}</Path></Cache>" if cache_dir else "<Cache/>"
+    return (f"<BandsCount>{bands}</BandsCount><MaxConnections>{max_connections}</MaxConnections>"
+            f"<UserAgent>{escape(user_agent)}</UserAgent>{cache}<ZeroBlockHttpCodes>204</ZeroBlockHttpCodes>"
+            f"<ZeroBlockOnServerException>false</ZeroBlockOnServerException>")
+
+
+def wms_xml(url: str, *, layer: str, zoom: int, cache_dir: str | Path | None, user_agent: str, max_connections: int,
+            bands: int = 3) -> str:
+    """GDAL's description of a WMS layer in EPSG:3857 on the pixel grid of Web Mercator zoom
+    ``zoom`` (the world at 256 x 2^zoom pixels, in 256 px requests)."""
+    size = TILE * 2**zoom
+    return (f"<GDAL_WMS><Service name=\"WMS\"><Version>1.1.1</Version><ServerUrl>{escape(url)}</ServerUrl>"
+            f"<SRS>EPSG:3857</SRS><ImageFormat>image/png</ImageFormat><Layers>{escape(layer)}</Layers><Styles></Styles>"
+            f"</Service><DataWindow><UpperLeftX>{-WORLD}</UpperLeftX><UpperLeftY>{WORLD}</UpperLeftY>"
+            f"<LowerRightX>{WORLD}</LowerRightX><LowerRightY>{-WORLD}</LowerRightY><SizeX>{size}</SizeX>"
+            f"<SizeY>{size}</SizeY></DataWindow><Projection>EPSG:3857</Projection><BlockSizeX>{TILE}</BlockSizeX>"
+            f"<BlockSizeY>{TILE}</BlockSizeY>{_tail(cache_dir, user_agent, max_connections, bands)}</GDAL_WMS>")
+
+
+def wmts_xml(url: str, *, layer: str | None, zoom: int | None, cache_dir: str | Path | None, user_agent: str,
+             max_connections: int, bands: int = 3) -> str:
+    """GDAL's description of a WMTS layer at its ``zoom``-th tile matrix (0: the coarsest;
+    None: the finest, with the others as overviews)."""
+    chosen = (f"<Layer>{escape(layer)}</Layer>" if layer else "") + (f"<ZoomLevel>{zoom}</ZoomLevel>" if zoom is not None
+                                                                       else "")
+    return (f"<GDAL_WMTS><GetCapabilitiesUrl>{escape(url)}</GetCapabilitiesUrl>{chosen}"
+            f"{_tail(cache_dir, user_agent, max_connections, bands)}</GDAL_WMTS>")
+
+
+@contextmanager
+def open_description(description: str):
+    """The rasterio dataset of a GDAL service description (read from a temporary file: GDAL
+    fetches what it needs to open it, e.g. a WMTS's capabilities, and no more)."""
+    from buildseg.formats.rasters import open_raster
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "service.xml"
+        path.write_text(description)
+        with open_raster(path) as src:
+            yield src
+
+
+def wmts_levels(description: str, url: str) -> tuple[object, list[float]]:
+    """(the layer's CRS, the pixel size of each tile matrix in CRS units, coarsest first), from
+    the capabilities as GDAL reads them (``description``: :func:`wmts_xml` without a zoom); a
+    service with several layers needs one chosen."""
+    with open_description(description) as src:
+        if not src.count:
+            names = [re.sub(r".*layer=([^,]+).*", r"\1", d) for d in src.subdatasets][:8]
+            raise BuildsegError(f"--data {public_url(url)}: the WMTS has several layers or tile matrix sets; choose one "
+                                f"with --layer (e.g. {', '.join(dict.fromkeys(names)) or 'see its capabilities'})")
+        finest = abs(src.transform.a)
+        return src.crs, [finest * f for f in reversed([1, *src.overviews(1)])]
+
+
+def ground_size(size: float, crs, latitude: float) -> float:
+    """Metres on the ground of ``size`` CRS units at ``latitude`` (Web Mercator shrinks with it)."""
+    if crs is not None and crs.is_geographic:
+        return size * 111_320 * math.cos(math.radians(latitude))
+    if crs is not None and crs.to_epsg() == 3857:
+        return size * math.cos(math.radians(latitude))
+    return size * (crs.linear_units_factor[1] if crs is not None else 1.0)
 
 
 def zoom_for_gsd(gsd: float, latitude: float) -> int:
@@ -59,15 +150,12 @@ def service_xml(template: str, *, zoom: int, tms: bool, cache_dir: str | Path | 
     (its full resolution: reads at that zoom fetch that zoom's tiles, no overview involved)."""
     flip = tms or "{-y}" in template
     url = template.replace("{z}", "${z}").replace("{x}", "${x}").replace("{-y}", "${y}").replace("{y}", "${y}")
-    cache = f"<Cache><Path>{escape(str(cache_dir))}</Path></Cache>" if cache_dir else "<Cache/>"
     return (f"<GDAL_WMS><Service name=\"TMS\"><ServerUrl>{escape(url)}</ServerUrl></Service>"
             f"<DataWindow><UpperLeftX>{-WORLD}</UpperLeftX><UpperLeftY>{WORLD}</UpperLeftY>"
             f"<LowerRightX>{WORLD}</LowerRightX><LowerRightY>{-WORLD}</LowerRightY><TileLevel>{zoom}</TileLevel>"
             f"<TileCountX>1</TileCountX><TileCountY>1</TileCountY><YOrigin>{'bottom' if flip else 'top'}</YOrigin>"
             f"</DataWindow><Projection>EPSG:3857</Projection><BlockSizeX>{TILE}</BlockSizeX><BlockSizeY>{TILE}</BlockSizeY>"
-            f"<BandsCount>{bands}</BandsCount><MaxConnections>{max_connections}</MaxConnections>"
-            f"<UserAgent>{escape(user_agent)}</UserAgent>{cache}<ZeroBlockHttpCodes>204</ZeroBlockHttpCodes>"
-            f"<ZeroBlockOnServerException>false</ZeroBlockOnServerException></GDAL_WMS>")
+            f"{_tail(cache_dir, user_agent, max_connections, bands)}</GDAL_WMS>")
 
 
 def snap_window(bounds: tuple[float, float, float, float], transform, *, block: int, width: int,
@@ -114,19 +202,23 @@ def public_url(template: str) -> str:
 def failed_tile(raster: str | Path, detail: str) -> str | None:
     """``"tile z/x/y (HTTP 500): URL"`` when ``detail`` (GDAL's messages) says that a tile of
     the service behind ``raster`` (an area's VRT beside its ``service.xml``) failed to
-    download; None for any other read error. The URL comes without credentials."""
+    download (for WMS and WMTS: the block and the service's URL); None for any other read
+    error. URLs come without credentials."""
     block = re.search(r"Unable to download block (\d+), (\d+)", detail)
     service = Path(str(raster)).with_name("service.xml")
     if not block or not service.is_file():
         return None
     text = service.read_text()
+    x, y = int(block.group(1)), int(block.group(2))
+    code = re.search(r"(?:Error code|HTTP (?:error|status) code)\s*:?\s*(\d{3})", detail)
+    status = f" (HTTP {code.group(1)})" if code else ""
     level = re.search(r"<TileLevel>(\d+)</TileLevel>", text)
-    url = re.search(r"<ServerUrl>(.*?)</ServerUrl>", text)
-    if not level or not url:
-        return None
-    zoom, x, y = int(level.group(1)), int(block.group(1)), int(block.group(2))
+    url = re.search(r"<(?:ServerUrl|GetCapabilitiesUrl)>(.*?)</", text)
+    address = public_url(unescape(url.group(1))) if url else "the service"
+    if not level:
+        return f"block {x}, {y} of {address}{status}"
+    zoom = int(level.group(1))
     if "<YOrigin>bottom</YOrigin>" in text:
         y = 2**zoom - 1 - y
-    code = re.search(r"(?:Error code|HTTP (?:error|status) code)\s*:?\s*(\d{3})", detail)
-    address = unescape(url.group(1)).replace("${z}", str(zoom)).replace("${x}", str(x)).replace("${y}", str(y))
-    return f"tile {zoom}/{x}/{y}{f' (HTTP {code.group(1)})' if code else ''}: {public_url(address)}"
+    address = address.replace("${z}", str(zoom)).replace("${x}", str(x)).replace("${y}", str(y))
+    return f"tile {zoom}/{x}/{y}{status}: {address}"

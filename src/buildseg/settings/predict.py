@@ -57,7 +57,9 @@ class PredictSettings(EngineSettings):
     model: str | None = model_setting()
     data: str | None = setting(None, "test CSV (img_id,img_path) or folder with images/; a GeoTIFF (a path, an https:// "
                                "or s3:// URL or a GDAL /vsi path); or many scenes: a folder of GeoTIFFs, a CSV with a "
-                               "'path' column (paths or URLs), or a STAC ItemCollection/Catalog JSON")
+                               "'path' column (paths or URLs), or a STAC ItemCollection/Catalog JSON; or an imagery "
+                               "service with --aoi: an XYZ/TMS URL template https://host/{z}/{x}/{y}.png, a WMTS "
+                               "GetCapabilities URL or a WMS URL (with --layer)")
     out: str | None = setting(None, "submission CSV to write (GeoTIFF input: the mask COG; many scenes: the output "
                               "folder)")
     stac_asset: str | None = setting(None, "STAC input: the item asset holding the image (default: the item's only "
@@ -106,10 +108,12 @@ class PredictSettings(EngineSettings):
     block: int = setting(BLOCK, "GeoTIFF input: pixels per processing block", low=64)
     simplify: float | None = setting(None, "GeoTIFF input: footprint simplification tolerance in CRS units (default: "
                                      "one pixel; 0: off)", low=0)
-    aoi: str | None = setting(None, "tile service input (--data https://host/{z}/{x}/{y}.png): the area to map, any "
-                              "vector file in any CRS")
-    zoom: int | None = setting(None, "tile service: the zoom level (default: the one whose pixel size is closest to the "
+    aoi: str | None = setting(None, "imagery service input (XYZ/TMS template, WMTS or WMS): the area to map, any "
+                              "vector file in any CRS, one or many polygons")
+    zoom: int | None = setting(None, "imagery service: the zoom level (XYZ and WMS: the Web Mercator zoom; WMTS: the "
+                               "tile matrix, 0 the coarsest; default: the one whose pixel size is closest to the "
                                "model's training GSD at the AOI's latitude)", low=0, high=23)
+    layer: str | None = setting(None, "WMS (required) or WMTS (when the service has several): the layer to read")
     tms: bool = setting(False, "tile service: TMS row order (rows counted from the south; same as {-y})")
     tile_cache: str | None = setting(None, "tile service: GDAL's tile cache folder (default: under the user cache)")
     max_connections: int = setting(MAX_CONNECTIONS, "tile service: concurrent tile requests", low=1, high=32)
@@ -172,18 +176,22 @@ class PredictSettings(EngineSettings):
             raise BuildsegError("--gsd, --bands, --native-resolution, --footprints and --geojson apply to GeoTIFF "
                                 f"input; --data {self.data} is not a GeoTIFF or a folder/list of them")
         if kind == SERVICE:
-            from buildseg.formats.tile_services import check_template
+            from buildseg.formats.tile_services import check_template, service_kind
 
-            check_template(self.data)
+            if service_kind(self.data) == "xyz":
+                check_template(self.data)
+            elif service_kind(self.data) == "wms" and not self.layer:
+                raise BuildsegError(f"--data {self.data} is a WMS: name the layer to read with --layer NAME (see its "
+                                    "GetCapabilities)")
             if not self.aoi:
                 raise BuildsegError(f"--data {self.data} is a tile service: give the area to map with --aoi FILE")
             if not Path(self.aoi).exists():
                 raise BuildsegError(f"--aoi {self.aoi} not found (any vector file of the area to map)")
-        elif (self.aoi or self.zoom is not None or self.tms or self.tile_cache or self.allow_gaps
+        elif (self.aoi or self.zoom is not None or self.tms or self.tile_cache or self.allow_gaps or self.layer
               or self.piece_megapixels != PIECE_MEGAPIXELS):
-            raise BuildsegError(f"--aoi, --zoom, --tms, --tile-cache, --allow-gaps and --piece-megapixels apply to a tile "
-                                f"service URL template "
-                                f"(https://host/{{z}}/{{x}}/{{y}}.png); --data {self.data} is not one")
+            raise BuildsegError(f"--aoi, --zoom, --layer, --tms, --tile-cache, --allow-gaps and --piece-megapixels apply to "
+                                f"a tile service URL template (https://host/{{z}}/{{x}}/{{y}}.png), a WMTS or a WMS; "
+                                f"--data {self.data} is not one")
         if self.existing and (kind == TILES or (kind == GEOTIFF and not (self.footprints or self.geojson))):
             raise BuildsegError("--existing compares footprints: it needs GeoTIFF input with --footprints FILE (or "
                                 "many scenes)")

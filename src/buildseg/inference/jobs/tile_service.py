@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import tempfile
 from pathlib import Path
 
 from buildseg import __version__
@@ -68,13 +67,8 @@ def _write_if_changed(path: Path, text: str) -> None:
 
 def _service_raster(description: str):
     """(transform, CRS, width, height) of the service raster ``description`` (GDAL XML)."""
-    from buildseg.formats.rasters import open_raster
-
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "service.xml"
-        path.write_text(description)
-        with open_raster(path) as src:
-            return src.transform, src.crs, src.width, src.height
+    with tile_services.open_description(description) as src:
+        return src.transform, src.crs, src.width, src.height
 
 
 def _pieces(window: tuple[int, int, int, int], transform, area, *, block: int, piece_pixels: int):
@@ -96,37 +90,59 @@ def _pieces(window: tuple[int, int, int, int], transform, area, *, block: int, p
     return pieces
 
 
+def _description(settings, *, gsd: float, latitude: float) -> tuple[str, int]:
+    """(GDAL's description of the service at the chosen zoom, the zoom)."""
+    kind = tile_services.service_kind(settings.data)
+    polite = dict(cache_dir=settings.tile_cache or user_cache_dir("tiles"), user_agent=f"buildseg/{__version__}",
+                  max_connections=settings.max_connections)
+    if kind == "wmts":
+        crs, levels = tile_services.wmts_levels(tile_services.wmts_xml(settings.data, layer=settings.layer, zoom=None,
+                                                                       **polite), settings.data)
+        zoom = settings.zoom if settings.zoom is not None else min(
+            range(len(levels)), key=lambda k: abs(math.log(tile_services.ground_size(levels[k], crs, latitude) / gsd)))
+        tile_services.check_zoom(zoom, len(levels) - 1)
+        return tile_services.wmts_xml(settings.data, layer=settings.layer, zoom=zoom, **polite), zoom
+    zoom = settings.zoom if settings.zoom is not None else tile_services.zoom_for_gsd(gsd, latitude)
+    if kind == "wms":
+        zoom = min(zoom, tile_services.MAX_WMS_ZOOM) if settings.zoom is None else zoom
+        tile_services.check_zoom(zoom, tile_services.MAX_WMS_ZOOM)
+        return tile_services.wms_xml(settings.data, layer=settings.layer, zoom=zoom, **polite), zoom
+    tile_services.check_zoom(zoom)
+    return tile_services.service_xml(settings.data, zoom=zoom, tms=settings.tms, **polite), zoom
+
+
 def plan_area(settings, *, trained_gsd: float | None) -> tuple[list[SceneSource], dict]:
-    """(the AOI's pieces as scenes of a many-scene run, what ``aoi.json`` says); writes ``DIR/service.xml``, ``aoi.vrt``,
-    ``aoi_area.geojson`` (the AOI in EPSG:4326) and ``aoi.json`` once everything checks out."""
+    """(the AOI's pieces as scenes of a many-scene run, what ``aoi.json`` says); writes
+    ``DIR/service.xml``, ``aoi.vrt``, ``aoi_area.geojson`` (the AOI in EPSG:4326) and
+    ``aoi.json`` once everything checks out."""
     aoi = read_aoi(settings.aoi)
     latitude = float(aoi.to_crs("EPSG:4326").union_all().centroid.y)
     gsd = settings.gsd or trained_gsd or DEFAULT_GSD
-    zoom = settings.zoom if settings.zoom is not None else tile_services.zoom_for_gsd(gsd, latitude)
-    tile_services.check_zoom(zoom)
-    out = Path(settings.out).resolve()
-    description = tile_services.service_xml(
-        settings.data, zoom=zoom, tms=settings.tms, cache_dir=settings.tile_cache or user_cache_dir("tiles"),
-        user_agent=f"buildseg/{__version__}", max_connections=settings.max_connections)
+    description, zoom = _description(settings, gsd=gsd, latitude=latitude)
     transform, crs, width, height = _service_raster(description)
     area = aoi.to_crs(crs).union_all()
     bounds = area.bounds
+    # XYZ and WMS grids start at a tile corner: whole tiles; a WMTS raster starts at its layer's bounding box, not
+    # at a tile corner: whole pixels (GDAL fetches the tiles the window touches)
+    snap = 1 if tile_services.service_kind(settings.data) == "wmts" else tile_services.TILE
     window = None if not all(map(math.isfinite, bounds)) else tile_services.snap_window(
-        bounds, transform, block=tile_services.TILE, width=width, height=height)
+        bounds, transform, block=snap, width=width, height=height)
     if window is None:
         raise BuildsegError(f"--aoi {settings.aoi} lies outside the service's extent ({crs}): check the AOI's CRS "
                             "and coordinates")
-    ground = abs(transform.a) * (math.cos(math.radians(latitude)) if crs.to_epsg() == 3857 else 1.0)
+    ground = tile_services.ground_size(abs(transform.a), crs, latitude)
     pieces = _pieces(window, transform @ _offset(window), area, block=settings.block,
                      piece_pixels=int(settings.piece_megapixels * 1e6))
-    log.info("tile service at zoom %d: %.2f m per pixel at latitude %.2f (the model was trained at %g m); %d x %d px "
-             "in %d piece(s)", zoom, ground, latitude, gsd, window[2], window[3], len(pieces))
+    log.info("%s service at zoom %d: %.2f m per pixel at latitude %.2f (the model was trained at %g m); %d x %d px "
+             "in %d piece(s)", tile_services.service_kind(settings.data), zoom, ground, latitude, gsd, window[2],
+             window[3], len(pieces))
+    out = Path(settings.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     _write_if_changed(out / "service.xml", description)
     _write_if_changed(out / f"{AREA}.vrt", tile_services.window_vrt("service.xml", window, transform, crs.to_wkt()))
     _write_if_changed(out / f"{AREA}_area.geojson", aoi.to_crs("EPSG:4326").to_json(drop_id=True))
-    about = {"service": public_url(settings.data), "zoom": zoom, "gsd_m": round(ground, 3), "aoi": str(settings.aoi),
-             "window_px": list(window)}
+    about = {"service": public_url(settings.data), "kind": tile_services.service_kind(settings.data), "zoom": zoom,
+             "gsd_m": round(ground, 3), "aoi": str(settings.aoi), "window_px": list(window)}
     _write_if_changed(out / f"{AREA}.json", json.dumps(about, indent=1))
     scenes = [SceneSource(str(out / f"{AREA}.vrt"), f"{AREA}_r{row}_c{col}", window=(row, col, h, w),
                           clip=str(out / f"{AREA}_area.geojson"), group=AREA) for row, col, h, w in pieces]
