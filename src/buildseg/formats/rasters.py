@@ -213,6 +213,22 @@ def _read_by_blocks(src, bands: list[int], window, shape: tuple[int, int, int],
     return raw, masks
 
 
+def _read_error(name: str, exc: Exception, where: str, attempts: int | None) -> BuildsegError:
+    """The one line for a read that failed: a service's tile and its URL, a remote file after
+    ``attempts`` tries, or a damaged local file."""
+    from buildseg.formats.tile_services import failed_tile
+
+    tile = failed_tile(name, _chain(exc))
+    if tile:
+        return BuildsegError(f"{tile} failed after GDAL's retries; run again later (finished pieces are kept), or add "
+                             "--allow-gaps to predict around it and record it")
+    if attempts is not None:
+        return BuildsegError(f"cannot read {name} at grid pixels {where} after {attempts} tries: {_short(exc)}; check "
+                             "the network and the URL, then run again")
+    return BuildsegError(f"cannot read {name} at grid pixels {where}: the file is damaged there ({_short(exc)}); "
+                         "re-export it")
+
+
 def read_window(src, bands: list[int], grid: SceneGrid, row: float, col: float, height: int, width: int,
                 stretch: Stretch | None, fill_is_nodata: bool = True,
                 gaps: list | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -258,17 +274,7 @@ def read_window(src, bands: list[int], grid: SceneGrid, row: float, col: float, 
                 if gaps is not None and not grid.resampled:
                     raw, masks = _read_by_blocks(reader, bands, window, shape, gaps)
                     break
-                from buildseg.formats.tile_services import failed_tile
-
-                tile = failed_tile(src.name, _chain(exc))
-                if tile:
-                    raise BuildsegError(f"{tile} failed after GDAL's retries; run again later (finished pieces are "
-                                        "kept), or add --allow-gaps to predict around it and record it") from None
-                if remote:
-                    raise BuildsegError(f"cannot read {src.name} at grid pixels row={row}, col={col} after {attempt} "
-                                        f"tries: {_short(exc)}; check the network and the URL, then run again") from None
-                raise BuildsegError(f"cannot read {src.name} at grid pixels row={row}, col={col}: the file is damaged "
-                                    f"there ({_short(exc)}); re-export it") from None
+                raise _read_error(src.name, exc, f"row={row}, col={col}", attempt if remote else None) from None
     finally:
         if fresh is not None:
             fresh.close()

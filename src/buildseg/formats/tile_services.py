@@ -107,12 +107,18 @@ def wmts_xml(url: str, *, layer: str | None, zoom: int | None, cache_dir: str | 
 def open_description(description: str):
     """The rasterio dataset of a GDAL service description (read from a temporary file: GDAL
     fetches what it needs to open it, e.g. a WMTS's capabilities, and no more)."""
-    from buildseg.formats.rasters import open_raster
+    import rasterio
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "service.xml"
         path.write_text(description)
-        with open_raster(path) as src:
+        try:
+            src = rasterio.open(path)
+        except rasterio.errors.RasterioIOError as exc:
+            url = re.search(r"<(?:ServerUrl|GetCapabilitiesUrl)>(.*?)</", description)
+            raise BuildsegError(f"cannot open the service {public_url(unescape(url.group(1))) if url else ''}: "
+                                f"{' '.join(str(exc).split())[:200]} (check the URL and --layer)") from None
+        with src:
             yield src
 
 
