@@ -338,3 +338,23 @@ def test_with_allow_gaps_a_failing_tile_is_a_recorded_gap_and_the_rest_is_predic
     with rasterio.open(tmp_path / "out" / "aoi_mask.vrt") as src:
         mask = src.read(1)
     assert not mask[:256, 256:512].any() and mask[:, :256].any()
+
+
+def test_web_mercator_pixels_and_areas_are_measured_on_the_ground(tmp_path):
+    """At 60 degrees north a Web Mercator metre is half a metre on the ground: a raster of 1.0
+    CRS-metre pixels there is 0.5 m imagery (no resampling at --gsd 0.5), and a 10 x 10 CRS-metre
+    building is 25 m^2."""
+    from buildseg.footprints.clean import FootprintOptions, clean_footprints
+    from buildseg.footprints.polygons import Part
+    from buildseg.formats.rasters import scene_grid
+
+    north = float(gpd.GeoSeries([box(10, 60, 10.0001, 60.0001)], crs="EPSG:4326").to_crs("EPSG:3857").total_bounds[1])
+    with rasterio.open(tmp_path / "m.tif", "w", driver="GTiff", height=64, width=64, count=3, dtype="uint8",
+                       crs="EPSG:3857", transform=from_origin(1_000_000, north + 32, 1.0, 1.0)) as dst:
+        dst.write(np.zeros((3, 64, 64), np.uint8))
+    with rasterio.open(tmp_path / "m.tif") as src:
+        grid = scene_grid(src, 0.5, "m.tif")
+        assert abs(grid.step_x - 1.0) < 1e-3 and abs(scene_grid(src, None, "m.tif").gsd - 0.5) < 1e-3
+        frame = clean_footprints([Part(box(1_000_000, north, 1_000_010, north + 10), 1.0, 100)], src.crs, 1.0, 1.0,
+                                 FootprintOptions(simplify=0), "m")
+    assert abs(frame["area_m2"].iloc[0] - 25.0) < 0.1

@@ -23,6 +23,7 @@ import numpy as np
 
 from buildseg.errors import BuildsegError
 from buildseg.footprints.polygons import Part
+from buildseg.formats.rasters import mercator_scale
 
 
 @dataclass
@@ -73,7 +74,8 @@ def clean_footprints(parts: Sequence[Part], crs, pixel_size: float, metres_per_u
     mean_prob = np.array([p.mean_prob for p in parts], dtype=np.float64)
     if len(polygons) and options.min_area_m2 > 0:
         area = shapely.area(polygons)
-        area_m2 = area * metres_per_unit**2 if metres_per_unit else area / pixel_size**2  # pixels as a stand-in
+        scale = mercator_scale(crs, shapely.get_y(shapely.centroid(polygons))) ** 2
+        area_m2 = area * scale * metres_per_unit**2 if metres_per_unit else area / pixel_size**2  # pixels as a stand-in
         keep = area_m2 >= options.min_area_m2
         polygons, mean_prob = polygons[keep], mean_prob[keep]
     tolerance = pixel_size if options.simplify is None else options.simplify
@@ -87,6 +89,8 @@ def clean_footprints(parts: Sequence[Part], crs, pixel_size: float, metres_per_u
         keep = ~shapely.is_empty(polygons)
         polygons, mean_prob = polygons[keep], mean_prob[keep]
     area = shapely.area(polygons) if len(polygons) else np.zeros(0)
+    if metres_per_unit and len(polygons):  # on the ground: Web Mercator's metres shrink by cos(latitude)
+        area = area * mercator_scale(crs, shapely.get_y(shapely.centroid(polygons))) ** 2
     columns = {"area_m2": np.round(area * metres_per_unit**2, 3)} if metres_per_unit else {"area": area}
     return gpd.GeoDataFrame({**columns, "mean_prob": np.round(mean_prob, 4), "source": [source] * len(polygons)},
                             geometry=list(polygons), crs=crs)
