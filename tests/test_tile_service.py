@@ -23,7 +23,8 @@ from buildseg.cli import main  # noqa: E402
 from buildseg.formats import tile_services as ts  # noqa: E402
 from buildseg.inference.jobs.conflate import read_layer  # noqa: E402
 from buildseg.inference.jobs.geotiff import predict_geotiff  # noqa: E402
-from buildseg.inference.jobs.tile_service import plan_area, public_url  # noqa: E402
+from buildseg.formats.tile_services import public_url  # noqa: E402
+from buildseg.inference.jobs.tile_service import plan_area  # noqa: E402
 from buildseg.settings.predict import PredictSettings  # noqa: E402
 from test_footprints import bright_segmenter, houses  # noqa: E402
 

@@ -33,6 +33,16 @@ EQUATOR_M_PER_PX_Z0 = 2 * WORLD / TILE  # 156543.03 m per pixel at zoom 0 on the
 HTTP_RETRIES = 3  # GDAL retries a failed tile request this many times (GDAL_HTTP_MAX_RETRY), 1 s apart and more
 
 
+def user_agent() -> str:
+    """``buildseg/<version>``: what every request to a service says it comes from."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"buildseg/{version('buildseg')}"
+    except PackageNotFoundError:  # run from a source tree without installing
+        return "buildseg/dev"
+
+
 def prepare_service_reads() -> None:
     """GDAL's retries for tile requests in this process (the environment's settings win)."""
     import os
