@@ -21,9 +21,9 @@ from shapely.geometry import box  # noqa: E402
 
 from buildseg.cli import main  # noqa: E402
 from buildseg.formats import tile_services as ts  # noqa: E402
+from buildseg.formats.tile_services import public_url  # noqa: E402
 from buildseg.inference.jobs.conflate import read_layer  # noqa: E402
 from buildseg.inference.jobs.geotiff import predict_geotiff  # noqa: E402
-from buildseg.formats.tile_services import public_url  # noqa: E402
 from buildseg.inference.jobs.tile_service import plan_area  # noqa: E402
 from buildseg.settings.predict import PredictSettings  # noqa: E402
 from test_footprints import bright_segmenter, houses  # noqa: E402
@@ -41,11 +41,13 @@ class Tiles(http.server.SimpleHTTPRequestHandler):
     status = 500
     mosaic = None
     agents: set = set()
+    paths: list = []
 
     def do_GET(self):  # noqa: N802 - http.server's name
         from urllib.parse import parse_qs, urlsplit
 
         Tiles.agents.add(self.headers.get("User-Agent", ""))
+        Tiles.paths.append(self.path)
         if any(self.path.endswith(f) for f in self.failing):
             self.send_error(self.status, "tile server error")
             return
@@ -120,7 +122,7 @@ def service(tmp_path):
             folder = root / str(ZOOM) / str(X0 + i)
             folder.mkdir(parents=True, exist_ok=True)
             Image.fromarray(mosaic[j * 256:(j + 1) * 256, i * 256:(i + 1) * 256]).save(folder / f"{Y0 + j}.png")
-    Tiles.failing, Tiles.status, Tiles.mosaic, Tiles.agents = set(), 500, mosaic, set()
+    Tiles.failing, Tiles.status, Tiles.mosaic, Tiles.agents, Tiles.paths = set(), 500, mosaic, set(), []
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Tiles, directory=str(root)))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -359,3 +361,56 @@ def test_web_mercator_pixels_and_areas_are_measured_on_the_ground(tmp_path):
         frame = clean_footprints([Part(box(1_000_000, north, 1_000_010, north + 10), 1.0, 100)], src.crs, 1.0, 1.0,
                                  FootprintOptions(simplify=0), "m")
     assert abs(frame["area_m2"].iloc[0] - 25.0) < 0.1
+
+
+@pytest.mark.slow
+def test_train_from_a_tile_service_with_vector_labels(service, tmp_path):
+    """The fAIr workflow: mapped buildings as labels, the imagery service as pixels."""
+    from buildseg.data.geo import prepare_geo_data
+    from buildseg.footprints.polygons import mask_polygons
+    from test_geo_training import TRAIN_FAST
+
+    url, mosaic = service
+    res = 2 * ts.WORLD / (256 * 2**ZOOM)
+    minx, _, _, maxy = tile_bounds(0, 0, COLS, ROWS)
+    houses_3857 = mask_polygons((mosaic.mean(axis=2) > 127).astype(np.uint8), from_origin(minx, maxy, res, res))
+    gpd.GeoDataFrame(geometry=houses_3857, crs="EPSG:3857").to_crs("EPSG:4326").to_file(tmp_path / "osm.geojson")
+    aoi = write_aoi(tmp_path / "aoi.geojson", tile_bounds(0, 0, COLS, ROWS), "EPSG:4326")
+    run = tmp_path / "run"
+    assert main(["train", "--data", url, "--aoi", str(aoi), "--labels", str(tmp_path / "osm.geojson"), "--zoom",
+                 str(ZOOM), "--tile-cache", str(tmp_path / "cache"), "--out", str(run), "--val-fraction", "0.3",
+                 "--max-nodata", "0.95", *TRAIN_FAST]) == 0  # black between the houses counts as nodata
+    vrt = run / "service" / "aoi.vrt"
+    with rasterio.open(vrt) as src:
+        assert np.array_equal(src.read().transpose(1, 2, 0), mosaic)  # the pixels came from the service
+    geo = prepare_geo_data(str(vrt), [str(tmp_path / "osm.geojson")], [1, 2, 3])
+    assert sum(len(s.polygons) for s in geo.scenes) == len(houses_3857)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--data", "http://127.0.0.1:9/{z}/{x}/{y}.png", "--labels", "x.geojson"], "and the area with --aoi FILE"),
+    (["--data", "{csv}", "--aoi", "a.geojson"], "--aoi applies to an imagery service"),
+])
+def test_bad_service_training_input_is_one_line(tmp_path, capsys, argv, message):
+    from buildseg.data.synth import write_dataset
+
+    argv = [str(tmp_path / "train.csv") if a == "{csv}" else a for a in argv]
+    write_dataset(tmp_path, n_train=2, train_size=64, n_test=0, progress=False)
+    code = main(["train", *argv, "--out", str(tmp_path / "run"), "--epochs", "1", "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and message in err[0], err
+
+
+@pytest.mark.slow
+def test_adapt_reads_a_tile_service_over_an_aoi(service, tmp_path):
+    from conftest import write_tiny_checkpoint
+
+    url, mosaic = service
+    aoi = write_aoi(tmp_path / "aoi.geojson", tile_bounds(0, 0, COLS, ROWS), "EPSG:4326")
+    ckpt = write_tiny_checkpoint(tmp_path / "m.pt")
+    out = tmp_path / "adapted"
+    assert main(["adapt", "--checkpoint", str(ckpt), "--data", url, "--aoi", str(aoi), "--zoom", str(ZOOM), "--tile-cache",
+                 str(tmp_path / "cache"), "--out", str(out), "--steps", "2", "--batch-size", "2", "--crop", "64",
+                 "--device", "cpu", "--no-progress"]) == 0
+    assert (out / "best.pt").is_file() and (out / "service" / "aoi.vrt").is_file()
+    assert any(path.startswith(f"/{ZOOM}/") for path in Tiles.paths)  # the crops came from the service

@@ -214,7 +214,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
 
     run, settings = AdaptRun.from_args(args), AdaptSettings.from_args(args)
     out = check_adapt_output(Path(run.out), resume=run.resume)
-    result = adapt(run.checkpoint, run.data, out, settings, resume=run.resume, stac_asset=run.stac_asset)
+    result = adapt(run.checkpoint, run.data, out, settings, resume=run.resume, stac_asset=run.stac_asset, service=run)
     print(f"adapted for {result.steps_done} steps (stopped by {result.stopped_by}); {100 * result.kept_fraction:.0f}% of "
           f"target pixels were confident pseudo-labels")
     if result.history:

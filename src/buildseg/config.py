@@ -27,6 +27,7 @@ from buildseg.models.card import CARD_ONLY, ModelCard
 from buildseg.runtime.precisions import PRECISIONS
 from buildseg.schema import SCHEMA_VERSION, upgrade_config
 from buildseg.settings.models import OBJECTIVES
+from buildseg.settings.predict import MAX_CONNECTIONS
 from buildseg.settings.train import AUGMENTATIONS, SOURCE_BALANCES
 
 
@@ -57,6 +58,13 @@ class DataConfig:
     positive_fraction: float = 0.5  # share of training windows centred on a building (rest drawn building-free)
     max_nodata: float = 0.2  # windows with a larger nodata share are never used
     val_region: str | None = None  # "minx,miny,maxx,maxy" in the scenes' CRS, or a vector file: held out
+    # an imagery service as the scene: data.train an XYZ/TMS URL template, a WMTS or a WMS URL (with labels)
+    aoi: str | None = None  # the area to learn from (any vector file, any CRS); its box, snapped to tiles, is the scene
+    zoom: int | None = None  # the service's zoom (default: the one closest to data.gsd, else 0.5 m)
+    layer: str | None = None  # WMS (required) or WMTS (when it has several): the layer
+    tms: bool = False  # XYZ template in TMS row order (same as {-y})
+    tile_cache: str | None = None  # GDAL's tile cache (default ~/.cache/buildseg/tiles)
+    max_connections: int = MAX_CONNECTIONS  # concurrent tile requests
 
 
 def _model_config_fields() -> list[tuple[str, str, Any]]:
@@ -189,6 +197,8 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data.bands": ((lambda v: len(v) > 0 and all(b >= 1 for b in v)), "1-based band numbers, e.g. 1,2,3"),
     "data.positive_fraction": _between(0.0, 1.0, closed_high=True),
     "data.max_nodata": _between(0.0, 1.0),
+    "data.zoom": ((lambda v: 0 <= v <= 23), "a zoom level 0..23"),
+    "data.max_connections": ((lambda v: 1 <= v <= 32), "1..32 concurrent requests"),
     "model.arch": ((lambda v: v in ("unet", "seed_unet") or v.startswith("smp.")), "unet, seed_unet or smp.<Name>"),
     "model.in_chans": _at_least(1),
     "model.style_mix": _between(0.0, 1.0, closed_high=True),

@@ -38,7 +38,7 @@ from tqdm import tqdm
 from buildseg.adaptation import batchnorm
 from buildseg.adaptation.pseudo_labels import masked_bce, select
 from buildseg.adaptation.settings import AdaptSettings
-from buildseg.adaptation.target_data import TargetCrops, target_sources
+from buildseg.adaptation.target_data import TargetCrops, service_target, target_sources
 from buildseg.atomic import atomic_open
 from buildseg.errors import BuildsegError
 from buildseg.inference.core.tta import predict_tta
@@ -100,13 +100,14 @@ def _main_head(outputs) -> torch.Tensor:
 
 class Adapter:
     def __init__(self, checkpoint: str | Path, target: str | Path, out: str | Path, settings: AdaptSettings,
-                 resume: bool = False, stac_asset: str | None = None) -> None:
+                 resume: bool = False, stac_asset: str | None = None, service=None) -> None:
         self.settings, self.out = settings, Path(out)
         self.source_payload = load_checkpoint(checkpoint)
         self.device = resolve_device(settings.device)
         model, _ = load_model(checkpoint)
         self.card = model.card
         inputs = self.source_payload.get("input") or {}
+        target = service_target(target, service, folder=self.out / "service", gsd=inputs.get("gsd"))
         sources = target_sources(target, stac_asset=stac_asset)
         self.target = TargetCrops(sources, crop=settings.crop, samples=settings.steps * settings.batch_size,
                                   seed=settings.seed, in_chans=model.card.in_chans, gsd=inputs.get("gsd"),
@@ -272,9 +273,10 @@ class Adapter:
 
 
 def adapt(checkpoint: str | Path, target: str | Path, out: str | Path, settings: AdaptSettings | None = None,
-          resume: bool = False, stac_asset: str | None = None) -> AdaptResult:
+          resume: bool = False, stac_asset: str | None = None, service=None) -> AdaptResult:
     """Adapt ``checkpoint`` to the imagery of ``target``; the adapted model is ``out/best.pt``."""
-    return Adapter(checkpoint, target, out, settings or AdaptSettings(), resume=resume, stac_asset=stac_asset).run()
+    return Adapter(checkpoint, target, out, settings or AdaptSettings(), resume=resume, stac_asset=stac_asset,
+                   service=service).run()
 
 
 def check_adapt_output(out: Path, *, resume: bool) -> Path:

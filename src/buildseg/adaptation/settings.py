@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from buildseg.errors import BuildsegError
 from buildseg.settings.fields import Settings, model_setting, setting
 from buildseg.settings.inference import TTA_MODES
+from buildseg.settings.predict import ServiceSettings
 
 CONFIDENT_HIGH = 0.7  # a teacher pixel at or above this is taken as building
 CONFIDENT_LOW = 0.3  # at or below this, as background; in between: ignored
@@ -48,7 +49,7 @@ class AdaptSettings(Settings):
 
 
 @dataclass(frozen=True)
-class AdaptRun(Settings):
+class AdaptRun(ServiceSettings):
     """What an adapt run reads and writes (``buildseg adapt``'s other flags)."""
 
     COMMAND = "adapt"
@@ -57,8 +58,9 @@ class AdaptRun(Settings):
 
     checkpoint: str | None = setting(None, "the trained run folder or checkpoint to adapt")
     model: str | None = model_setting()
-    data: str = setting(None, "the target imagery, anything predict reads (a test CSV, an images folder, a GeoTIFF or "
-                        "many scenes); only pixels are read, never masks", required=True)
+    data: str = setting(None, "the target imagery, anything predict reads (a test CSV, an images folder, a GeoTIFF, "
+                        "many scenes, or an imagery service with --aoi); only pixels are read, never masks",
+                        required=True)
     out: str = setting(None, "the new run folder: best.pt predicts like any run", required=True)
     resume: bool = setting(False, "continue the adapt run in --out from its last.pt")
     stac_asset: str | None = setting(None, "STAC target: the item asset holding the image")

@@ -2,7 +2,8 @@
 
 TARGET is anything ``buildseg predict`` reads: a test CSV (``img_id,img_path``; other
 columns such as ``mask_rle`` are never parsed), an images folder, one GeoTIFF (path, URL or
-GDAL ``/vsi`` path) or many scenes (a folder or list of GeoTIFFs, a STAC catalogue). Images
+GDAL ``/vsi`` path), many scenes (a folder or list of GeoTIFFs, a STAC catalogue) or an
+imagery service over an ``--aoi`` (its VRT, :func:`service_target`). Images
 are read whole and cropped; GeoTIFF scenes are read window by window on the run's grid (its
 GSD and bands) through the stretch prediction uses, so the student sees what ``predict``
 will feed it.
@@ -30,13 +31,30 @@ class TargetScene:
     location: str  # path, URL or /vsi path of a GeoTIFF
 
 
+def service_target(data: str | Path, service, *, folder: Path, gsd: float | None) -> str | Path:
+    """``data``, or, for an imagery service, the VRT of its area (``service``: settings with
+    ``aoi`` and the service flags; ``data/service_area.py``), written under ``folder``."""
+    from buildseg.formats.tile_services import service_kind
+
+    aoi = getattr(service, "aoi", None)
+    if not service_kind(str(data)):
+        if aoi:
+            raise BuildsegError(f"--aoi applies to an imagery service; --data {data} is not one")
+        return data
+    if not aoi:
+        raise BuildsegError(f"--data {data} is an imagery service: give the area to adapt to with --aoi FILE")
+    from buildseg.data.service_area import ServiceOptions, prepare_area
+
+    return str(prepare_area(str(data), aoi, folder, gsd=gsd, options=ServiceOptions.of(service)).vrt)
+
+
 def target_sources(data: str | Path, *, stac_asset: str | None = None) -> list[TargetImage | TargetScene]:
     """The images or scenes of ``data``, in ``predict``'s order of interpretation."""
     from buildseg.data.scene_sources import is_scene_collection, list_scene_sources
     from buildseg.formats.locations import is_remote, location_suffix
 
     text = str(data)
-    if location_suffix(text) in (".tif", ".tiff") and (is_remote(text) or Path(text).is_file()):
+    if location_suffix(text) in (".tif", ".tiff", ".vrt") and (is_remote(text) or Path(text).is_file()):
         return [TargetScene(text)]
     if is_scene_collection(text):
         return [TargetScene(str(s.location)) for s in list_scene_sources(text, stac_asset)]

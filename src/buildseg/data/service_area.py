@@ -46,6 +46,11 @@ class ServiceOptions:
     tile_cache: str | None = None
     max_connections: int = MAX_CONNECTIONS
 
+    @classmethod
+    def of(cls, settings) -> "ServiceOptions":
+        """From any settings object with these names (predict's and adapt's flags, train's data section)."""
+        return cls(**{name: getattr(settings, name) for name in cls.__dataclass_fields__})
+
 
 @dataclass(frozen=True)
 class ServiceArea:

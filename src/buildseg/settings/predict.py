@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from buildseg.errors import BuildsegError
-from buildseg.settings.fields import model_setting, setting
+from buildseg.settings.fields import Settings, model_setting, setting
 from buildseg.settings.inference import (
     BLOCK,
     LAYER_FORMATS,
@@ -49,7 +49,22 @@ def parse_bands(text: str) -> list[int]:
 
 
 @dataclass(frozen=True)
-class PredictSettings(EngineSettings):
+class ServiceSettings(Settings):
+    """How an imagery service is read over an area: the flags ``predict`` and ``adapt`` share
+    (``train`` has them as data.* keys)."""
+    aoi: str | None = setting(None, "imagery service input (XYZ/TMS template, WMTS or WMS): the area to map, any "
+                              "vector file in any CRS, one or many polygons")
+    zoom: int | None = setting(None, "imagery service: the zoom level (XYZ and WMS: the Web Mercator zoom; WMTS: the "
+                               "tile matrix, 0 the coarsest; default: the one whose pixel size is closest to the "
+                               "model's training GSD at the AOI's latitude)", low=0, high=23)
+    layer: str | None = setting(None, "WMS (required) or WMTS (when the service has several): the layer to read")
+    tms: bool = setting(False, "tile service: TMS row order (rows counted from the south; same as {-y})")
+    tile_cache: str | None = setting(None, "tile service: GDAL's tile cache folder (default: under the user cache)")
+    max_connections: int = setting(MAX_CONNECTIONS, "tile service: concurrent tile requests", low=1, high=32)
+
+
+@dataclass(frozen=True)
+class PredictSettings(EngineSettings, ServiceSettings):
     COMMAND = "predict"
 
     checkpoint: list[str] | None = setting(None, "checkpoint .pt or run folder; repeat to ensemble (required except "
@@ -108,15 +123,6 @@ class PredictSettings(EngineSettings):
     block: int = setting(BLOCK, "GeoTIFF input: pixels per processing block", low=64)
     simplify: float | None = setting(None, "GeoTIFF input: footprint simplification tolerance in CRS units (default: "
                                      "one pixel; 0: off)", low=0)
-    aoi: str | None = setting(None, "imagery service input (XYZ/TMS template, WMTS or WMS): the area to map, any "
-                              "vector file in any CRS, one or many polygons")
-    zoom: int | None = setting(None, "imagery service: the zoom level (XYZ and WMS: the Web Mercator zoom; WMTS: the "
-                               "tile matrix, 0 the coarsest; default: the one whose pixel size is closest to the "
-                               "model's training GSD at the AOI's latitude)", low=0, high=23)
-    layer: str | None = setting(None, "WMS (required) or WMTS (when the service has several): the layer to read")
-    tms: bool = setting(False, "tile service: TMS row order (rows counted from the south; same as {-y})")
-    tile_cache: str | None = setting(None, "tile service: GDAL's tile cache folder (default: under the user cache)")
-    max_connections: int = setting(MAX_CONNECTIONS, "tile service: concurrent tile requests", low=1, high=32)
     allow_gaps: bool = setting(False, "tile service: a tile that still fails after GDAL's retries is a gap (never a "
                                "building; listed in manifest.json under areas, and counted) instead of stopping the "
                                "run")

@@ -66,14 +66,35 @@ def check_bands_config(config: Config) -> None:
     log.info("in_chans = %d (from --bands %s)", len(bands), ",".join(map(str, bands)))
 
 
+def service_scene(config: Config) -> str | None:
+    """With ``--data`` an imagery service: the AOI's VRT of it (``data/service_area.py``,
+    written under ``OUT/service/``), read like a GeoTIFF scene; None otherwise."""
+    from buildseg.formats.tile_services import service_kind
+
+    d = config.data
+    if not service_kind(d.train or ""):
+        if d.aoi:
+            raise BuildsegError(f"--aoi applies to an imagery service (--data https://host/{{z}}/{{x}}/{{y}}.png, a WMTS "
+                                f"or a WMS); --data {d.train} is not one")
+        return None
+    if not d.labels or not d.aoi:
+        raise BuildsegError(f"--data {d.train} is an imagery service: give the buildings to learn with --labels FILE "
+                            "(e.g. OpenStreetMap buildings of the area) and the area with --aoi FILE")
+    from buildseg.data.service_area import ServiceOptions, prepare_area
+
+    return str(prepare_area(d.train, d.aoi, Path(config.train.out) / "service", gsd=d.gsd,
+                            options=ServiceOptions.of(d)).vrt)
+
+
 def _datasets(config: Config, dist: DistInfo):
     """(train_set, val_set, description): GeoTIFF scenes + footprints, or the competition records."""
     d, t = config.data, config.train
+    scenes = service_scene(config) or d.train
     if d.labels:
         from buildseg.data.geo import GeoGridDataset, GeoWindowDataset, prepare_geo_data
 
         bands = input_bands(config)
-        geo = prepare_geo_data(d.train, d.labels, bands, d.gsd, d.labels_layer, d.val, d.val_region, d.val_fraction,
+        geo = prepare_geo_data(scenes, d.labels, bands, d.gsd, d.labels_layer, d.val, d.val_region, d.val_fraction,
                                d.val_tile, t.seed)
         train_set = GeoWindowDataset(geo.scenes, bands, crop_size=d.crop_size,
                                      samples_per_epoch=d.crops_per_image * len(geo.scenes), augment=d.augment,

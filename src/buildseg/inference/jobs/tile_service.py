@@ -49,17 +49,11 @@ def _pieces(window: tuple[int, int, int, int], transform, area, *, block: int, p
     return pieces
 
 
-def service_options(settings) -> ServiceOptions:
-    """The service flags of ``predict`` (or ``train``'s data section)."""
-    return ServiceOptions(zoom=settings.zoom, layer=settings.layer, tms=settings.tms, tile_cache=settings.tile_cache,
-                          max_connections=settings.max_connections)
-
-
 def plan_area(settings, *, trained_gsd: float | None) -> tuple[list[SceneSource], dict]:
     """(the AOI's pieces as scenes of a many-scene run, what ``aoi.json`` says); writes the
     area's files into ``--out`` once everything checks out (``data/service_area.py``)."""
     area = prepare_area(settings.data, settings.aoi, settings.out, gsd=settings.gsd or trained_gsd,
-                        options=service_options(settings))
+                        options=ServiceOptions.of(settings))
     pieces = _pieces(area.window, area.transform, area.area, block=settings.block,
                      piece_pixels=int(settings.piece_megapixels * 1e6))
     scenes = [SceneSource(str(area.vrt), f"{AREA}_r{row}_c{col}", window=(row, col, h, w), clip=str(area.clip),
