@@ -80,7 +80,7 @@ def test_a_damaged_weight_file_is_refused_in_one_line(zoo, tmp_path, capsys, syn
     (["predict", "--model", "nope", "--data", "D", "--out", "O.csv"], "unknown packaged model 'nope' (known: tiny)"),
     (["predict", "--model", "tiny", "--checkpoint", "x.pt", "--data", "D", "--out", "O.csv"], "not both"),
     (["export", "--onnx", "O.onnx"], "needs --checkpoint"),
-    (["tune", "--model", "tiny", "--data", "D"], "read-only; add --no-save"),
+    (["tune", "--model", "tiny", "--data", "D"], "read-only; add --out DIR"),
     (["models", "--name", "nope"], "unknown packaged model"),
 ])
 def test_bad_use_of_a_packaged_model_is_one_line(zoo, capsys, argv, message):
@@ -160,3 +160,21 @@ def test_train_init_from_a_packaged_model_runs_end_to_end(zoo, tmp_path, synth_d
     saved = load_checkpoint(out / "best.pt")
     assert saved["model_card"]["encoder"] == "resnet18" and saved["input"]["gsd"] == 0.5
     shutil.rmtree(out)
+
+
+def test_tune_out_gives_a_packaged_model_the_places_rule_in_a_new_run(zoo, tmp_path, synth_data, capsys):
+    """A few labelled tiles of a place tune the packaged model into a run; the package is untouched."""
+    before = (zoo / "tiny.safetensors").read_bytes()
+    out = tmp_path / "mine"
+    assert main(["tune", "--model", "tiny", "--data", str(synth_data / "test_truth.csv"), "--tile", "64", "--out",
+                 str(out), "--engine", "torch"]) == 0
+    assert f"predict with --checkpoint {out}" in capsys.readouterr().out
+    tuned = load_checkpoint(out / "best.pt")
+    assert main(["tune", "--model", "tiny", "--data", str(synth_data / "test_truth.csv"), "--tile", "64", "--no-save",
+                 "--json", str(tmp_path / "rows.json"), "--engine", "torch"]) == 0
+    best = json.loads((tmp_path / "rows.json").read_text())[0]  # the search's winner, best first
+    assert {k: tuned["postprocess"][k] for k in ("threshold", "min_area", "empty_max_prob")} == \
+        {k: best[k] for k in ("threshold", "min_area", "empty_max_prob")}
+    assert (zoo / "tiny.safetensors").read_bytes() == before
+    for key, tensor in load_checkpoint("model:tiny")["model"].items():
+        assert torch.equal(tuned["model"][key], tensor)

@@ -31,6 +31,7 @@ TILE = 256
 MAX_ZOOM = 23
 EQUATOR_M_PER_PX_Z0 = 2 * WORLD / TILE  # 156543.03 m per pixel at zoom 0 on the equator
 HTTP_RETRIES = 3  # GDAL retries a failed tile request this many times (GDAL_HTTP_MAX_RETRY), 1 s apart and more
+TIMEOUT_S = 30  # a tile request that has not answered by then fails (GDAL's own default is 300 s)
 
 
 def user_agent() -> str:
@@ -85,7 +86,7 @@ def check_zoom(zoom: int, most: int = MAX_ZOOM) -> None:
 def _tail(cache_dir: str | Path | None, user_agent: str, max_connections: int, bands: int) -> str:
     """What every GDAL description here ends with: bands, politeness, cache, error handling."""
     cache = f"<Cache><Path>{escape(str(cache_dir))}</Path></Cache>" if cache_dir else "<Cache/>"
-    return (f"<BandsCount>{bands}</BandsCount><MaxConnections>{max_connections}</MaxConnections>"
+    return (f"<BandsCount>{bands}</BandsCount><MaxConnections>{max_connections}</MaxConnections><Timeout>{TIMEOUT_S}</Timeout>"
             f"<UserAgent>{escape(user_agent)}</UserAgent>{cache}<ZeroBlockHttpCodes>204</ZeroBlockHttpCodes>"
             f"<ZeroBlockOnServerException>false</ZeroBlockOnServerException>")
 

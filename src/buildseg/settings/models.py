@@ -71,12 +71,18 @@ class TuneSettings(EngineSettings):
     objective: str = setting("dice", "what the best setting maximises: competition Dice or building F1 at IoU 0.5",
                              choices=OBJECTIVES)
     save: bool = setting(True, "write the best setting into the checkpoint (--no-save: print only)")
+    out: str | None = setting(None, "write the tuned model to this new run folder (its best.pt) and leave the "
+                              "checkpoint as it is: a packaged model learns a place's threshold and empty-tile rule "
+                              "from a few labelled tiles of it")
     json: str | None = setting(None, "also write all results to this JSON file")
 
     def check(self) -> None:
-        if self.model and self.save:
-            raise BuildsegError("tune --model: a packaged model is read-only; add --no-save (and --json FILE to keep the "
-                                "results), or fine-tune it into a run with `buildseg train --init`")
+        if self.model and self.save and not self.out:
+            raise BuildsegError("tune --model: a packaged model is read-only; add --out DIR (a new run with the tuned "
+                                "setting) or --no-save (print only)")
+        if self.out and len(self.checkpoint or [None]) > 1:
+            raise BuildsegError("tune --out writes one model: tune an ensemble in place (its checkpoints), or one "
+                                "checkpoint at a time")
 
 
 @dataclass(frozen=True)

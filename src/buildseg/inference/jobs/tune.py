@@ -13,6 +13,7 @@ where ``predict`` and :class:`Segmenter` pick it up unless overridden.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import cv2
@@ -212,7 +213,11 @@ def run_tune(settings) -> list[str]:
     from buildseg.runtime.checkpoint import checkpoint_paths
 
     paths = checkpoint_paths(settings.checkpoint)
-    if settings.save:
+    if settings.out:
+        from buildseg.outputs import FOLDER, check_outputs
+
+        check_outputs((settings.out, "--out", FOLDER))
+    elif settings.save:
         for path in paths:
             if not os.access(path, os.W_OK) or not os.access(path.parent, os.W_OK):
                 raise BuildsegError(f"cannot store the tuned setting in {path}: not writable; copy it somewhere "
@@ -232,7 +237,17 @@ def run_tune(settings) -> list[str]:
     if settings.json:
         with atomic_open(settings.json, "w") as handle:
             handle.write(json.dumps([{**r.post.to_dict(), **r.summary} for r in tuned.rows], indent=1))
-    if settings.save:
+    if settings.out:
+        from buildseg.runtime.checkpoint import load_checkpoint, save_atomic
+
+        payload = load_checkpoint(paths[0])
+        payload["postprocess"] = best.to_dict()
+        Path(settings.out).mkdir(parents=True, exist_ok=True)
+        target = save_atomic({k: v for k, v in payload.items() if k not in ("format", "schema")},
+                             Path(settings.out) / "best.pt")
+        lines.append(f"wrote {target} with threshold={best.threshold} min_area={best.min_area} empty_max_prob="
+                     f"{best.empty_max_prob}: predict with --checkpoint {settings.out}")
+    elif settings.save:
         for path in paths:
             store_in_checkpoint(path, best)
             lines.append(f"stored threshold={best.threshold} min_area={best.min_area} empty_max_prob="
