@@ -147,6 +147,13 @@ def test_predict_existing_end_to_end(tmp_path, capsys):
     assert "1 new, 0 already mapped, 0 mapped buildings unconfirmed" in out
     assert set(read_layer(tmp_path / "b.gpkg")["status"]) == {"new"}
     assert (tmp_path / "b_new.geojson").is_file() and (tmp_path / "b_unconfirmed.gpkg").is_file()
+    import pyogrio  # GDAL's OGR, what ogrinfo reads: the editors' file opens, in EPSG:4326, with both fields
+
+    info = pyogrio.read_info(tmp_path / "b_new.geojson")
+    assert info["driver"] == "GeoJSON" and info["crs"] == "EPSG:4326" and info["features"] == 1
+    assert {"building", "confidence"} <= set(info["fields"])
+    editor = pyogrio.read_dataframe(tmp_path / "b_new.geojson")
+    assert (editor["building"] == "yes").all() and editor["confidence"].notna().all()
 
 
 @pytest.mark.slow
