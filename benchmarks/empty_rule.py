@@ -34,13 +34,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from ablation import predict_at_gsd, write_fold_csvs  # noqa: E402
-from loader_throughput import cpu_flags  # noqa: E402
-
 from buildseg.data.datasets import GridTileDataset  # noqa: E402
 from buildseg.formats.tables import load_records  # noqa: E402
 from buildseg.inference.core.postprocess import PostProcess  # noqa: E402
 from buildseg.inference.core.segmenter import Segmenter  # noqa: E402
 from buildseg.inference.jobs.tune import search  # noqa: E402
+from loader_throughput import cpu_flags  # noqa: E402
 
 EMPTY = (0.0, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95)
 
