@@ -175,7 +175,7 @@ class PredictSettings(EngineSettings, ServiceSettings):
     def check_input(self, kind: str) -> None:
         """The rules that depend on what --data turned out to be (TILES, GEOTIFF or SCENES)."""
         if kind not in (SCENES, SERVICE) and (self.shard or self.runner != "local") or kind != SCENES and self.stac_asset:
-            flag = "--shard" if self.shard else "--runner" if self.runner != "local" else "--stac-asset"
+            flag = "--stac-asset" if kind != SCENES and self.stac_asset else "--shard" if self.shard else "--runner"
             raise BuildsegError(f"{flag} applies to many scenes (a folder or list of GeoTIFFs, a STAC catalogue, or a "
                                 f"tile service's area); --data {self.data} is not one")
         if kind == TILES and (self.gsd or self.bands or self.native_resolution or self.footprints or self.geojson):
