@@ -65,18 +65,9 @@ class ServiceArea:
 
 def read_aoi(path: str | Path):
     """The AOI's polygons (a GeoSeries in their own CRS)."""
-    import geopandas as gpd
+    from buildseg.formats.vectors import read_area
 
-    try:
-        frame = gpd.read_file(path, engine="pyogrio")
-    except Exception as exc:  # pyogrio's own errors
-        raise BuildsegError(f"--aoi {path}: cannot read it as a vector layer ({str(exc).splitlines()[0][:200]})") from None
-    if frame.crs is None:
-        raise BuildsegError(f"--aoi {path} has no CRS: set one (e.g. ogr2ogr -a_srs EPSG:4326)")
-    frame = frame[frame.geometry.notna() & frame.geom_type.isin(["Polygon", "MultiPolygon"])]
-    if frame.empty:
-        raise BuildsegError(f"--aoi {path} holds no polygon: draw the area to map as one or more polygons")
-    return frame.geometry
+    return read_area(path, flag="--aoi", what="the area to map").geometry
 
 
 def _write_if_changed(path: Path, text: str) -> None:

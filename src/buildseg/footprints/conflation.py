@@ -22,8 +22,6 @@ from pathlib import Path
 
 import numpy as np
 
-from buildseg.errors import BuildsegError
-
 EDITOR_CRS = "EPSG:4326"
 
 
@@ -48,21 +46,9 @@ class Conflated:
 
 def read_existing(path: str | Path, layer: str | None = None):
     """The mapped buildings: polygons of any vector file GDAL reads, in their own CRS."""
-    import geopandas as gpd
+    from buildseg.formats.vectors import read_area
 
-    path = Path(path)
-    if not path.exists():
-        raise BuildsegError(f"--existing {path} not found (a vector file of mapped buildings: GeoJSON, GPKG, ...)")
-    try:
-        frame = gpd.read_file(path, layer=layer, engine="pyogrio")
-    except Exception as exc:  # pyogrio raises its own DataSourceError/DataLayerError
-        raise BuildsegError(f"--existing {path}: cannot read it as a vector layer ({str(exc).splitlines()[0][:200]})") from None
-    if frame.crs is None:
-        raise BuildsegError(f"--existing {path} has no CRS: set one (e.g. ogr2ogr -a_srs EPSG:4326) so it can be "
-                            "compared with the prediction")
-    frame = frame[frame.geometry.notna() & frame.geom_type.isin(["Polygon", "MultiPolygon"])]
-    frame = frame.set_geometry(frame.geometry.make_valid())
-    return frame[["geometry"]].reset_index(drop=True)
+    return read_area(path, flag="--existing", what="the mapped buildings", layer=layer, allow_empty=True)
 
 
 def conflate(predicted, existing, rule: ConflationRule) -> Conflated:

@@ -43,21 +43,38 @@ class Footprints:
         return np.asarray(series.to_crs(crs).values, dtype=object)
 
 
-def _read_one(path: Path, layer: str | None):
+def read_vector(path: str | Path, *, flag: str, layer: str | None = None, layer_flag: str = "--layer"):
+    """A vector file (any format GDAL reads, or GeoParquet) as a GeoDataFrame; a missing or
+    unreadable file is one line naming ``flag`` (``--labels``, ``--existing``, ``--aoi``)."""
     try:
         import geopandas as gpd
     except ImportError:
-        raise BuildsegError("vector labels need the geo extra: pip install 'buildseg[geo]'") from None
+        raise BuildsegError(f"{flag} needs the geo extra: pip install 'buildseg[geo]'") from None
+    path = Path(path)
     if not path.exists():
-        raise BuildsegError(f"labels file not found: {path}")
+        raise BuildsegError(f"{flag} {path} not found" if flag.startswith("--") else f"{flag} file not found: {path}")
     try:
         if path.suffix.lower() in PARQUET:
             return gpd.read_parquet(path)
         return gpd.read_file(path, layer=layer, engine="pyogrio")
     except Exception as exc:  # pyogrio/pyarrow raise many types; all mean "cannot read this file"
         detail = " ".join(str(exc).split())[:200]
-        hint = f" (is --labels-layer {layer!r} a layer of it?)" if layer else ""
-        raise BuildsegError(f"cannot read labels {path}: {detail}{hint}") from None
+        hint = f" (is {layer_flag} {layer!r} a layer of it?)" if layer else ""
+        raise BuildsegError(f"{flag} {path}: cannot read it as a vector layer ({detail}){hint}") from None
+
+
+def read_area(path: str | Path, *, flag: str, what: str, layer: str | None = None, allow_empty: bool = False):
+    """The polygons of a vector file in their own CRS, repaired (a GeoDataFrame of geometry):
+    an area to map or buildings already mapped. No CRS, or no polygon (unless
+    ``allow_empty``), is one line."""
+    frame = read_vector(path, flag=flag, layer=layer, layer_flag=f"{flag}-layer")
+    if frame.crs is None:
+        raise BuildsegError(f"{flag} {path} has no CRS: set one (e.g. ogr2ogr -a_srs EPSG:4326)")
+    frame = frame[frame.geometry.notna() & frame.geom_type.isin(["Polygon", "MultiPolygon"])]
+    if frame.empty and not allow_empty:
+        raise BuildsegError(f"{flag} {path} holds no polygon: give {what} as one or more polygons")
+    frame = frame.set_geometry(frame.geometry.make_valid())
+    return frame[["geometry"]].reset_index(drop=True)
 
 
 def _polygonal(geometries: np.ndarray) -> np.ndarray:
@@ -90,7 +107,7 @@ def read_footprints(paths: Sequence[str | Path], layer: str | None = None, allow
     parts, crs, repaired = [], None, 0
     for raw in paths:
         path = Path(raw)
-        frame = _read_one(path, layer)
+        frame = read_vector(path, flag="labels", layer=layer, layer_flag="--labels-layer")
         if crs is None:
             crs = frame.crs
         elif frame.crs is not None and frame.crs != crs:
