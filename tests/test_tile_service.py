@@ -212,6 +212,9 @@ def test_shards_and_a_killed_run_give_the_layer_of_one_uninterrupted_run(service
     _, summary = run_area(url, aoi, tmp_path / "shards", piece_megapixels=0.06, shard=(1, 2))
     assert summary["remaining"] == 0 and same_layers(tmp_path / "shards" / "footprints.gpkg",
                                                      tmp_path / "whole" / "footprints.gpkg")
+    (tmp_path / "shards" / "footprints.gpkg").unlink()  # predict --merge DIR rebuilds it from the records alone
+    assert main(["predict", "--merge", str(tmp_path / "shards")]) == 0
+    assert same_layers(tmp_path / "shards" / "footprints.gpkg", tmp_path / "whole" / "footprints.gpkg")
 
     class Killed(Exception):
         pass

@@ -219,6 +219,7 @@ def _join_group(out_dir: Path, group: str, records: list[dict]):
     """One raster's footprints from its pieces' parts: joined across the pieces' borders,
     cleaned, and kept where the centroid lies in the clip area."""
     import geopandas as gpd
+    from rasterio.crs import CRS
 
     from buildseg.inference.jobs.geotiff import join_blocks
     from buildseg.inference.jobs.scene_pieces import read_parts
@@ -226,8 +227,6 @@ def _join_group(out_dir: Path, group: str, records: list[dict]):
     parts = [block for record in records for block in read_parts(out_dir / record["footprints"])]
     first = records[0]
     clean = {k: v for k, v in first["clean"].items() if k in {f.name for f in fields(GeoTiffSettings)}}
-    from rasterio.crs import CRS
-
     crs = CRS.from_user_input(first["crs"]) if first.get("crs") else None
     frame = join_blocks(parts, crs=crs, pixel_size=first["pixel_size"], settings=GeoTiffSettings(**clean),
                         source=group)
