@@ -122,9 +122,9 @@ def write_done_record(out_dir: Path, scene: SceneSource, index: int, key: str, r
     if result.gaps:
         record["gaps"] = result.gaps
     if scene.group is not None:  # what the merge needs to join and clean this group's parts
-        record.update(group=scene.group, pixel_size=result.pixel_size,
-                      clip=Path(scene.clip).name if scene.clip else None,
-                      clean=asdict(scene_settings(settings or SceneSettings())))
+        settings = settings or SceneSettings()
+        record.update(group=scene.group, pixel_size=result.pixel_size, layer_suffix=FORMATS[settings.format],
+                      clip=Path(scene.clip).name if scene.clip else None, clean=asdict(scene_settings(settings)))
     path = _record_path(out_dir, scene.name)
     path.parent.mkdir(parents=True, exist_ok=True)  # made with the first record: a run that fails first leaves none
     with atomic_open(path, "w") as handle:
@@ -182,7 +182,8 @@ def merge_outputs(out_dir: str | Path) -> dict[str, Any]:
     if lost:
         raise BuildsegError(f"{len(lost)} finished scenes in {out_dir} lost their outputs (e.g. {lost[0]}); run predict again")
     records.sort(key=lambda r: (r.get("index", 0), r.get("name", "")))
-    return {"scenes": len(records), **_merge(out_dir, records, keys[0], Path(records[0]["footprints"]).suffix)}
+    suffix = records[0].get("layer_suffix") or Path(records[0]["footprints"]).suffix  # a piece's file holds parts
+    return {"scenes": len(records), **_merge(out_dir, records, keys[0], suffix)}
 
 
 def _merge(out_dir: Path, records: list[dict], key: str, suffix: str) -> dict[str, Any]:
