@@ -22,9 +22,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from loader_throughput import cpu_flags  # noqa: E402
-
 from buildseg.inference.core.segmenter import Segmenter  # noqa: E402
+from loader_throughput import cpu_flags  # noqa: E402
 
 
 def main() -> None:
