@@ -23,6 +23,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from buildseg.atomic import atomic_open
 from buildseg.errors import BuildsegError
 from buildseg.formats import tile_services
 from buildseg.formats.tile_services import public_url
@@ -71,8 +72,11 @@ def read_aoi(path: str | Path):
 
 
 def _write_if_changed(path: Path, text: str) -> None:
+    """Atomically: under torchrun every rank prepares the same area, and one may read while
+    another writes."""
     if not path.is_file() or path.read_text() != text:
-        path.write_text(text)
+        with atomic_open(path, "w") as handle:
+            handle.write(text)
 
 
 def _description(data: str, options: ServiceOptions, *, gsd: float, latitude: float) -> tuple[str, int]:
