@@ -10,7 +10,9 @@ are drawn per seed (round-robin over the held-out sources); the first k of them 
 labels, and every other held-out tile is scored (competition Dice on the 224 px grid, at the
 model's GSD), so every k and every start is scored on the same tiles. Starts:
   * ``base untouched``: the fold's base model, no training;
-  * ``base + few-label fine-tune``: ``train --init BASE --data K_TILES`` with the defaults;
+  * ``base + fine-tune, checked (default)``: ``train --init BASE --data K_TILES`` with the defaults
+    (``train_and_tune``: the few-label check first, best.pt = the fine-tune or the base);
+  * ``base + fine-tune, unchecked``: the same run's last.pt (the fine-tune, whatever the check said);
   * ``ImageNet, same steps``: the same tiles and steps from the ImageNet encoder (lr 1e-3).
 A fold's base models must exist (``--bases`` holds ``FOLD_s0/best.pt`` and the ablation's ``stats.json``); folds without one wait
 for it (the ablation may still be running) or are skipped with ``--no-wait``.
@@ -37,10 +39,10 @@ from buildseg.inference.core.postprocess import PostProcess, apply  # noqa: E402
 from buildseg.inference.core.segmenter import Segmenter  # noqa: E402
 from buildseg.inference.jobs.tune import predict_tiles  # noqa: E402
 from buildseg.metrics import Scoreboard  # noqa: E402
+from buildseg.pipeline import train_and_tune  # noqa: E402
 from buildseg.runtime.checkpoint import load_checkpoint  # noqa: E402
-from buildseg.training.loop import train  # noqa: E402
 
-STARTS = ("base untouched", "base + few-label fine-tune", "ImageNet, same steps")
+STARTS = ("base untouched", "base + fine-tune, unchecked", "base + fine-tune, checked (default)", "ImageNet, same steps")
 
 
 def split(rows: list[dict], held: list[str], k_max: int, seed: int) -> tuple[list[dict], list[dict]]:
@@ -81,7 +83,7 @@ def score(checkpoint: Path, scored_csv: Path) -> float:
 
 def fine_tune(start: str, base: Path, labels_csv: Path, out: Path, imagenet: str, seed: int,
               few_lr: float | None = None) -> Path:
-    if (out / "best.pt").is_file():
+    if (out / "done").is_file():
         return out / "best.pt"
     config = Config()
     config.data.train = str(labels_csv)
@@ -89,7 +91,7 @@ def fine_tune(start: str, base: Path, labels_csv: Path, out: Path, imagenet: str
     config.train.progress = False
     config.train.quantize_at_end = False
     config.train.seed = seed
-    if start == STARTS[1]:
+    if start != STARTS[-1]:
         config.train.init = str(base)
         if few_lr:
             config.train.few_lr = few_lr
@@ -102,7 +104,8 @@ def fine_tune(start: str, base: Path, labels_csv: Path, out: Path, imagenet: str
         config.data.val = str(labels_csv)
         config.train.epochs, config.train.keep_last, config.train.tune_at_end = 1, True, False
         config.train.warmup_steps = max(1, steps // 10)
-    train(config)
+    train_and_tune(config)
+    (out / "done").write_text("")
     return out / "best.pt"
 
 
@@ -134,6 +137,7 @@ def main() -> None:
     parser.add_argument("--imagenet-at", type=int, nargs="*", default=None, help="ks that also train from ImageNet "
                         "(default: all)")
     parser.add_argument("--no-wait", action="store_true")
+    parser.add_argument("--folds", nargs="*", help="only these folds of the grid (default: all)")
     parser.add_argument("--few-lr", type=float, help="the fine-tune's train.few_lr (default: the config's)")
     args = parser.parse_args()
     grid_path = Path(args.grid).resolve()
@@ -147,6 +151,8 @@ def main() -> None:
     results: dict = {}
     for seed in args.seeds:
         for fold, held in grid["folds"].items():
+            if args.folds and fold not in args.folds:
+                continue
             base = Path(args.bases) / f"{fold}_s0" / "best.pt"
             finished = base.parent / "stats.json"  # the ablation writes it when the fold's training has ended
             while not finished.is_file() and not args.no_wait:
@@ -160,13 +166,15 @@ def main() -> None:
             for k in args.ks:
                 results[(k, STARTS[0], key)] = untouched
                 labels_csv = write_csv(labels[:k], out / "data" / f"{fold}_s{seed}_k{k}.csv")
-                for start in STARTS[1:]:
-                    if start == STARTS[2] and args.imagenet_at is not None and k not in args.imagenet_at:
+                for start in (STARTS[2], STARTS[3]):
+                    if start == STARTS[3] and args.imagenet_at is not None and k not in args.imagenet_at:
                         continue
-                    name = "finetune" if start == STARTS[1] else "imagenet"
+                    name = "finetune" if start == STARTS[2] else "imagenet"
                     checkpoint = fine_tune(start, base, labels_csv, out / "runs" / f"{fold}_s{seed}_k{k}_{name}", imagenet,
                                            seed, args.few_lr)
                     results[(k, start, key)] = score(checkpoint, scored_csv)
+                    if start == STARTS[2]:  # the fine-tune itself is the run's last.pt
+                        results[(k, STARTS[1], key)] = score(checkpoint.parent / "last.pt", scored_csv)
                     print(f"{key} k={k} {start}: Dice {results[(k, start, key)]:.4f} (untouched {untouched:.4f})", flush=True)
                 (out / "few_labels.md").write_text(table(results) + "\n")
                 (out / "few_labels.json").write_text(json.dumps({"|".join(map(str, k)): v for k, v in results.items()}))

@@ -69,10 +69,11 @@ class Finished:
 
     tuned: TuneOutcome | None = None
     int8: object | None = None  # quantize.Int8Verdict
+    few_check: object | None = None  # few_check.FewCheck: fine-tune or init in best.pt
 
     def lines(self) -> list[str]:
         """What the user reads about it at the end of ``buildseg train``."""
-        out = []
+        out = [self.few_check.line()] if self.few_check is not None else []
         if self.tuned is not None:
             p, a, b = self.tuned.post, self.tuned.before, self.tuned.after
             out.append(f"post-processing tuned on the validation tiles and stored in best.pt: threshold "
@@ -111,11 +112,16 @@ def config_from_args(args) -> Config:
 
 def train_and_tune(config: Config, resume: str | Path | None = None):
     """(TrainResult, Finished); tuning and int8 run on rank 0 only, tuning first (the
-    int8 verdict judges the tuned post-processing)."""
+    int8 verdict judges the tuned post-processing). A few-label fine-tune is checked first
+    (``few_check.py``) and best.pt gets the init back when the check refuses it."""
+    from buildseg.few_check import check_applies, keep_init, run_check
     from buildseg.training.loop import train
 
+    check = run_check(config) if check_applies(config) else None
     result = train(config, resume=resume)
-    finished = Finished()
+    finished = Finished(few_check=check)
+    if check is not None and not check.accepted and result.is_main:
+        keep_init(result.run_dir, config.train.init)
     if config.train.tune_at_end and result.is_main:
         finished.tuned = tune_best(config, result.run_dir, result.val_set)
     if config.train.quantize_at_end and result.is_main:

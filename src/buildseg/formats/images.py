@@ -123,10 +123,12 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
 
 
 def write_png(path: str | os.PathLike, array: np.ndarray) -> None:
-    """Write an RGB (HxWx3) or single-channel uint8 array as PNG, atomically."""
+    """Write a gray (HxW or HxWx1), RGB or RGBA uint8 array as PNG, atomically."""
     from buildseg.atomic import atomic_open
 
-    image = array if array.ndim == 2 else cv2.cvtColor(array, cv2.COLOR_RGB2BGR)
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    image = array if array.ndim == 2 else cv2.cvtColor(array, cv2.COLOR_RGB2BGR if array.shape[2] == 3 else cv2.COLOR_RGBA2BGRA)
     ok, encoded = cv2.imencode(".png", image)
     if not ok:
         raise BuildsegError(f"could not encode {path} as PNG")

@@ -84,10 +84,15 @@ def load_init_weights(model, payload: dict[str, Any], source: str) -> None:
         raise BuildsegError(f"--init {source}: its weights do not fit this network ({str(exc).splitlines()[0][:200]})") from None
 
 
+def few_label_applies(config: Config, n_tiles: int) -> bool:
+    """``--init`` on at most ``train.few_tiles`` labelled tiles and no ``--val-data``."""
+    return bool(config.train.init) and not config.data.val and n_tiles <= config.train.few_tiles
+
+
 def few_label_schedule(config: Config, n_tiles: int) -> bool:
     """Switch ``config`` to the few-label schedule when it applies (see the module); True then."""
     t, d = config.train, config.data
-    if not t.init or d.val or n_tiles > t.few_tiles:
+    if not few_label_applies(config, n_tiles):
         return False
     d.crops_per_image = max(1, -(-t.few_steps * t.batch_size // n_tiles))
     t.epochs, t.lr, t.warmup_steps = 1, t.few_lr, max(1, t.few_steps // 10)
