@@ -11,10 +11,13 @@ import pytest
 import torch
 
 from buildseg.cli import main
+from buildseg.formats.images import read_rgb
+from buildseg.formats.tables import load_records
 from buildseg.inference.core import engines
 from buildseg.inference.core.segmenter import Segmenter
 from buildseg.inference.jobs import quantize as quantize_mod
 from buildseg.runtime import device as device_rules
+from buildseg.runtime.checkpoint import save_atomic
 from conftest import write_tiny_checkpoint
 
 pytest.importorskip("openvino")
@@ -182,3 +185,45 @@ def test_engine_mode_auto_follows_the_measured_core_counts():
     assert engines.openvino_mode("throughput", 2) == "throughput"
     with pytest.raises(Exception, match="latency, throughput"):
         engines.openvino_mode("fast")
+
+
+@pytest.mark.slow
+def test_a_model_without_int8_gets_one_from_the_input_at_first_use_judged_against_fp32(synth_data, tmp_path,
+                                                                                        monkeypatch):
+    """``predict --precision auto`` on tiles, no labels and no int8 model yet (a packaged model, a
+    run trained without it): int8 is calibrated on half of the sampled input tiles and judged on
+    the other half against fp32's own masks; once; then auto times it with the others."""
+    monkeypatch.setenv("BUILDSEG_PRECISION_AUTO", "measure")
+    _no_bf16(monkeypatch, False)
+    ckpt = write_tiny_checkpoint(tmp_path / "run" / "best.pt", seed=5)  # untrained: its threshold makes it draw
+    probs = Segmenter.from_checkpoint(ckpt, device="cpu", precision="fp32", engine="torch").probabilities(
+        read_rgb(load_records(synth_data / "test.csv")[0].image_path)).mean
+    payload = torch.load(ckpt, weights_only=True)
+    payload["postprocess"] = {"threshold": float(np.median(probs)), "min_area": 0}
+    save_atomic(payload, ckpt)
+    calls = []
+    real = quantize_mod.calibrate_on_input
+    monkeypatch.setattr(quantize_mod, "calibrate_on_input", lambda *a, **k: calls.append(1) or real(*a, **k))
+    args = ["predict", "--checkpoint", str(ckpt), "--data", str(synth_data / "test.csv"), "--no-progress"]
+    assert main([*args, "--out", str(tmp_path / "a.csv")]) == 0
+    verdict = json.loads(next((tmp_path / "run" / "int8").glob("*.json")).read_text())
+    assert verdict["truth"] == "fp32 masks" and verdict["dice_fp32"] == 1.0  # fp32 against its own masks
+    assert verdict["n_calibration"] == 6 and verdict["n_validation"] == 6  # the 12 test tiles, half and half
+    assert verdict["max_drop"] == quantize_mod.AGREEMENT_DROP
+    assert main([*args, "--out", str(tmp_path / "b.csv")]) == 0
+    assert len(calls) == 1, "calibrated again although a verdict exists"
+    choice = json.loads((tmp_path / "run" / ".buildseg-engines" / "precision_choice.json").read_text())
+    rates = next(iter(choice.values()))["rates"]
+    assert ("int8" in rates) == verdict["accepted"] and "fp32" in rates
+    assert (tmp_path / "a.csv").read_text() and (tmp_path / "b.csv").read_text()
+
+
+def test_first_use_int8_is_skipped_where_auto_does_not_measure(tmp_path, monkeypatch):
+    ckpt = write_tiny_checkpoint(tmp_path / "m.pt")
+    monkeypatch.setattr(quantize_mod, "calibrate_on_input", lambda *a, **k: pytest.fail("calibrated"))
+    monkeypatch.setenv("BUILDSEG_PRECISION_AUTO", "rule")
+    quantize_mod.int8_at_first_use(ckpt, [], engine="auto", device="cpu")
+    monkeypatch.setenv("BUILDSEG_PRECISION_AUTO", "measure")
+    quantize_mod.int8_at_first_use(ckpt, [], engine="torch", device="cpu")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    quantize_mod.int8_at_first_use(ckpt, [], engine="openvino", device="cpu")

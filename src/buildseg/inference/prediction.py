@@ -122,6 +122,10 @@ def _predict(settings: PredictSettings) -> PredictOutcome:
         from buildseg.formats.tables import load_records
 
         records = load_records(settings.data)  # bad data fails before the models load
+        if settings.precision == "auto":
+            from buildseg.inference.jobs.quantize import int8_at_first_use
+
+            int8_at_first_use(settings.checkpoint, records, engine=settings.engine, device=settings.device)
     return _with_model(settings, kind, records=records)
 
 

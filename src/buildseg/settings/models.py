@@ -14,6 +14,8 @@ TOLERANCE = 1e-3  # the largest |difference| onnxruntime may show against PyTorc
 EXPORT_FORMATS = ("onnx", "deepness")
 MAX_DROP = 0.005  # the competition Dice int8 may lose against fp32 and still be accepted
 CALIBRATION_TILES = 300  # NNCF's own default subset size
+FIRST_USE_TILES = 64  # a label-free int8 calibration at first use reads this many input tiles: half calibrate, half judge
+AGREEMENT_DROP = 0.02  # ... and keeps int8 when its masks agree with fp32's within this Dice (benchmarks/README.md)
 OBJECTIVES = ("dice", "f1")  # what tuning maximises: the competition Dice or building F1 at IoU 0.5
 
 
