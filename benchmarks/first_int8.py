@@ -1,0 +1,98 @@
+"""int8 at first use, with no labels: does agreement with fp32's masks say what the labels would?
+
+    .venv/bin/python -W ignore benchmarks/first_int8.py --data runs/buildings_corpus.csv [--model buildings]
+
+``predict --precision auto`` with a model that has no int8 model (the packaged one) calibrates
+one on up to 64 tiles of the input: half calibrate, half judge it by how well its masks agree
+with fp32's (``quantize.calibrate_on_input``), kept within ``AGREEMENT_DROP``. Here that runs
+once per source of a labelled corpus (each source as one user's input, its own engine cache),
+and then both models are scored against the labels on the source's tiles not used for it:
+the label-free agreement next to the Dice change it stands for. Prints one row per source and
+the paired change over sources.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from buildseg.data.datasets import GridTileDataset  # noqa: E402
+from buildseg.formats.tables import load_records  # noqa: E402
+from buildseg.inference.core import engines  # noqa: E402
+from buildseg.inference.core.postprocess import PostProcess  # noqa: E402
+from buildseg.inference.jobs import quantize  # noqa: E402
+from buildseg.runtime.checkpoint import checkpoint_paths, load_model  # noqa: E402
+
+
+def scored_tiles(records, *, model, gsd, skip: set[int]) -> list:
+    """The source's labelled tiles not sampled for the calibration (sample_tiles' picks)."""
+    dataset = GridTileDataset(records, tile=224, in_chans=model.card.in_chans, target_gsd=gsd)
+    keep = [i for i in range(len(dataset)) if i not in skip]
+    return quantize.sample_tiles(_Subset(dataset, keep), 200, seed=1)
+
+
+class _Subset:
+    def __init__(self, dataset, indices: list[int]) -> None:
+        self.dataset, self.indices = dataset, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        return self.dataset[self.indices[i]]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default="runs/buildings_corpus.csv", help="labelled CSV with a source column")
+    parser.add_argument("--model", default="buildings")
+    args = parser.parse_args()
+    import openvino as ov
+
+    path = checkpoint_paths(f"model:{args.model}")[0]
+    model, payload = load_model(path)
+    post = PostProcess.from_dict(payload.get("postprocess"))
+    gsd = (payload.get("input") or {}).get("gsd")
+    records = load_records(args.data, require_masks=True)
+    sources = sorted({r.tile_source for r in records})
+    score = quantize.tile_dice(post)
+    core = ov.Core()
+    rows = []
+    print("| source | tiles scored | agreement with fp32 (label-free) | kept | Dice fp32 | Dice int8 | change |")
+    print("|---|---:|---:|---|---:|---:|---:|")
+    for source in sources:
+        mine = [r for r in records if r.tile_source == source]
+        with tempfile.TemporaryDirectory() as cache:
+            os.environ["BUILDSEG_ENGINE_CACHE"] = cache
+            verdict = quantize.calibrate_on_input(path, mine)
+            if verdict is None or verdict.path is None:
+                print(f"| {source} | - | {'-' if verdict is None else f'{verdict.dice_int8:.4f}'} | no | | | |", flush=True)
+                continue
+            blank = GridTileDataset([replace(r, rle="-1", mask_path=None) for r in mine], tile=224,
+                                    in_chans=model.card.in_chans, target_gsd=gsd)
+            used = set(int(i) for i in np.random.default_rng(0).permutation(len(blank))[:quantize.FIRST_USE_TILES])
+            tiles = scored_tiles(mine, model=model, gsd=gsd, skip=used)
+            if not tiles:
+                continue
+            onnx = str(engines.cached_onnx(model, Path(cache)))
+            fp32 = score(core.compile_model(onnx, "CPU", {"INFERENCE_PRECISION_HINT": "f32"}), tiles)
+            int8 = score(core.compile_model(verdict.path, "CPU"), tiles)
+        rows.append((verdict.dice_int8, fp32, int8))
+        print(f"| {source} | {len(tiles)} | {verdict.dice_int8:.4f} | {'yes' if verdict.accepted else 'no'} | {fp32:.4f} | "
+              f"{int8:.4f} | {int8 - fp32:+.4f} |", flush=True)
+    changes = np.array([r[2] - r[1] for r in rows])
+    agreement = np.array([r[0] for r in rows])
+    print(f"\n{len(rows)} sources: Dice change int8 - fp32 {changes.mean():+.4f} ± {changes.std():.4f} "
+          f"(worst {changes.min():+.4f}); label-free agreement {agreement.mean():.4f} (lowest {agreement.min():.4f})")
+
+
+if __name__ == "__main__":
+    main()
