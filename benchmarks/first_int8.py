@@ -4,11 +4,12 @@
 
 ``predict --precision auto`` with a model that has no int8 model (the packaged one) calibrates
 one on up to 64 tiles of the input: half calibrate, half judge it by how well its masks agree
-with fp32's (``quantize.calibrate_on_input``), kept within ``AGREEMENT_DROP``. Here that runs
+with fp32's (``jobs/first_int8.py``), kept within ``AGREEMENT_DROP``. Here that runs
 once per source of a labelled corpus (each source as one user's input, its own engine cache),
-and then both models are scored against the labels on the source's tiles not used for it:
-the label-free agreement next to the Dice change it stands for. Prints one row per source and
-the paired change over sources.
+here as plain int8 (no accuracy control: the question is what agreement says), and then fp32
+and int8 are scored against the labels on the source's tiles (the calibration read images,
+never labels): the label-free agreement next to the Dice change it stands for. Prints one
+row per source and the paired change over sources.
 """
 
 from __future__ import annotations
@@ -28,26 +29,8 @@ from buildseg.data.datasets import GridTileDataset  # noqa: E402
 from buildseg.formats.tables import load_records  # noqa: E402
 from buildseg.inference.core import engines  # noqa: E402
 from buildseg.inference.core.postprocess import PostProcess  # noqa: E402
-from buildseg.inference.jobs import quantize  # noqa: E402
+from buildseg.inference.jobs import first_int8, quantize  # noqa: E402
 from buildseg.runtime.checkpoint import checkpoint_paths, load_model  # noqa: E402
-
-
-def scored_tiles(records, *, model, gsd, skip: set[int]) -> list:
-    """The source's labelled tiles not sampled for the calibration (sample_tiles' picks)."""
-    dataset = GridTileDataset(records, tile=224, in_chans=model.card.in_chans, target_gsd=gsd)
-    keep = [i for i in range(len(dataset)) if i not in skip]
-    return quantize.sample_tiles(_Subset(dataset, keep), 200, seed=1)
-
-
-class _Subset:
-    def __init__(self, dataset, indices: list[int]) -> None:
-        self.dataset, self.indices = dataset, indices
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int):
-        return self.dataset[self.indices[i]]
 
 
 def main() -> None:
@@ -66,32 +49,36 @@ def main() -> None:
     score = quantize.tile_dice(post)
     core = ov.Core()
     rows = []
-    print("| source | tiles scored | agreement with fp32 (label-free) | kept | Dice fp32 | Dice int8 | change |")
-    print("|---|---:|---:|---|---:|---:|---:|")
+    print("| source | tiles | plain int8: agreement with fp32 (label-free) | Dice fp32 | Dice int8 | change |")
+    print("|---|---:|---:|---:|---:|---:|")
     for source in sources:
         mine = [r for r in records if r.tile_source == source]
+        labelled = GridTileDataset(mine, tile=224, in_chans=model.card.in_chans, target_gsd=gsd)
+        blank = GridTileDataset([replace(r, rle="-1", mask_path=None) for r in mine], tile=224,
+                                in_chans=model.card.in_chans, target_gsd=gsd)
+        images = [image for image, _ in quantize.sample_tiles(blank, first_int8.FIRST_USE_TILES)]
+        if len(images) < 4:
+            continue
         with tempfile.TemporaryDirectory() as cache:
             os.environ["BUILDSEG_ENGINE_CACHE"] = cache
-            verdict = quantize.calibrate_on_input(path, mine)
-            if verdict is None or verdict.path is None:
-                print(f"| {source} | - | {'-' if verdict is None else f'{verdict.dice_int8:.4f}'} | no | | | |", flush=True)
+            judged = images[1::2]
+            validation = list(zip(judged, first_int8.fp32_masks(path, judged)))
+            if not any(mask.any() for _, mask in validation):
                 continue
-            blank = GridTileDataset([replace(r, rle="-1", mask_path=None) for r in mine], tile=224,
-                                    in_chans=model.card.in_chans, target_gsd=gsd)
-            used = set(int(i) for i in np.random.default_rng(0).permutation(len(blank))[:quantize.FIRST_USE_TILES])
-            tiles = scored_tiles(mine, model=model, gsd=gsd, skip=used)
-            if not tiles:
-                continue
+            verdict = quantize.calibrate_int8(path, calibration=images[0::2], validation=validation, max_drop=None,
+                                              keep_refused=True, truth="fp32 masks")
+            tiles = quantize.sample_tiles(labelled, 300, seed=1)  # the labels: every tile of the source, up to 300
             onnx = str(engines.cached_onnx(model, Path(cache)))
             fp32 = score(core.compile_model(onnx, "CPU", {"INFERENCE_PRECISION_HINT": "f32"}), tiles)
             int8 = score(core.compile_model(verdict.path, "CPU"), tiles)
         rows.append((verdict.dice_int8, fp32, int8))
-        print(f"| {source} | {len(tiles)} | {verdict.dice_int8:.4f} | {'yes' if verdict.accepted else 'no'} | {fp32:.4f} | "
-              f"{int8:.4f} | {int8 - fp32:+.4f} |", flush=True)
+        print(f"| {source} | {len(tiles)} | {verdict.dice_int8:.4f} | {fp32:.4f} | {int8:.4f} | {int8 - fp32:+.4f} |",
+              flush=True)
     changes = np.array([r[2] - r[1] for r in rows])
     agreement = np.array([r[0] for r in rows])
     print(f"\n{len(rows)} sources: Dice change int8 - fp32 {changes.mean():+.4f} ± {changes.std():.4f} "
-          f"(worst {changes.min():+.4f}); label-free agreement {agreement.mean():.4f} (lowest {agreement.min():.4f})")
+          f"(worst {changes.min():+.4f}); label-free agreement {agreement.mean():.4f} (lowest {agreement.min():.4f}); "
+          f"correlation of agreement and change {np.corrcoef(agreement, changes)[0, 1]:+.2f}")
 
 
 if __name__ == "__main__":

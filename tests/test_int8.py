@@ -15,6 +15,7 @@ from buildseg.formats.images import read_rgb
 from buildseg.formats.tables import load_records
 from buildseg.inference.core import engines
 from buildseg.inference.core.segmenter import Segmenter
+from buildseg.inference.jobs import first_int8
 from buildseg.inference.jobs import quantize as quantize_mod
 from buildseg.runtime import device as device_rules
 from buildseg.runtime.checkpoint import save_atomic
@@ -187,43 +188,78 @@ def test_engine_mode_auto_follows_the_measured_core_counts():
         engines.openvino_mode("fast")
 
 
-@pytest.mark.slow
-def test_a_model_without_int8_gets_one_from_the_input_at_first_use_judged_against_fp32(synth_data, tmp_path,
-                                                                                        monkeypatch):
-    """``predict --precision auto`` on tiles, no labels and no int8 model yet (a packaged model, a
-    run trained without it): int8 is calibrated on half of the sampled input tiles and judged on
-    the other half against fp32's own masks; once; then auto times it with the others."""
-    monkeypatch.setenv("BUILDSEG_PRECISION_AUTO", "measure")
-    _no_bf16(monkeypatch, False)
-    ckpt = write_tiny_checkpoint(tmp_path / "run" / "best.pt", seed=5)  # untrained: its threshold makes it draw
-    probs = Segmenter.from_checkpoint(ckpt, device="cpu", precision="fp32", engine="torch").probabilities(
-        read_rgb(load_records(synth_data / "test.csv")[0].image_path)).mean
+def _drawing_checkpoint(path, image: np.ndarray):
+    """An untrained tiny model whose threshold is its median probability on ``image``: it draws
+    buildings, so int8 has masks to agree with."""
+    ckpt = write_tiny_checkpoint(path, seed=5)
+    probs = Segmenter.from_checkpoint(ckpt, device="cpu", precision="fp32", engine="torch").probabilities(image).mean
     payload = torch.load(ckpt, weights_only=True)
     payload["postprocess"] = {"threshold": float(np.median(probs)), "min_area": 0}
     save_atomic(payload, ckpt)
+    return ckpt
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["tiles", "geotiff"])
+def test_a_model_without_int8_gets_one_from_the_input_at_first_use_judged_against_fp32(synth_data, tmp_path,
+                                                                                        monkeypatch, kind):
+    """``predict --precision auto``, no labels and no int8 model yet (a packaged model, a run
+    trained without it): int8 is calibrated on half of the sampled input tiles and judged on
+    the other half against fp32's own masks; once; then auto times it with the others."""
+    from buildseg.data.synth_geo import write_geo_scene
+
+    monkeypatch.setenv("BUILDSEG_PRECISION_AUTO", "measure")
+    _no_bf16(monkeypatch, False)
+    if kind == "tiles":
+        data, first = synth_data / "test.csv", read_rgb(load_records(synth_data / "test.csv")[0].image_path)
+        expected = 6  # the 12 test tiles, half and half
+    else:
+        rasterio = pytest.importorskip("rasterio")
+        data = tmp_path / "scene.tif"
+        write_geo_scene(data, tmp_path / "scene.geojson", size=600, seed=3)
+        with rasterio.open(data) as src:
+            first = src.read().transpose(1, 2, 0)[:224, :224].copy()
+        expected = first_int8.FIRST_USE_TILES // 2  # windows of the scene
+    ckpt = _drawing_checkpoint(tmp_path / "run" / "best.pt", first)
     calls = []
-    real = quantize_mod.calibrate_on_input
-    monkeypatch.setattr(quantize_mod, "calibrate_on_input", lambda *a, **k: calls.append(1) or real(*a, **k))
-    args = ["predict", "--checkpoint", str(ckpt), "--data", str(synth_data / "test.csv"), "--no-progress"]
-    assert main([*args, "--out", str(tmp_path / "a.csv")]) == 0
+    real = first_int8.calibrate_on_images
+    monkeypatch.setattr(first_int8, "calibrate_on_images", lambda *a, **k: calls.append(1) or real(*a, **k))
+    suffix = ".csv" if kind == "tiles" else ".tif"
+    args = ["predict", "--checkpoint", str(ckpt), "--data", str(data), "--no-progress"]
+    assert main([*args, "--out", str(tmp_path / f"a{suffix}")]) == 0
     verdict = json.loads(next((tmp_path / "run" / "int8").glob("*.json")).read_text())
     assert verdict["truth"] == "fp32 masks" and verdict["dice_fp32"] == 1.0  # fp32 against its own masks
-    assert verdict["n_calibration"] == 6 and verdict["n_validation"] == 6  # the 12 test tiles, half and half
-    assert verdict["max_drop"] == quantize_mod.AGREEMENT_DROP
-    assert main([*args, "--out", str(tmp_path / "b.csv")]) == 0
+    assert verdict["n_calibration"] == expected and verdict["n_validation"] == expected
+    assert verdict["max_drop"] == first_int8.AGREEMENT_DROP
+    assert main([*args, "--out", str(tmp_path / f"b{suffix}")]) == 0
     assert len(calls) == 1, "calibrated again although a verdict exists"
     choice = json.loads((tmp_path / "run" / ".buildseg-engines" / "precision_choice.json").read_text())
     rates = next(iter(choice.values()))["rates"]
     assert ("int8" in rates) == verdict["accepted"] and "fp32" in rates
-    assert (tmp_path / "a.csv").read_text() and (tmp_path / "b.csv").read_text()
+
+
+def test_scene_windows_for_calibration_are_read_as_the_blocks_are(tmp_path):
+    rasterio = pytest.importorskip("rasterio")
+    from buildseg.data.synth_geo import write_geo_scene
+    from buildseg.inference.core.checkpoint_info import CheckpointInfo
+    from buildseg.inference.jobs.geotiff import GeoTiffSettings, plan_scene, sample_windows
+
+    write_geo_scene(tmp_path / "s.tif", tmp_path / "s.geojson", size=300, seed=1, nodata_border=40)
+    info = CheckpointInfo.read(write_tiny_checkpoint(tmp_path / "m.pt"))
+    plan = plan_scene(info, tmp_path / "s.tif", GeoTiffSettings(gsd=1.0))  # 0.5 m scene read at 1 m: 150 px
+    windows = sample_windows(plan, 8, tile=64)
+    assert len(windows) == 8 and all(w.shape == (1, 3, 64, 64) and w.dtype == np.float32 for w in windows)
+    with rasterio.open(tmp_path / "s.tif") as src:
+        assert max(float(w.max()) for w in windows) <= 255 and src.count == 3
 
 
 def test_first_use_int8_is_skipped_where_auto_does_not_measure(tmp_path, monkeypatch):
     ckpt = write_tiny_checkpoint(tmp_path / "m.pt")
-    monkeypatch.setattr(quantize_mod, "calibrate_on_input", lambda *a, **k: pytest.fail("calibrated"))
+    monkeypatch.setattr(first_int8, "calibrate_on_images", lambda *a, **k: pytest.fail("calibrated"))
+    nothing = lambda path: []  # noqa: E731
     monkeypatch.setenv("BUILDSEG_PRECISION_AUTO", "rule")
-    quantize_mod.int8_at_first_use(ckpt, [], engine="auto", device="cpu")
+    first_int8.int8_at_first_use(ckpt, nothing, engine="auto", device="cpu")
     monkeypatch.setenv("BUILDSEG_PRECISION_AUTO", "measure")
-    quantize_mod.int8_at_first_use(ckpt, [], engine="torch", device="cpu")
+    first_int8.int8_at_first_use(ckpt, nothing, engine="torch", device="cpu")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    quantize_mod.int8_at_first_use(ckpt, [], engine="openvino", device="cpu")
+    first_int8.int8_at_first_use(ckpt, nothing, engine="openvino", device="cpu")

@@ -122,10 +122,6 @@ def _predict(settings: PredictSettings) -> PredictOutcome:
         from buildseg.formats.tables import load_records
 
         records = load_records(settings.data)  # bad data fails before the models load
-        if settings.precision == "auto":
-            from buildseg.inference.jobs.quantize import int8_at_first_use
-
-            int8_at_first_use(settings.checkpoint, records, engine=settings.engine, device=settings.device)
     return _with_model(settings, kind, records=records)
 
 
@@ -157,6 +153,8 @@ def _with_model(settings: PredictSettings, kind: str, *, scenes=None, records=No
 
     dist = init_distributed(settings.device)
     device = str(dist.device) if dist.device.type == "cuda" else settings.device  # each rank on its LOCAL_RANK GPU
+    if settings.precision == "auto":
+        _int8_at_first_use(settings, records=records, location=scenes[0].location if scenes else settings.data)
     try:
         segmenter = Segmenter.from_checkpoint(settings.checkpoint, **{**settings.segmenter_options(), "device": device})
         outcome = PredictOutcome(kind, is_main=dist.is_main, engine=segmenter.engine, precision=segmenter.precision,
@@ -177,6 +175,22 @@ def _with_model(settings: PredictSettings, kind: str, *, scenes=None, records=No
     finally:
         cleanup(dist)
     return outcome
+
+
+def _int8_at_first_use(settings: PredictSettings, *, records, location: str) -> None:
+    """A model with no int8 model gets one from the input's own tiles (``jobs/first_int8.py``):
+    the tiles of a CSV or folder, else windows of the (first) scene."""
+    from buildseg.inference.jobs.first_int8 import FIRST_USE_TILES, int8_at_first_use, tile_sampler
+
+    def scene_sampler(checkpoint: Path) -> list:
+        from buildseg.inference.core.checkpoint_info import CheckpointInfo
+        from buildseg.inference.jobs.geotiff import plan_scene, sample_windows
+
+        info = CheckpointInfo.read(checkpoint)
+        return sample_windows(plan_scene(info, location, geotiff_settings(settings, info.input)), FIRST_USE_TILES)
+
+    sample = tile_sampler(records) if records is not None else scene_sampler
+    int8_at_first_use(settings.checkpoint, sample, engine=settings.engine, device=settings.device)
 
 
 def _tiles(settings: PredictSettings, segmenter, records, dist):

@@ -162,6 +162,24 @@ def plan_scene(segmenter: Segmenter | CheckpointInfo, src_path: str | Path, sett
                          settings.block, margin, src.crs, src.transform, settings.allow_gaps)
 
 
+def sample_windows(plan: ScenePlan, n: int, *, tile: int = 224, seed: int = 0, min_valid: float = 0.5) -> list[np.ndarray]:
+    """Up to ``n`` random ``tile`` px windows of the scene on the model's grid, as the blocks
+    are read (bands, stretch, resampling), as (1, C, tile, tile) float32 raw pixels; windows
+    with less than ``min_valid`` valid pixels are passed over. For calibrating on the input."""
+    rng = np.random.default_rng(seed)
+    grid, images = plan.grid, []
+    with open_raster(plan.location) as src:
+        for _ in range(3 * n):
+            if len(images) == n:
+                break
+            row, col = (float(rng.uniform(0, max(0, size - tile))) for size in (grid.height, grid.width))
+            image, valid = read_window(src, list(plan.bands), grid, row, col, tile, tile, plan.scaling,
+                                       fill_is_nodata=False)
+            if valid.mean() >= min_valid:
+                images.append(np.ascontiguousarray(image.transpose(2, 0, 1)[None], dtype=np.float32))
+    return images
+
+
 def predict_blocks(segmenter: Segmenter, plan: ScenePlan, blocks: list[tuple[int, int]], dst, *,
                    origin: tuple[int, int] = (0, 0), footprints: bool = True, progress: bool = False,
                    gaps: list | None = None) -> list[BlockParts]:

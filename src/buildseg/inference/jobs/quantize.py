@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -36,12 +36,11 @@ from buildseg.inference.core import engines
 from buildseg.inference.core.postprocess import PostProcess, apply
 from buildseg.metrics import Scoreboard
 from buildseg.runtime.checkpoint import checkpoint_paths, load_model
-from buildseg.settings.models import AGREEMENT_DROP, CALIBRATION_TILES, FIRST_USE_TILES, MAX_DROP
+from buildseg.settings.models import CALIBRATION_TILES, MAX_DROP
 
 log = logging.getLogger("buildseg")
 VALIDATION_TILES = 500  # tiles the verdict is judged on (a random subset of larger validation sets)
 RANKING_TILES = 100  # accuracy control ranks layers on this many of them
-FIRST_USE_SECONDS = 180.0  # a label-free calibration at first use may take this long; past it int8 is refused
 
 Tile = tuple[np.ndarray, np.ndarray]  # (1, C, h, w) float32 raw pixels, (h, w) uint8 truth
 
@@ -200,73 +199,3 @@ def quantize(checkpoint: str | Path, data: str | Path, *, n_tiles: int = CALIBRA
     return calibrate_int8(path, calibration=[image for image, _ in tiles], validation=tiles, max_drop=max_drop,
                           keep_refused=True)
 
-
-def fp32_masks(checkpoint: Path, images: Sequence[np.ndarray]) -> list[np.ndarray]:
-    """The fp32 OpenVINO model's masks (its stored post-processing) of raw-pixel tiles: the
-    truth a label-free int8 model is judged against."""
-    import openvino as ov
-
-    model, payload = load_model(checkpoint)
-    post = PostProcess.from_dict(payload.get("postprocess"))
-    onnx = str(engines.cached_onnx(model, engines.cache_folder(checkpoint)))
-    compiled = ov.Core().compile_model(onnx, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-    masks = []
-    for image in images:
-        logits = np.asarray(compiled(image)[0], dtype=np.float64)[0, 0]
-        masks.append(apply((1.0 / (1.0 + np.exp(-logits))).astype(np.float32), post))
-    return masks
-
-
-def calibrate_on_input(checkpoint: str | Path, records: Sequence, *, tile: int = 224,
-                       n_tiles: int = FIRST_USE_TILES) -> Int8Verdict | None:
-    """int8 with no labels, for a model that has no int8 model yet (a packaged model, a run
-    trained with ``--no-quantize-at-end``): calibrated on tiles of the images being predicted
-    (the user's own imagery: the right domain for activation ranges) and judged on other tiles
-    of them by how well its masks agree with the fp32 model's (fp32's masks are the truth:
-    fp32 scores 1), accepted within :data:`AGREEMENT_DROP`. None (no verdict: tried again next
-    time) when the input has fewer than 4 tiles or fp32 finds no building in the judged ones. Written where ``buildseg quantize`` writes (the engine cache for a packaged
-    model), so it happens once per machine and model."""
-    from buildseg.data.datasets import GridTileDataset
-
-    path = checkpoint_paths(checkpoint)[0]
-    model, payload = load_model(path)
-    blank = [replace(r, rle="-1", mask_path=None) for r in records]  # no labels are read, or needed
-    dataset = GridTileDataset(blank, tile=tile, in_chans=model.card.in_chans,
-                              target_gsd=(payload.get("input") or {}).get("gsd"))
-    images = [image for image, _ in sample_tiles(dataset, n_tiles)]
-    if len(images) < 4:
-        return None
-    judged = images[1::2]
-    validation = list(zip(judged, fp32_masks(path, judged)))
-    if not any(mask.any() for _, mask in validation):
-        log.info("int8 not judged: fp32 finds no building in the %d sampled tiles (tried again next time)", len(judged))
-        return None
-    return calibrate_int8(path, calibration=images[0::2], validation=validation, max_drop=AGREEMENT_DROP,
-                          time_limit=FIRST_USE_SECONDS, truth="fp32 masks")
-
-
-def int8_at_first_use(checkpoint: str | Path, records: Sequence, *, engine: str, device: str) -> None:
-    """``predict --precision auto`` on tiles: each model with no int8 model (and no verdict) yet
-    gets one from :func:`calibrate_on_input`, so that auto can time int8 against fp32 and bf16
-    on this machine (``precision_choice.py``). Skipped where int8 cannot run or auto does not
-    measure: another engine, a GPU, torchrun's ranks, no ``cpu`` extra, the flag rule."""
-    import os
-
-    from buildseg.inference.core.segmenter import PRECISION_AUTO_ENV
-    from buildseg.runtime.device import resolve_device
-
-    if (engine not in ("auto", "openvino") or resolve_device(device).type != "cpu"
-            or int(os.environ.get("WORLD_SIZE", "1")) > 1 or os.environ.get(PRECISION_AUTO_ENV, "measure") == "rule"
-            or not (extras.installed("openvino") and extras.installed("nncf"))):
-        return
-    for path in checkpoint_paths(checkpoint):
-        model, _ = load_model(path)
-        if engines.int8_verdict(model, path) is not None:
-            continue
-        log.info("precision auto: %s has no int8 model yet; calibrating one on up to %d tiles of the input, judged by "
-                 "agreement with fp32 (no labels; once per machine)", path.name, FIRST_USE_TILES)
-        verdict = calibrate_on_input(path, records)
-        if verdict is not None:
-            log.info("int8 model %s (%.0f s): agreement with fp32's masks %s, %s", "accepted" if verdict.accepted else
-                     "refused", verdict.seconds, "-" if verdict.dice_int8 is None else f"{verdict.dice_int8:.4f}",
-                     verdict.reason)
