@@ -66,9 +66,12 @@ def calibrate_on_images(checkpoint: Path, images: Sequence[np.ndarray]) -> Int8V
                           time_limit=FIRST_USE_SECONDS, truth="fp32 masks")
 
 
-def tile_sampler(records: Sequence, *, tile: int = 224, n_tiles: int = FIRST_USE_TILES) -> Sampler:
-    """Tiles of a CSV's or folder's images, as predict sees them (their masks are never read)."""
+def tile_sampler(records: Sequence, *, tile: int = 224, n_tiles: int | None = None) -> Sampler:
+    """Tiles of a CSV's or folder's images, as predict sees them (their masks are never read);
+    ``n_tiles``: :data:`FIRST_USE_TILES`."""
     from buildseg.data.datasets import GridTileDataset
+
+    n_tiles = n_tiles or FIRST_USE_TILES
 
     def sample(checkpoint: Path) -> list:
         model, payload = load_model(checkpoint)
