@@ -207,7 +207,6 @@ def test_a_model_without_int8_gets_one_from_the_input_at_first_use_judged_agains
     trained without it): int8 is calibrated on half of the sampled input tiles and judged on
     the other half against fp32's own masks; once; then auto times it with the others."""
     from buildseg.data.synth_geo import write_geo_scene
-
     from buildseg.inference.core import precision_choice
 
     monkeypatch.setenv("BUILDSEG_PRECISION_AUTO", "measure")
