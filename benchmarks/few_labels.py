@@ -139,7 +139,17 @@ def main() -> None:
     parser.add_argument("--no-wait", action="store_true")
     parser.add_argument("--folds", nargs="*", help="only these folds of the grid (default: all)")
     parser.add_argument("--few-lr", type=float, help="the fine-tune's train.few_lr (default: the config's)")
+    parser.add_argument("--tables", nargs="*", help="print one table from these few_labels.json files (runs split "
+                        "over processes with --folds) and exit")
     args = parser.parse_args()
+    if args.tables:
+        merged = {}
+        for path in args.tables:
+            for key, value in json.loads(Path(path).read_text()).items():
+                k, start, fold_seed = key.split("|")
+                merged[(int(k), start, fold_seed)] = value
+        print(table(merged))
+        return
     grid_path = Path(args.grid).resolve()
     grid = yaml.safe_load(grid_path.read_text())
     root = grid_path.parents[1]
