@@ -6,8 +6,10 @@ a packaged model or another run, not only the encoder from ImageNet.
 checkpoint), the stopping rule is a fixed ``train.few_steps`` optimizer steps at a peak rate of
 ``train.few_lr`` (one-cycle with a tenth of them as warm-up), in one epoch of crops drawn from all
 tiles; best.pt holds the last weights (``keep_last``), the validation line scores the training
-tiles (a sanity check, not a held-out score) and the init's tuned post-processing is kept. The
-general ``lr``, ``epochs``, ``warmup_steps`` and ``crops_per_image`` are replaced, and logged.
+tiles (a sanity check, not a held-out score) and the init's tuned post-processing is kept; no
+int8 model is made at the end (the first ``predict --precision auto`` makes one from its input,
+``inference/jobs/first_int8.py``). The general ``lr``, ``epochs``, ``warmup_steps`` and
+``crops_per_image`` are replaced, and logged.
 Defaults chosen by measurement: benchmarks/README.md "Few labels".
 
 The network is the init's: its model card replaces the config's architecture keys, so
@@ -97,6 +99,7 @@ def few_label_schedule(config: Config, n_tiles: int) -> bool:
     d.crops_per_image = max(1, -(-t.few_steps * t.batch_size // n_tiles))
     t.epochs, t.lr, t.warmup_steps = 1, t.few_lr, max(1, t.few_steps // 10)
     t.keep_last, t.tune_at_end, t.early_stopping = True, False, None
+    t.quantize_at_end = False  # judged on its own training tiles, int8 would say little: predict makes one at first use
     t.freeze_all_norms = True  # batch statistics of crops of a few tiles would replace the learnt ones
     log.info("few-label schedule: %d tiles (<= train.few_tiles %d) and no --val-data: all of them train, %d steps at lr "
              "%g, best.pt = the last weights, the init's post-processing kept; the validation line scores the training "
