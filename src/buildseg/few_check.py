@@ -13,8 +13,10 @@ cross-fit):
 
 The fine-tune is kept when its mean Dice gain over the two held-out halves is positive;
 otherwise ``best.pt`` gets the init's weights and post-processing (the fine-tuned weights stay
-in ``last.pt``) and the end-of-run line says so. A part with no building in its truth and none
-predicted is not scored; with no scored part the init is kept (no evidence for a change).
+in ``last.pt``) and the end-of-run line says so. A part with no building in its truth is
+scored 1 for the model that predicts none there (the competition drops such an image, but the
+other model's false buildings are errors); when both predict none it is not scored, and with
+no scored part the init is kept (no evidence for a change).
 
 The check costs two more few-label trainings (``train.few_check``, ``--no-few-check`` skips
 it). Its result is ``RUN/few_check.json``; each half-run keeps only its ``score.json``, so a
@@ -28,6 +30,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -50,8 +53,8 @@ HALF_CHANNELS = (1, 3, 4)  # a half tile is written as PNG: gray, RGB or RGBA
 class FoldScore:
     """The init and the half-run's fine-tune on one held-out part (competition Dice)."""
 
-    base: float | None  # None: nothing scored (no building in truth or prediction)
-    tuned: float | None
+    base: float | None  # None: neither scored anything (no building in the truth, none predicted)
+    tuned: float | None  # one model that predicts nothing on building-free truth, the other something: 1.0 and < 1
     held_out: list[str] = field(default_factory=list)
 
 
@@ -71,7 +74,7 @@ class FewCheck:
 
     def line(self) -> str:
         """What the user reads at the end of ``buildseg train``."""
-        parts = ", ".join("-" if f.base is None else f"{f.base:.3f} -> {f.tuned:.3f}" for f in self.folds)
+        parts = ", ".join("-" if f.base is None or f.tuned is None else f"{f.base:.3f} -> {f.tuned:.3f}" for f in self.folds)
         verdict = ("the fine-tune is kept in best.pt" if self.accepted else
                    "best.pt holds the init's weights (the fine-tune is in last.pt)")
         gain = f"mean gain {np.mean(self.gains):+.3f}" if self.gains else "nothing to score"
@@ -81,8 +84,6 @@ class FewCheck:
 
 def check_applies(config: Config) -> bool:
     """The few-label schedule applies, the check is on, and this is a single process."""
-    import os
-
     if not config.train.few_check or int(os.environ.get("WORLD_SIZE", "1")) > 1 or config.data.labels:
         return False
     return few_label_applies(config, len(load_records(config.data.train, require_masks=True)))
@@ -159,8 +160,10 @@ def _fold(config: Config, *, train: list[Record], held: list[Record], folder: Pa
     sub.data.train, sub.data.manifest = str(_write_csv(train, folder / "labels.csv")), None
     sub.train.out, sub.train.tensorboard, sub.train.quantize_at_end = str(folder), False, False
     run_training(sub)
-    score = FoldScore(base=held_out_dice(base, held, config=sub), tuned=held_out_dice(folder / "best.pt", held, config=sub),
-                      held_out=[r.img_id for r in held])
+    scores = [held_out_dice(base, held, config=sub), held_out_dice(folder / "best.pt", held, config=sub)]
+    if scores.count(None) == 1:  # nothing scored: no building in truth or prediction, no error at all
+        scores = [1.0 if value is None else value for value in scores]
+    score = FoldScore(base=scores[0], tuned=scores[1], held_out=[r.img_id for r in held])
     for name in ("best.pt", "last.pt"):
         (folder / name).unlink(missing_ok=True)  # 100+ MB each; the score is what the check needs
     done.write_text(json.dumps(asdict(score)))
@@ -196,5 +199,4 @@ def keep_init(run_dir: Path, init: str) -> None:
     payload["model"] = origin["model"]
     if origin.get("postprocess") is not None:
         payload["postprocess"] = origin["postprocess"]
-    payload.pop("format", None), payload.pop("schema", None)
     save_atomic(payload, best)
