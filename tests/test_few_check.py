@@ -61,6 +61,9 @@ def test_the_verdict_needs_a_positive_mean_gain_on_scored_parts():
     assert not few_check.FewCheck("tiles", [fold(0.5, 0.52), fold(0.5, 0.4)]).accepted
     assert not few_check.FewCheck("tiles", [fold(None, None), fold(None, None)]).accepted  # no evidence: keep the init
     assert few_check.FewCheck("tiles", [fold(None, None), fold(0.2, 0.3)]).gains == pytest.approx([0.1])
+    # building-free truth: drawing nothing there (None: not scored) beats drawing false buildings (0.0)
+    assert few_check.FewCheck("halves", [fold.of(0.0, None, held_out=[]), fold.of(0.5, 0.45, held_out=[])]).accepted
+    assert fold.of(None, None, held_out=[]).base is None
 
 
 def _few_csv(synth_data: Path, path: Path, n: int) -> Path:

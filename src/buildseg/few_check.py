@@ -57,6 +57,13 @@ class FoldScore:
     tuned: float | None  # one model that predicts nothing on building-free truth, the other something: 1.0 and < 1
     held_out: list[str] = field(default_factory=list)
 
+    @classmethod
+    def of(cls, base: float | None, tuned: float | None, *, held_out: list[str]) -> "FoldScore":
+        """Nothing scored (None) against a score: no building drawn on building-free truth, 1.0."""
+        if (base is None) != (tuned is None):
+            base, tuned = (1.0 if base is None else base), (1.0 if tuned is None else tuned)
+        return cls(base, tuned, held_out)
+
 
 @dataclass
 class FewCheck:
@@ -160,10 +167,8 @@ def _fold(config: Config, *, train: list[Record], held: list[Record], folder: Pa
     sub.data.train, sub.data.manifest = str(_write_csv(train, folder / "labels.csv")), None
     sub.train.out, sub.train.tensorboard, sub.train.quantize_at_end = str(folder), False, False
     run_training(sub)
-    scores = [held_out_dice(base, held, config=sub), held_out_dice(folder / "best.pt", held, config=sub)]
-    if scores.count(None) == 1:  # nothing scored: no building in truth or prediction, no error at all
-        scores = [1.0 if value is None else value for value in scores]
-    score = FoldScore(base=scores[0], tuned=scores[1], held_out=[r.img_id for r in held])
+    score = FoldScore.of(held_out_dice(base, held, config=sub), held_out_dice(folder / "best.pt", held, config=sub),
+                         held_out=[r.img_id for r in held])
     for name in ("best.pt", "last.pt"):
         (folder / name).unlink(missing_ok=True)  # 100+ MB each; the score is what the check needs
     done.write_text(json.dumps(asdict(score)))
