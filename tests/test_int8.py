@@ -270,3 +270,15 @@ def test_first_use_int8_is_skipped_where_auto_does_not_measure(tmp_path, monkeyp
     first_int8.int8_at_first_use(ckpt, nothing, engine="torch", device="cpu")
     monkeypatch.setenv("WORLD_SIZE", "2")
     first_int8.int8_at_first_use(ckpt, nothing, engine="openvino", device="cpu")
+
+
+def test_a_failing_first_use_calibration_does_not_stop_prediction(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("BUILDSEG_PRECISION_AUTO", "measure")
+    ckpt = write_tiny_checkpoint(tmp_path / "m.pt")
+
+    def broken(path):
+        raise RuntimeError("NNCF could not quantize this graph")
+
+    first_int8.int8_at_first_use(ckpt, broken, engine="openvino", device="cpu")
+    assert "int8 at first use failed (RuntimeError: NNCF could not quantize this graph)" in caplog.text
+    assert not (tmp_path / "int8").exists()

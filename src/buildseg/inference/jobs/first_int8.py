@@ -100,7 +100,12 @@ def int8_at_first_use(checkpoint: str | Path, sample: Sampler, *, engine: str, d
             continue
         log.info("precision auto: %s has no int8 model yet; calibrating one on up to %d tiles of the input, judged by "
                  "agreement with fp32 (no labels; once per machine)", path.name, FIRST_USE_TILES)
-        verdict = calibrate_on_images(path, sample(path))
+        try:
+            verdict = calibrate_on_images(path, sample(path))
+        except Exception as exc:  # noqa: BLE001 - optional speed-up: prediction goes on without it (and reports bad input itself)
+            log.warning("int8 at first use failed (%s: %s); predicting without it", type(exc).__name__,
+                        (str(exc).strip().splitlines() or [""])[0][:200])
+            continue
         if verdict is not None:
             log.info("int8 model %s (%.0f s): agreement with fp32's masks %s, %s", "accepted" if verdict.accepted else
                      "refused", verdict.seconds, "-" if verdict.dice_int8 is None else f"{verdict.dice_int8:.4f}",
