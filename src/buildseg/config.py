@@ -27,7 +27,7 @@ from buildseg.models.card import CARD_ONLY, ModelCard
 from buildseg.runtime.precisions import PRECISIONS
 from buildseg.schema import SCHEMA_VERSION, upgrade_config
 from buildseg.settings.models import OBJECTIVES
-from buildseg.settings.predict import MAX_CONNECTIONS
+from buildseg.settings.predict import MAX_CONNECTIONS, MAX_TILES
 from buildseg.settings.train import AUGMENTATIONS, SOURCE_BALANCES
 
 
@@ -65,6 +65,7 @@ class DataConfig:
     tms: bool = False  # XYZ template in TMS row order (same as {-y})
     tile_cache: str | None = None  # GDAL's tile cache (default ~/.cache/buildseg/tiles)
     max_connections: int = MAX_CONNECTIONS  # concurrent tile requests
+    max_tiles: int = MAX_TILES  # the most 256 px tiles the AOI's window may cover (checked before any file or request)
 
 
 def _model_config_fields() -> list[tuple[str, str, Any]]:
@@ -201,6 +202,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data.max_nodata": _between(0.0, 1.0),
     "data.zoom": ((lambda v: 0 <= v <= 23), "a zoom level 0..23"),
     "data.max_connections": ((lambda v: 1 <= v <= 32), "1..32 concurrent requests"),
+    "data.max_tiles": ((lambda v: v >= 1), ">= 1 tiles"),
     "model.arch": ((lambda v: v in ("unet", "seed_unet") or v.startswith("smp.")), "unet, seed_unet or smp.<Name>"),
     "model.in_chans": _at_least(1),
     "model.style_mix": _between(0.0, 1.0, closed_high=True),

@@ -91,7 +91,8 @@ class FewCheck:
 
 def check_applies(config: Config) -> bool:
     """The few-label schedule applies, the check is on, and this is a single process."""
-    if not config.train.few_check or int(os.environ.get("WORLD_SIZE", "1")) > 1 or config.data.labels:
+    if (not config.train.init or not config.train.few_check or int(os.environ.get("WORLD_SIZE", "1")) > 1
+            or config.data.labels):
         return False
     return few_label_applies(config, len(load_records(config.data.train, require_masks=True)))
 

@@ -110,6 +110,23 @@ def config_from_args(args) -> Config:
     return apply_overrides(base, overrides, {k: flag_name(k) for k in overrides if k != "loss"})
 
 
+def check_training_inputs(config: Config) -> None:
+    """What ``train`` can refuse without reading the data or writing into ``--out``: an imagery
+    service without its ``--labels``/``--aoi``, and an ``--init`` that is missing, has no
+    checkpoint, or is another network, other bands or targets than this run's (checked on a copy
+    of the config: the run applies it itself)."""
+    import copy
+
+    from buildseg.training.init import apply_init
+    from buildseg.training.setup import check_bands_config, check_service_input
+
+    check_service_input(config)
+    if config.train.init:
+        trial = copy.deepcopy(config)
+        check_bands_config(trial)
+        apply_init(trial)
+
+
 def train_and_tune(config: Config, resume: str | Path | None = None):
     """(TrainResult, Finished); tuning and int8 run on rank 0 only, tuning first (the
     int8 verdict judges the tuned post-processing). A few-label fine-tune is checked first
@@ -117,6 +134,8 @@ def train_and_tune(config: Config, resume: str | Path | None = None):
     from buildseg.few_check import check_applies, keep_init, run_check
     from buildseg.training.loop import train
 
+    if resume is None:
+        check_training_inputs(config)  # a refused --init or service area before the few-label check writes
     check = run_check(config) if check_applies(config) else None
     result = train(config, resume=resume)
     finished = Finished(few_check=check)

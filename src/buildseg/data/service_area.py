@@ -28,7 +28,7 @@ from buildseg.errors import BuildsegError
 from buildseg.formats import tile_services
 from buildseg.formats.tile_services import public_url
 from buildseg.runtime import user_cache_dir
-from buildseg.settings.predict import MAX_CONNECTIONS
+from buildseg.settings.predict import MAX_CONNECTIONS, MAX_TILES
 
 log = logging.getLogger("buildseg")
 
@@ -46,11 +46,13 @@ class ServiceOptions:
     tms: bool = False
     tile_cache: str | None = None
     max_connections: int = MAX_CONNECTIONS
+    max_tiles: int = MAX_TILES
+    allow_gaps: bool = False  # predict's --allow-gaps: tiles the service lacks are gaps, also when probed
 
     @classmethod
     def of(cls, settings) -> "ServiceOptions":
         """From any settings object with these names (predict's and adapt's flags, train's data section)."""
-        return cls(**{name: getattr(settings, name) for name in cls.__dataclass_fields__})
+        return cls(**{name: getattr(settings, name) for name in cls.__dataclass_fields__ if hasattr(settings, name)})
 
 
 @dataclass(frozen=True)
@@ -101,11 +103,51 @@ def _description(data: str, options: ServiceOptions, *, gsd: float, latitude: fl
     return tile_services.service_xml(data, zoom=zoom, tms=options.tms, **polite), zoom
 
 
+def check_size(window: tuple[int, int, int, int], *, aoi_path, zoom: int, ground: float, most: int) -> None:
+    """An AOI whose window covers more than ``most`` 256 px tiles is one line with what would
+    fit (a smaller area, a coarser zoom, or ``--max-tiles``), before any file or request."""
+    tile = tile_services.TILE
+    tiles = math.ceil(window[2] / tile) * math.ceil(window[3] / tile)
+    if tiles <= most:
+        return
+    coarser = zoom - math.ceil(math.log(tiles / most, 4))
+    fits_km2 = most * (tile * ground) ** 2 / 1e6
+    raise BuildsegError(f"--aoi {aoi_path} covers {tiles:,} tiles ({window[2] * window[3] / 1e9:,.1f} Gpx) at zoom {zoom} "
+                        f"({ground:.2f} m per pixel), more than --max-tiles {most:,}: map a smaller area (about "
+                        f"{fits_km2:,.0f} km2 fit at this zoom), choose --zoom {max(0, coarser)} "
+                        f"({ground * 2 ** (zoom - max(0, coarser)):.1f} m per pixel), or raise --max-tiles")
+
+
+def probe_points(area, window: tuple[int, int, int, int], transform, most: int = 5) -> list[tuple[int, int]]:
+    """Up to ``most`` XYZ tiles (x, y from the north) over the AOI to probe: a point inside it,
+    then the centres of the window's quarters that the AOI touches."""
+    from shapely.geometry import Point
+
+    col, row, width, height = window
+    inverse = ~transform
+    points = [area.representative_point()]
+    for fy in (0.25, 0.75):
+        for fx in (0.25, 0.75):
+            points.append(Point(*(transform @ (col + fx * width, row + fy * height))))
+    tiles = []
+    for point in points:
+        if point is not points[0] and not area.buffer(tile_services.TILE * abs(transform.a)).contains(point):
+            continue
+        c, r = inverse @ (point.x, point.y)
+        key = (int(c) // tile_services.TILE, int(r) // tile_services.TILE)
+        if key not in tiles:
+            tiles.append(key)
+    return tiles[:most]
+
+
 def prepare_area(data: str, aoi_path: str | Path, folder: str | Path, *, gsd: float | None,
                  options: ServiceOptions = ServiceOptions()) -> ServiceArea:
     """Check the service and the AOI, then write the area's files into ``folder``."""
     from affine import Affine
 
+    if options.tile_cache and Path(options.tile_cache).exists() and not Path(options.tile_cache).is_dir():
+        raise BuildsegError(f"--tile-cache {options.tile_cache} is a file; GDAL's tile cache is a folder: name a folder "
+                            "(it is created when missing)")
     aoi = read_aoi(aoi_path)
     latitude = float(aoi.to_crs("EPSG:4326").union_all().centroid.y)
     gsd = gsd or DEFAULT_GSD
@@ -122,8 +164,12 @@ def prepare_area(data: str, aoi_path: str | Path, folder: str | Path, *, gsd: fl
         raise BuildsegError(f"--aoi {aoi_path} lies outside the service's extent ({crs}): check the AOI's CRS and "
                             "coordinates")
     ground = tile_services.ground_size(abs(transform.a), crs, latitude)
+    check_size(window, aoi_path=aoi_path, zoom=zoom, ground=ground, most=options.max_tiles)
     log.info("%s service at zoom %d: %.2f m per pixel at latitude %.2f (for %g m); %d x %d px",
              tile_services.service_kind(data), zoom, ground, latitude, gsd, window[2], window[3])
+    if tile_services.service_kind(data) == "xyz":
+        tile_services.probe_tiles(data, zoom=zoom, tiles=probe_points(area, window, transform), tms=options.tms,
+                                  allow_gaps=options.allow_gaps)
     folder = Path(folder).resolve()
     folder.mkdir(parents=True, exist_ok=True)
     _write_if_changed(folder / "service.xml", description)

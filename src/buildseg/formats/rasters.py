@@ -230,12 +230,17 @@ def _read_by_blocks(src, bands: list[int], window, shape: tuple[int, int, int],
 def _read_error(name: str, exc: Exception, where: str, attempts: int | None) -> BuildsegError:
     """The one line for a read that failed: a service's tile and its URL, a remote file after
     ``attempts`` tries, or a damaged local file."""
-    from buildseg.formats.tile_services import failed_tile
+    from buildseg.formats.tile_services import failed_tile, service_url_of
 
     tile = failed_tile(name, _chain(exc))
     if tile:
         return BuildsegError(f"{tile} failed after GDAL's retries; run again later (finished pieces are kept), or add "
                              "--allow-gaps to predict around it and record it")
+    service = service_url_of(name)
+    if service:
+        return BuildsegError(f"the tile service {service} sent something that is not a readable image near grid pixels "
+                             f"{where} of the area ({_short(exc)}); check the URL template, or add --allow-gaps to "
+                             "predict around such tiles")
     if attempts is not None:
         return BuildsegError(f"cannot read {name} at grid pixels {where} after {attempts} tries: {_short(exc)}; check "
                              "the network and the URL, then run again")

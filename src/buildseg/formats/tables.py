@@ -65,7 +65,8 @@ def load_records(source: str | os.PathLike, require_masks: bool = False, masks: 
     only; a ``mask_rle`` column or ``masks/`` folder is not looked at (``buildseg adapt``)."""
     path = Path(source)
     if not path.exists():
-        raise BuildsegError(f"data not found: {path} (give a competition CSV or a folder with images/ and masks/)")
+        raise BuildsegError(f"data not found: {source} (give a competition CSV or a folder with images/ and masks/"
+                            f"{'; an imagery service URL needs --aoi FILE and, to train, --labels FILE' if '://' in str(source) else ''})")
     records = _read_folder(path, masks) if path.is_dir() else _read_csv(path, masks)
     if require_masks:
         missing = [r.img_id for r in records if not r.has_mask]

@@ -216,6 +216,80 @@ def public_url(template: str) -> str:
     return re.sub(r"([?&](?:key|token|access_token|apikey|api_key)=)[^&]*", r"\1***", url, flags=re.I)
 
 
+def service_url_of(raster: str | Path) -> str | None:
+    """The service (without credentials) behind an area's VRT (``service.xml`` beside it); None
+    for any other raster."""
+    service = Path(str(raster)).with_name("service.xml")
+    if not service.is_file():
+        return None
+    url = re.search(r"<(?:ServerUrl|GetCapabilitiesUrl)>(.*?)</", service.read_text())
+    return public_url(unescape(url.group(1))).replace("${", "{") if url else "the service"
+
+
+IMAGE_MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"II*\x00", b"MM\x00*", b"RIFF")  # PNG, JPEG, GIF, TIFF, WebP
+ABSENT_CODES = (204, 404)  # a tile the service does not have (GDAL: an empty block with 204, an error with 404)
+PROBE_BYTES = 48  # what an error shows of a body that is not an image
+
+
+def tile_url(template: str, *, zoom: int, x: int, y: int, tms: bool = False) -> str:
+    """The URL of tile ``zoom/x/y`` (``y`` counted from the north) of an XYZ/TMS template."""
+    row = 2**zoom - 1 - y if tms or "{-y}" in template else y
+    return template.replace("{z}", str(zoom)).replace("{x}", str(x)).replace("{-y}", str(row)).replace("{y}", str(row))
+
+
+def fetch_tile(url: str, *, timeout: float = TIMEOUT_S) -> tuple[int, str, bytes]:
+    """(HTTP status, content type, the body's first bytes) of one tile request, with buildseg's
+    user agent and the URL's own credentials; status 0 when the host did not answer."""
+    import base64
+    import urllib.error
+    import urllib.request
+    from urllib.parse import unquote, urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    headers = {"User-Agent": user_agent()}
+    if parts.username is not None:
+        token = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
+        headers["Authorization"] = "Basic " + base64.b64encode(token).decode()
+        url = urlunsplit(parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else "")))
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout) as response:
+            return response.status, response.headers.get("Content-Type", ""), response.read(4096)
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers.get("Content-Type", "") if exc.headers else "", b""
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        return 0, "", str(getattr(exc, "reason", exc)).encode()
+
+
+def probe_tiles(template: str, *, zoom: int, tiles: list[tuple[int, int]], tms: bool = False,
+                allow_gaps: bool = False) -> None:
+    """Fetch a few of the area's tiles before anything is written: a service that answers with
+    something that is not an image (an HTML error page, a JSON message), answers none of them,
+    or is not there at all is one line naming a tile's URL and what came back, instead of a
+    read error deep in the run. With ``allow_gaps``, tiles the service lacks (404, 204) pass."""
+    answers = []
+    for x, y in tiles:
+        url = tile_url(template, zoom=zoom, x=x, y=y, tms=tms)
+        status, kind, body = fetch_tile(url)
+        if status == 200 and body.startswith(IMAGE_MAGIC):
+            return
+        shown = public_url(url)
+        if status == 200:
+            first = body[:PROBE_BYTES].decode("utf-8", "replace").replace("\n", " ").strip()
+            raise BuildsegError(f"tile {zoom}/{x}/{y} is not an image: {shown} answered {kind or 'no content type'} "
+                                f"starting {first!r}; check the URL template (a tile URL must return PNG/JPEG "
+                                "images) and the service's key")
+        answers.append((status, shown, body))
+    status, shown, body = answers[0]
+    if status == 0:
+        raise BuildsegError(f"the tile service did not answer: {shown} ({body.decode('utf-8', 'replace')[:120]}); "
+                            "check the host and the network")
+    if allow_gaps and all(code in ABSENT_CODES for code, _, _ in answers):
+        return
+    codes = ", ".join(sorted({str(code) for code, _, _ in answers}))
+    raise BuildsegError(f"none of the {len(answers)} tiles tried over the AOI came back as an image (HTTP {codes}; "
+                        f"e.g. {shown}): check the URL template, --zoom and that the service covers the AOI")
+
+
 def failed_tile(raster: str | Path, detail: str) -> str | None:
     """``"tile z/x/y (HTTP 500): URL"`` when ``detail`` (GDAL's messages) says that a tile of
     the service behind ``raster`` (an area's VRT beside its ``service.xml``) failed to

@@ -70,11 +70,27 @@ def read_area(path: str | Path, *, flag: str, what: str, layer: str | None = Non
     frame = read_vector(path, flag=flag, layer=layer, layer_flag=f"{flag}-layer")
     if frame.crs is None:
         raise BuildsegError(f"{flag} {path} has no CRS: set one (e.g. ogr2ogr -a_srs EPSG:4326)")
-    frame = frame[frame.geometry.notna() & frame.geom_type.isin(["Polygon", "MultiPolygon"])]
-    if frame.empty and not allow_empty:
-        raise BuildsegError(f"{flag} {path} holds no polygon: give {what} as one or more polygons")
+    check_coordinates(frame, path=path, flag=flag)
+    present = frame[frame.geometry.notna() & ~frame.geometry.is_empty]
+    frame = present[present.geom_type.isin(["Polygon", "MultiPolygon"])]
+    if frame.empty and not (allow_empty and present.empty):  # an empty file may mean "nothing mapped"; lines never do
+        kinds = ", ".join(sorted(set(present.geom_type))) or "no geometries"
+        raise BuildsegError(f"{flag} {path} holds no polygon (found {kinds}): give {what} as one or more polygons")
     frame = frame.set_geometry(frame.geometry.make_valid())
     return frame[["geometry"]].reset_index(drop=True)
+
+
+def check_coordinates(frame, *, path: str | Path, flag: str) -> None:
+    """Coordinates that cannot be in the file's geographic CRS (a GeoJSON holds EPSG:4326 unless
+    it says otherwise, so projected metres without a ``crs`` member arrive as "degrees") are one
+    line asking for the CRS, not a math error deep in a zoom or reprojection."""
+    if frame.empty or not frame.crs.is_geographic:
+        return
+    x0, y0, x1, y1 = (float(v) for v in frame.total_bounds)
+    if not all(np.isfinite([x0, y0, x1, y1])) or x0 < -180.5 or x1 > 360.5 or y0 < -90.5 or y1 > 90.5:
+        raise BuildsegError(f"{flag} {path}: the coordinates are not longitude/latitude (x {x0:.6g} to {x1:.6g}, y "
+                            f"{y0:.6g} to {y1:.6g}) but the file's CRS is {frame.crs.to_string()}: declare the CRS the "
+                            "coordinates are in (e.g. ogr2ogr -a_srs EPSG:32633 fixed.gpkg in.geojson)")
 
 
 def _polygonal(geometries: np.ndarray) -> np.ndarray:
@@ -108,6 +124,8 @@ def read_footprints(paths: Sequence[str | Path], layer: str | None = None, allow
     for raw in paths:
         path = Path(raw)
         frame = read_vector(path, flag="labels", layer=layer, layer_flag="--labels-layer")
+        if frame.crs is not None:
+            check_coordinates(frame, path=path, flag="--labels")
         if crs is None:
             crs = frame.crs
         elif frame.crs is not None and frame.crs != crs:

@@ -12,11 +12,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from buildseg.outputs import FILE, FOLDER, check_outputs
 from buildseg.settings.inference import LAYER_FORMATS
 from buildseg.settings.predict import GEOTIFF, SCENES, SERVICE, TILES, PredictSettings
+
+if TYPE_CHECKING:
+    from buildseg.inference.core.segmenter import Segmenter
 
 
 @dataclass
@@ -149,14 +152,12 @@ def _scenes_on_ray(settings: PredictSettings, scenes) -> PredictOutcome:
 def _with_model(settings: PredictSettings, kind: str, *, scenes=None, records=None) -> PredictOutcome:
     """The jobs that load the model in this process (under torchrun: on every rank)."""
     from buildseg.distributed import cleanup, init_distributed
-    from buildseg.inference.core.segmenter import Segmenter
 
     dist = init_distributed(settings.device)
     device = str(dist.device) if dist.device.type == "cuda" else settings.device  # each rank on its LOCAL_RANK GPU
-    if settings.precision == "auto":
-        _int8_at_first_use(settings, records=records, location=scenes[0].location if scenes else settings.data)
     try:
-        segmenter = Segmenter.from_checkpoint(settings.checkpoint, **{**settings.segmenter_options(), "device": device})
+        segmenter = _segmenter_for_job(settings, {**settings.segmenter_options(), "device": device}, kind=kind,
+                                       records=records, scenes=scenes)
         outcome = PredictOutcome(kind, is_main=dist.is_main, engine=segmenter.engine, precision=segmenter.precision,
                                  device_type=segmenter.device.type)
         if kind == SCENES:
@@ -177,20 +178,35 @@ def _with_model(settings: PredictSettings, kind: str, *, scenes=None, records=No
     return outcome
 
 
-def _int8_at_first_use(settings: PredictSettings, *, records, location: str) -> None:
-    """A model with no int8 model gets one from the input's own tiles (``jobs/first_int8.py``):
-    the tiles of a CSV or folder, else windows of the (first) scene."""
-    from buildseg.inference.jobs.first_int8 import FIRST_USE_TILES, int8_at_first_use, tile_sampler
+def _segmenter_for_job(settings: PredictSettings, options: dict, *, kind: str, records, scenes) -> Segmenter:
+    """The model with the one-off optimisations (ONNX export, int8 at first use) this job's
+    size pays for (``jobs/first_use.py``). Calibration tiles: the tiles of a CSV or folder,
+    else windows of the (first) scene."""
+    from buildseg.inference.core.checkpoint_info import CheckpointInfo
+    from buildseg.inference.jobs import job_size
+    from buildseg.inference.jobs.first_int8 import FIRST_USE_TILES, tile_sampler
+    from buildseg.inference.jobs.first_use import segmenter_for_job
+    from buildseg.inference.jobs.geotiff import plan_scene, sample_windows
+
+    location = scenes[0].location if scenes else settings.data
+
+    def plan(where: str):
+        info = CheckpointInfo.read(settings.checkpoint)
+        return plan_scene(info, where, geotiff_settings(settings, info.input))
+
+    def job_tiles() -> float:
+        if records is not None:
+            return job_size.records_tiles(records)
+        if scenes is not None:
+            return job_size.scenes_tiles(scenes, lambda scene: plan(scene.location).grid)
+        grid = plan(location).grid
+        return job_size.tiles_of_pixels(grid.height * grid.width)
 
     def scene_sampler(checkpoint: Path) -> list:
-        from buildseg.inference.core.checkpoint_info import CheckpointInfo
-        from buildseg.inference.jobs.geotiff import plan_scene, sample_windows
+        return sample_windows(plan(location), FIRST_USE_TILES)
 
-        info = CheckpointInfo.read(checkpoint)
-        return sample_windows(plan_scene(info, location, geotiff_settings(settings, info.input)), FIRST_USE_TILES)
-
-    sample = tile_sampler(records) if records is not None else scene_sampler
-    int8_at_first_use(settings.checkpoint, sample, engine=settings.engine, device=settings.device)
+    return segmenter_for_job(settings.checkpoint, options, job_tiles=job_tiles,
+                             sample=tile_sampler(records) if records is not None else scene_sampler)
 
 
 def _tiles(settings: PredictSettings, segmenter, records, dist):

@@ -168,14 +168,18 @@ class Settings:
         if "model" not in names or "checkpoint" not in names:
             return
         model, checkpoint = self.model, self.checkpoint
-        if model and checkpoint:
-            raise BuildsegError("give --checkpoint or --model, not both (--model names a packaged model)")
         if model:
             from buildseg.runtime.packaged import find
 
             find(model)  # an unknown name fails here, before any data is read
             spec = PACKAGED_PREFIX + model
-            object.__setattr__(self, "checkpoint", [spec] if "list" in str(names["checkpoint"].type) else spec)
+            resolved = [spec] if "list" in str(names["checkpoint"].type) else spec
+            # A copy of resolved settings (dataclasses.replace, a job's own settings) carries both
+            # fields; it is the same choice, so resolving is idempotent. Only a user's --checkpoint
+            # beside --model is two choices.
+            if checkpoint and checkpoint != resolved:
+                raise BuildsegError("give --checkpoint or --model, not both (--model names a packaged model)")
+            object.__setattr__(self, "checkpoint", resolved)
         elif not checkpoint and self.CHECKPOINT_REQUIRED:
             raise BuildsegError(f"{self.COMMAND} needs --checkpoint (a .pt or run folder) or --model NAME "
                                 "(a packaged model: `buildseg models` lists them)")

@@ -20,6 +20,7 @@ from buildseg.settings.inference import (
 
 TILES, GEOTIFF, SCENES, SERVICE = "tiles", "geotiff", "scenes", "service"  # the kinds of --data
 MAX_CONNECTIONS = 2  # a tile service's concurrent requests: modest, a shared service is not ours
+MAX_TILES = 100_000  # a tile service's AOI window: 6.6 Gpx, about 1,600 km2 at 0.5 m (hours on a CPU); more by --max-tiles
 PIECE_MEGAPIXELS = 16.0  # a tile service's AOI: pieces of about 4096 x 4096 px, each one scene of the run
 RUNNERS = ("local", "ray")
 MATCH_IOU = 0.3  # --existing: one building in both layers (outlines from imagery and from mappers rarely agree closer)
@@ -61,6 +62,9 @@ class ServiceSettings(Settings):
     tms: bool = setting(False, "tile service: TMS row order (rows counted from the south; same as {-y})")
     tile_cache: str | None = setting(None, "tile service: GDAL's tile cache folder (default: under the user cache)")
     max_connections: int = setting(MAX_CONNECTIONS, "tile service: concurrent tile requests", low=1, high=32)
+    max_tiles: int = setting(MAX_TILES, "tile service: the most 256 px tiles the AOI's window may cover at the zoom "
+                             "(checked before any file is written or tile fetched); raise it for a larger area",
+                             low=1, metavar="N")
 
 
 @dataclass(frozen=True)
@@ -194,8 +198,8 @@ class PredictSettings(EngineSettings, ServiceSettings):
             if not Path(self.aoi).exists():
                 raise BuildsegError(f"--aoi {self.aoi} not found (any vector file of the area to map)")
         elif (self.aoi or self.zoom is not None or self.tms or self.tile_cache or self.allow_gaps or self.layer
-              or self.piece_megapixels != PIECE_MEGAPIXELS):
-            raise BuildsegError(f"--aoi, --zoom, --layer, --tms, --tile-cache, --allow-gaps and --piece-megapixels apply to "
+              or self.piece_megapixels != PIECE_MEGAPIXELS or self.max_tiles != MAX_TILES):
+            raise BuildsegError(f"--aoi, --zoom, --layer, --tms, --tile-cache, --allow-gaps, --max-tiles and --piece-megapixels apply to "
                                 f"a tile service URL template (https://host/{{z}}/{{x}}/{{y}}.png), a WMTS or a WMS; "
                                 f"--data {self.data} is not one")
         if self.existing and (kind == TILES or (kind == GEOTIFF and not (self.footprints or self.geojson))):

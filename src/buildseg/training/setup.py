@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import platform
+import shutil
 import subprocess
 import sys
 from dataclasses import asdict, dataclass
@@ -66,9 +67,9 @@ def check_bands_config(config: Config) -> None:
     log.info("in_chans = %d (from --bands %s)", len(bands), ",".join(map(str, bands)))
 
 
-def service_scene(config: Config) -> str | None:
-    """With ``--data`` an imagery service: the AOI's VRT of it (``data/service_area.py``,
-    written under ``OUT/service/``), read like a GeoTIFF scene; None otherwise."""
+def check_service_input(config: Config) -> bool:
+    """True when ``--data`` is an imagery service, after checking that its flags come with it
+    (no file read, nothing written)."""
     from buildseg.formats.tile_services import service_kind
 
     d = config.data
@@ -76,10 +77,19 @@ def service_scene(config: Config) -> str | None:
         if d.aoi:
             raise BuildsegError(f"--aoi applies to an imagery service (--data https://host/{{z}}/{{x}}/{{y}}.png, a WMTS "
                                 f"or a WMS); --data {d.train} is not one")
-        return None
+        return False
     if not d.labels or not d.aoi:
         raise BuildsegError(f"--data {d.train} is an imagery service: give the buildings to learn with --labels FILE "
                             "(e.g. OpenStreetMap buildings of the area) and the area with --aoi FILE")
+    return True
+
+
+def service_scene(config: Config) -> str | None:
+    """With ``--data`` an imagery service: the AOI's VRT of it (``data/service_area.py``,
+    written under ``OUT/service/``), read like a GeoTIFF scene; None otherwise."""
+    d = config.data
+    if not check_service_input(config):
+        return None
     from buildseg.data.service_area import ServiceOptions, prepare_area
 
     return str(prepare_area(d.train, d.aoi, Path(config.train.out) / "service", gsd=d.gsd,
@@ -89,13 +99,19 @@ def service_scene(config: Config) -> str | None:
 def _datasets(config: Config, dist: DistInfo):
     """(train_set, val_set, description): GeoTIFF scenes + footprints, or the competition records."""
     d, t = config.data, config.train
+    fresh = not Path(t.out).exists()
     scenes = service_scene(config) or d.train
     if d.labels:
         from buildseg.data.geo import GeoGridDataset, GeoWindowDataset, prepare_geo_data
 
         bands = input_bands(config)
-        geo = prepare_geo_data(scenes, d.labels, bands, d.gsd, d.labels_layer, d.val, d.val_region, d.val_fraction,
-                               d.val_tile, t.seed)
+        try:
+            geo = prepare_geo_data(scenes, d.labels, bands, d.gsd, d.labels_layer, d.val, d.val_region, d.val_fraction,
+                                   d.val_tile, t.seed)
+        except BuildsegError:
+            if fresh and scenes != d.train and dist.is_main:  # labels elsewhere: the area's files go with the refusal
+                shutil.rmtree(t.out, ignore_errors=True)
+            raise
         train_set = GeoWindowDataset(geo.scenes, bands, crop_size=d.crop_size,
                                      samples_per_epoch=d.crops_per_image * len(geo.scenes), augment=d.augment,
                                      seed=t.seed, positive_fraction=d.positive_fraction, max_nodata=d.max_nodata,

@@ -22,6 +22,7 @@ import hashlib
 import logging
 import os
 import platform
+import time
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -108,9 +109,18 @@ def cached_onnx(model: SegmentationModel, folder: Path) -> Path:
             log.info("engine cache: reusing %s", path)
             return path
         log.info("engine cache: exporting the model to %s (once per checkpoint)", path)
+        started = time.perf_counter()
         with atomic_path(path, scratch=(".data",)) as tmp:
             export_model_onnx(model.to("cpu").float().to(memory_format=torch.contiguous_format), tmp)
+        from buildseg.inference.core.payoff import record_cost
+
+        record_cost(cache_folder(None), "onnx_export", time.perf_counter() - started)  # what the next decision weighs
     return path
+
+
+def onnx_cached(model: SegmentationModel, checkpoint: Path | None) -> bool:
+    """The model's ONNX graph is in its engine cache already (OpenVINO costs no export)."""
+    return (cache_folder(checkpoint) / f"{model_key(model)}.onnx").is_file()
 
 
 class _PadSmall:

@@ -86,10 +86,25 @@ def time_engine(run: Callable[[torch.Tensor], torch.Tensor], in_chans: int) -> f
     return TIMING_BATCH / sorted(seconds)[len(seconds) // 2]
 
 
+def int8_drops(models: Sequence[SegmentationModel], checkpoints: Sequence[Path | None]) -> dict[str, float]:
+    """The Dice the int8 models lose against fp32 on their verdicts' tiles (the worst member)."""
+    drops = []
+    for model, checkpoint in zip(models, checkpoints):
+        verdict = engines.int8_verdict(model, checkpoint) or {}
+        if verdict.get("dice_int8") is not None and verdict.get("dice_fp32") is not None:
+            drops.append(float(verdict["dice_fp32"]) - float(verdict["dice_int8"]))
+    return {"int8": max(drops)} if drops else {}
+
+
 def measured_precision(engine: str, models: Sequence[SegmentationModel], checkpoints: Sequence[Path | None], *,
-                       build: Callable[[str], list], timer: Callable | None = None) -> tuple[str, str]:
+                       build: Callable[[str], list], timer: Callable | None = None,
+                       rates_out: dict | None = None) -> tuple[str, str]:
     """(precision, why): the fastest allowed candidate, measured once per machine and model
-    and cached. ``build(precision)`` returns one engine per model."""
+    and cached; a candidate that loses Dice against fp32 only where clearly faster
+    (``payoff.lossy_allowed``). ``build(precision)`` returns one engine per model;
+    ``rates_out`` receives the tiles/s measured per candidate."""
+    from buildseg.inference.core.payoff import lossy_allowed
+
     allowed, notes = candidates(engine, models, checkpoints)
     if len(allowed) == 1:
         return allowed[0], f"the only candidate: {notes}"
@@ -97,15 +112,21 @@ def measured_precision(engine: str, models: Sequence[SegmentationModel], checkpo
     key = choice_key(engine, models, allowed)
     cached = _read(path).get(key)
     if cached:
-        return cached["precision"], f"measured on this machine before ({_rates(cached['rates'])}; {path})"
-    timer = timer or time_engine
-    rates = {}
-    for precision in allowed:
-        runners = build(precision)
-        rates[precision] = min(timer(run, models[0].card.in_chans) for run in runners)
-    best = max(rates, key=rates.get)
-    _write(path, key, {"precision": best, "rates": rates})
-    return best, f"measured now: {_rates(rates)}; cached in {path}"
+        rates, source = cached["rates"], f"measured on this machine before ({_rates(cached['rates'])}; {path})"
+    else:
+        timer = timer or time_engine
+        rates = {}
+        for precision in allowed:
+            runners = build(precision)
+            rates[precision] = min(timer(run, models[0].card.in_chans) for run in runners)
+        source = f"measured now: {_rates(rates)}; cached in {path}"
+    usable, lossy = lossy_allowed(rates, int8_drops(models, checkpoints) if "int8" in rates else {})
+    best = max(usable, key=rates.get)
+    if not cached:
+        _write(path, key, {"precision": best, "rates": rates})
+    if rates_out is not None:
+        rates_out.update(rates)
+    return best, source + (f"; {lossy}" if lossy else "")
 
 
 def _rates(rates: dict) -> str:

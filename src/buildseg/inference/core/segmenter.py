@@ -117,6 +117,7 @@ class Segmenter:
         self.engine = resolve_engine(engine, self.device)
         paths = list(checkpoints) if checkpoints is not None else [None] * len(self.models)
         built: dict[str, list] = {}  # precision -> engines, built while measuring (reused, not rebuilt)
+        self.rates: dict[str, float] = {}  # precision auto: tiles/s measured per candidate (empty: not measured)
         if precision == "auto" and self.device.type == "cpu":
             self.precision, why = self._auto_precision(paths, built, threads=threads, engine_mode=engine_mode)
             log.info("precision auto: %s (%s)", self.precision, why)
@@ -169,7 +170,7 @@ class Segmenter:
             return built[precision]
 
         try:
-            return measured_precision(self.engine, self.models, paths, build=build)
+            return measured_precision(self.engine, self.models, paths, build=build, rates_out=self.rates)
         except Exception as exc:  # noqa: BLE001 - _build_runners reports a failing engine; the rule decides meanwhile
             built.clear()
             log.debug("precision auto: measuring failed (%s); the flag rule decides", exc)
@@ -215,6 +216,15 @@ class Segmenter:
         post, inputs = stored_settings(payloads, threshold=threshold, min_area=min_area)
         return cls(models, device=device, precision=precision, tta=tta, postprocess=post, checkpoints=paths, inputs=inputs,
                    **kwargs)
+
+    @classmethod
+    def from_model(cls, name: str = "buildings", **kwargs) -> "Segmenter":
+        """A packaged model by name (``buildseg models`` lists them), offline: the same as
+        ``--model NAME`` on the command line. ``kwargs`` are :meth:`from_checkpoint`'s."""
+        from buildseg.runtime.packaged import PACKAGED_PREFIX, find
+
+        find(name)  # an unknown name is one line naming the known ones
+        return cls.from_checkpoint(PACKAGED_PREFIX + name, **kwargs)
 
     @property
     def rules(self) -> MaskRules:

@@ -53,7 +53,8 @@ def fp32_masks(checkpoint: Path, images: Sequence[np.ndarray]) -> list[np.ndarra
     return masks
 
 
-def calibrate_on_images(checkpoint: Path, images: Sequence[np.ndarray]) -> Int8Verdict | None:
+def calibrate_on_images(checkpoint: Path, images: Sequence[np.ndarray], *,
+                        time_limit: float = FIRST_USE_SECONDS) -> Int8Verdict | None:
     """Calibrate on the even tiles, judge on the odd ones against fp32's masks (see the module)."""
     if len(images) < 4:
         return None
@@ -63,7 +64,7 @@ def calibrate_on_images(checkpoint: Path, images: Sequence[np.ndarray]) -> Int8V
         log.info("int8 not judged: fp32 finds no building in the %d sampled tiles (tried again next time)", len(judged))
         return None
     return calibrate_int8(checkpoint, calibration=list(images[0::2]), validation=validation, max_drop=AGREEMENT_DROP,
-                          time_limit=FIRST_USE_SECONDS, truth="fp32 masks")
+                          time_limit=time_limit, truth="fp32 masks")
 
 
 def tile_sampler(records: Sequence, *, tile: int = 224, n_tiles: int | None = None) -> Sampler:
@@ -83,30 +84,47 @@ def tile_sampler(records: Sequence, *, tile: int = 224, n_tiles: int | None = No
     return sample
 
 
-def int8_at_first_use(checkpoint: str | Path, sample: Sampler, *, engine: str, device: str) -> None:
-    """Each model of ``checkpoint`` with no int8 model and no verdict gets one (see the module).
-    Skipped where int8 cannot run or auto does not measure: another engine, a GPU, torchrun's
-    ranks, no ``cpu`` extra, ``BUILDSEG_PRECISION_AUTO=rule``."""
+def int8_at_first_use(checkpoint: str | Path, sample: Sampler, *, engine: str, device: str,
+                      time_limit: float = FIRST_USE_SECONDS) -> bool:
+    """Each model of ``checkpoint`` with no int8 model and no verdict gets one (see the module);
+    True when every model then has an accepted one. ``time_limit``: seconds per model (the
+    saving the job could make, ``first_use.py``). Skipped where int8 cannot run or auto does
+    not measure: another engine, a GPU, torchrun's ranks, no ``cpu`` extra,
+    ``BUILDSEG_PRECISION_AUTO=rule``."""
+    import time
+
+    from buildseg.inference.core.payoff import record_cost
     from buildseg.inference.core.segmenter import PRECISION_AUTO_ENV
     from buildseg.runtime.device import resolve_device
 
     if (engine not in ("auto", "openvino") or resolve_device(device).type != "cpu"
             or int(os.environ.get("WORLD_SIZE", "1")) > 1 or os.environ.get(PRECISION_AUTO_ENV, "measure") == "rule"
             or not (extras.installed("openvino") and extras.installed("nncf"))):
-        return
+        return False
+    accepted = True
     for path in checkpoint_paths(checkpoint):
         model, _ = load_model(path)
         if engines.int8_verdict(model, path) is not None:
+            accepted = accepted and bool(engines.int8_verdict(model, path).get("accepted"))
             continue
         log.info("precision auto: %s has no int8 model yet; calibrating one on up to %d tiles of the input, judged by "
-                 "agreement with fp32 (no labels; once per machine)", path.name, FIRST_USE_TILES)
+                 "agreement with fp32 (no labels; once per machine; at most %.0f s)", path.name, FIRST_USE_TILES,
+                 time_limit)
+        started = time.perf_counter()
         try:
-            verdict = calibrate_on_images(path, sample(path))
+            verdict = calibrate_on_images(path, sample(path), time_limit=time_limit)
         except Exception as exc:  # noqa: BLE001 - optional speed-up: prediction goes on without it (and reports bad input itself)
             log.warning("int8 at first use failed (%s: %s); predicting without it", type(exc).__name__,
                         (str(exc).strip().splitlines() or [""])[0][:200])
+            accepted = False
             continue
-        if verdict is not None:
-            log.info("int8 model %s (%.0f s): agreement with fp32's masks %s, %s", "accepted" if verdict.accepted else
-                     "refused", verdict.seconds, "-" if verdict.dice_int8 is None else f"{verdict.dice_int8:.4f}",
-                     verdict.reason)
+        if verdict is None:
+            accepted = False
+            continue
+        if not verdict.accuracy_control:  # a plain calibration's cost is what the next job's decision weighs
+            record_cost(engines.cache_folder(None), "int8_first_use", time.perf_counter() - started)
+        accepted = accepted and verdict.accepted
+        log.info("int8 model %s (%.0f s): agreement with fp32's masks %s, %s", "accepted" if verdict.accepted else
+                 "refused", verdict.seconds, "-" if verdict.dice_int8 is None else f"{verdict.dice_int8:.4f}",
+                 verdict.reason)
+    return accepted
