@@ -13,12 +13,12 @@ import torch
 from buildseg.cli import main
 from buildseg.formats.images import read_rgb
 from buildseg.formats.tables import load_records
-from buildseg.inference.core import engines
+from buildseg.inference.core import engines, payoff
 from buildseg.inference.core.segmenter import Segmenter
 from buildseg.inference.jobs import first_int8
 from buildseg.inference.jobs import quantize as quantize_mod
 from buildseg.runtime import device as device_rules
-from buildseg.runtime.checkpoint import save_atomic
+from buildseg.runtime.checkpoint import load_model, save_atomic
 from conftest import write_tiny_checkpoint
 
 pytest.importorskip("openvino")
@@ -215,6 +215,7 @@ def test_a_model_without_int8_gets_one_from_the_input_at_first_use_judged_agains
     monkeypatch.setattr(first_int8, "AGREEMENT_DROP", 0.5)  # plain int8 of a random model; accuracy control: above
     monkeypatch.setattr(precision_choice, "TIMING_SIZE", 64)
     monkeypatch.setattr(precision_choice, "TIMING_CALLS", 1)
+    monkeypatch.setattr(payoff, "projected_saving", lambda *a, **k: 1e6)  # a job large enough to repay both steps
     if kind == "tiles":
         data, first = synth_data / "test.csv", read_rgb(load_records(synth_data / "test.csv")[0].image_path)
         expected = 4  # 8 of the 12 test tiles, half and half
@@ -241,8 +242,51 @@ def test_a_model_without_int8_gets_one_from_the_input_at_first_use_judged_agains
     assert main([*args, "--out", str(tmp_path / f"b{suffix}")]) == 0
     assert len(calls) == 1, "calibrated again although a verdict exists"
     choice = json.loads((tmp_path / "run" / ".buildseg-engines" / "precision_choice.json").read_text())
-    rates = next(iter(choice.values()))["rates"]
-    assert ("int8" in rates) == verdict["accepted"] and "fp32" in rates
+    timed = [entry["rates"] for entry in choice.values()]  # before int8 existed, and after
+    assert any("int8" in rates for rates in timed) == verdict["accepted"] and all("fp32" in rates for rates in timed)
+
+
+@pytest.mark.slow
+def test_a_small_job_pays_for_no_export_and_no_calibration(synth_data, tmp_path, monkeypatch, caplog):
+    """12 tiles cannot repay an ONNX export or an int8 calibration: the first run predicts with
+    torch at its measured best precision, says why in one line, and leaves no graph, no int8
+    model and no verdict behind; the same job with a graph already cached skips only int8."""
+    import logging
+
+    from buildseg.inference.core import precision_choice
+
+    monkeypatch.setenv("BUILDSEG_PRECISION_AUTO", "measure")
+    monkeypatch.setenv("BUILDSEG_ENGINE_CACHE", str(tmp_path / "engines"))
+    monkeypatch.setattr(precision_choice, "TIMING_SIZE", 64)
+    monkeypatch.setattr(precision_choice, "TIMING_CALLS", 1)
+    first = read_rgb(load_records(synth_data / "test.csv")[0].image_path)
+    ckpt = _drawing_checkpoint(tmp_path / "run" / "best.pt", first)
+    args = ["predict", "--checkpoint", str(ckpt), "--data", str(synth_data / "test.csv"), "--no-progress"]
+    with caplog.at_level(logging.INFO, logger="buildseg"):
+        assert main([*args, "--out", str(tmp_path / "a.csv")]) == 0
+    assert "ONNX export for OpenVINO: this job (~12 tiles of 224 px)" in caplog.text and "not worth it" in caplog.text
+    assert not list((tmp_path / "engines").glob("*.onnx")) and not (tmp_path / "run" / "int8").exists()
+    model, _ = load_model(ckpt)
+    engines.cached_onnx(model, engines.cache_folder(ckpt))  # a graph from an earlier, larger job
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="buildseg"):
+        assert main([*args, "--out", str(tmp_path / "b.csv")]) == 0
+    assert "int8 calibration at first use: this job" in caplog.text and "not worth it" in caplog.text
+    assert not (tmp_path / "run" / "int8").exists()
+    assert payoff.measured_cost(tmp_path / "engines", "onnx_export") > 0  # the export's cost, for the next decision
+
+
+def test_the_payoff_rule_and_the_lossy_precision_rule():
+    """Saving = tiles x (1/now - 1/ceiling), never negative; a precision losing > 0.002 Dice
+    stays a candidate only at >= 1.3x the best lossless one."""
+    assert payoff.projected_saving(1000, rate_now=100, rate_ceiling=200) == pytest.approx(5.0)
+    assert payoff.projected_saving(1000, rate_now=200, rate_ceiling=100) == 0.0
+    assert payoff.decide("x", job_tiles=100, rate_now=100, rate_ceiling=300, cost_s=5).worth is False
+    assert payoff.decide("x", job_tiles=60000, rate_now=100, rate_ceiling=300, cost_s=5).worth is True
+    rates = {"fp32": 100.0, "bf16": 180.0, "int8": 200.0}
+    assert payoff.lossy_allowed(rates, {"int8": 0.017})[0] == {"fp32", "bf16"}  # 1.11x: not clearly faster
+    assert payoff.lossy_allowed(rates, {"int8": 0.001})[0] == {"fp32", "bf16", "int8"}  # lossless
+    assert payoff.lossy_allowed({**rates, "int8": 240.0}, {"int8": 0.017})[0] == {"fp32", "bf16", "int8"}  # 1.33x
 
 
 def test_scene_windows_for_calibration_are_read_as_the_blocks_are(tmp_path):

@@ -106,7 +106,7 @@ def measured_precision(engine: str, models: Sequence[SegmentationModel], checkpo
     from buildseg.inference.core.payoff import lossy_allowed
 
     allowed, notes = candidates(engine, models, checkpoints)
-    if len(allowed) == 1:
+    if len(allowed) == 1 and rates_out is None:
         return allowed[0], f"the only candidate: {notes}"
     path = engines.cache_folder(checkpoints[0] if checkpoints else None) / CHOICE_FILE
     key = choice_key(engine, models, allowed)
