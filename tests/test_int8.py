@@ -39,6 +39,10 @@ def _int8_beside_the_checkpoint(monkeypatch):
 
 @pytest.mark.slow
 def test_train_makes_an_accepted_int8_model_that_auto_uses_only_without_bf16(synth_data, tmp_path, monkeypatch, capsys):
+    from buildseg import pipeline
+
+    monkeypatch.setattr(pipeline, "INT8_SHARE", 1e6)  # a seconds-long test run stands for a long one here
+    monkeypatch.setattr(pipeline, "INT8_MIN_S", 0.0)
     run = tmp_path / "run"
     assert main(["train", "--data", str(synth_data / "train.csv"), "--out", str(run), *TINY]) == 0
     assert "int8 model (end of training" in capsys.readouterr().out
@@ -146,6 +150,19 @@ def test_quantize_falls_back_to_accuracy_control_when_int8_loses_too_much(tmp_pa
     int8 = Segmenter.from_checkpoint(ckpt, device="cpu", precision="int8", engine="openvino")
     image = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
     assert int8.probabilities(image).mean[0, 0].shape == (64, 64)
+
+
+def test_the_end_of_training_int8_step_is_left_out_of_a_short_run(trained_run, caplog):
+    """A quarter of a 40 s run is less than a calibration takes: no step, one line saying why
+    and what makes one later; the time cap is that quarter otherwise."""
+    import logging
+
+    from buildseg.config import Config
+    from buildseg.pipeline import quantize_best
+
+    with caplog.at_level(logging.INFO, logger="buildseg"):
+        assert quantize_best(Config(), trained_run, train_set=[1], val_set=[1], train_seconds=40.0) is None
+    assert "int8 at the end of training skipped: the run took 40 s" in caplog.text and "buildseg quantize" in caplog.text
 
 
 def test_a_run_without_the_cpu_extra_trains_and_predicts_as_before(trained_run, tmp_path, monkeypatch):

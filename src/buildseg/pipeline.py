@@ -15,6 +15,7 @@ Dice (after the tuned post-processing) stays within ``quantize.MAX_DROP`` of fp3
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,9 +47,15 @@ def tune_best(config: Config, run_dir: Path, val_set) -> TuneOutcome | None:
     return TuneOutcome(tuned.best, tuned.default.summary, after)
 
 
-def quantize_best(config: Config, run_dir: Path, train_set, val_set):
+INT8_SHARE = 0.25  # the end-of-training int8 step may take at most this share of the training's own time
+INT8_MIN_S = 15.0  # ... and is left to predict/quantize when that share is shorter (a plain calibration takes ~10 s)
+
+
+def quantize_best(config: Config, run_dir: Path, train_set, val_set, *, train_seconds: float | None = None):
     """The int8 model of ``run_dir/best.pt`` and its verdict (``quantize.Int8Verdict``), or
-    None when there is nothing to judge it on or the ``cpu`` extra is missing."""
+    None when there is nothing to judge it on, the ``cpu`` extra is missing, or the step would
+    not be cheap against the run: it gets at most :data:`INT8_SHARE` of ``train_seconds`` (and
+    ``train.quantize_time_limit``), so a 2-minute run is not made 5 minutes long by NNCF."""
     from buildseg import extras
     from buildseg.inference.jobs.quantize import CALIBRATION_TILES, VALIDATION_TILES, calibrate_int8, sample_images, sample_tiles
 
@@ -58,9 +65,17 @@ def quantize_best(config: Config, run_dir: Path, train_set, val_set):
     if not (extras.installed("openvino") and extras.installed("nncf")):
         log.info("int8 at the end of training skipped: it needs the cpu extra (pip install 'buildseg[cpu]')")
         return None
+    limit = config.train.quantize_time_limit * 60
+    if train_seconds is not None:
+        limit = min(limit, INT8_SHARE * train_seconds)
+        if limit < INT8_MIN_S:
+            log.info("int8 at the end of training skipped: the run took %.0f s and the step may take %.0f%% of it (%.0f s "
+                     "< %.0f s); `predict --precision auto` makes one when a job repays it, `buildseg quantize` now",
+                     train_seconds, 100 * INT8_SHARE, limit, INT8_MIN_S)
+            return None
     tiles = sample_tiles(val_set, VALIDATION_TILES, seed=config.train.seed)
     images = sample_images(train_set, CALIBRATION_TILES, side=config.data.val_tile, seed=config.train.seed)
-    return calibrate_int8(best, calibration=images, validation=tiles, time_limit=config.train.quantize_time_limit * 60)
+    return calibrate_int8(best, calibration=images, validation=tiles, time_limit=limit)
 
 
 @dataclass
@@ -137,12 +152,15 @@ def train_and_tune(config: Config, resume: str | Path | None = None):
     if resume is None:
         check_training_inputs(config)  # a refused --init or service area before the few-label check writes
     check = run_check(config) if check_applies(config) else None
+    started = time.monotonic()
     result = train(config, resume=resume)
+    train_seconds = time.monotonic() - started
     finished = Finished(few_check=check)
     if check is not None and not check.accepted and result.is_main:
         keep_init(result.run_dir, config.train.init)
     if config.train.tune_at_end and result.is_main:
         finished.tuned = tune_best(config, result.run_dir, result.val_set)
     if config.train.quantize_at_end and result.is_main:
-        finished.int8 = quantize_best(config, result.run_dir, result.train_set, result.val_set)
+        finished.int8 = quantize_best(config, result.run_dir, result.train_set, result.val_set,
+                                      train_seconds=train_seconds)
     return result, finished
