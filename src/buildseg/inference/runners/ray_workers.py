@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from buildseg.errors import BuildsegError
+from buildseg.runtime import packaged
 from buildseg.settings.predict import MAX_RETRIES
 
 if TYPE_CHECKING:
@@ -152,7 +153,8 @@ class RayWorkers:
                      log_to_driver=False, **({} if ray_options.address else {"num_cpus": os.cpu_count() or 1}))
             log.info("Ray started in %.1f s", time.monotonic() - began)
         try:
-            paths = [str(Path(c).resolve()) for c in checkpoints]  # workers may start in another folder
+            # workers may start in another folder: paths absolute; a packaged model's spec as it is
+            paths = [c if packaged.name_of(str(c)) else str(Path(c).resolve()) for c in checkpoints]
             workers = cls(ray, ray_options, worker_class, paths, options, started_here)
             workers._spawn(max(1, min(workers.wanted, most)))
         except BaseException:
