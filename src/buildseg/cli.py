@@ -137,6 +137,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
         c = outcome.conflation
         print(f"against {settings.existing}: {c['new']} new, {c['mapped']} already mapped, {c['unconfirmed']} mapped "
               f"buildings unconfirmed; new ones for editors: {c['editor']}; unconfirmed: {c['unconfirmed_layer']}")
+    if outcome.overview:
+        print(f"overview: {outcome.overview} (the imagery with what was found; `buildseg report --run "
+              f"{Path(outcome.overview).parent}` makes a page of it)")
     return 0
 
 
@@ -162,6 +165,11 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     s = ReportSettings.from_args(args)
     check_outputs((s.out, "--out", FILE))
+    if s.run:
+        from buildseg.report import render_run_report
+
+        print(f"wrote {render_run_report(s.run, s.out)}")
+        return 0
     print(f"wrote {render_report(s.pred, s.truth, s.out, s.images, s.shape, s.worst, before=s.before)}")
     return 0
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -269,6 +270,39 @@ def render_report(pred_csv: str | Path, truth_csv: str | Path, out: str | Path, 
                            f"<td>{s.buildings.n_pred}</td>"
                            f"<td>{html.escape(s.source)}</td></tr>" for s in sorted(scored, key=lambda s: (s.dice, s.img_id)))
                  + "</table>")
+    parts.append(CHECK + "</body></html>")
+    with atomic_open(out, "w", encoding="utf-8") as handle:
+        handle.write("".join(parts))
+    return Path(out)
+
+
+def render_run_report(folder: str | Path, out: str | Path) -> Path:
+    """One self-contained page of a ``predict`` output folder: its overview picture (the
+    imagery with the footprints by status), the counts, and the manifest."""
+    from buildseg.atomic import atomic_open
+
+    folder = Path(folder)
+    pictures = sorted(folder.glob("overview.png")) or sorted(folder.glob("*_overview.png"))
+    if not folder.is_dir() or not pictures:
+        raise BuildsegError(f"--run {folder}: no overview.png there; give the --out folder of an AOI or many-scene "
+                            "`buildseg predict` (or the folder of a GeoTIFF run's mask, with --footprints)")
+    picture = pictures[0]
+    about_path = picture.with_suffix(".json")
+    about = json.loads(about_path.read_text()) if about_path.is_file() else {}
+    manifest_path = folder / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
+    uri = "data:image/png;base64," + base64.b64encode(picture.read_bytes()).decode()
+    colours = about.get("colours", {})
+    rows = "".join(f"<tr class='status'><th><span style='display:inline-block;width:12px;height:12px;"
+                   f"background:rgb{tuple(colours.get(k, (0, 0, 0)))}'></span> {html.escape(k)}</th><td>{v}</td></tr>"
+                   for k, v in about.get("counts", {}).items())
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>buildseg run {html.escape(folder.name)}</title>"
+             f"<style>{STYLE}</style></head><body><h1>buildseg run: {html.escape(str(folder))}</h1>",
+             f"<h2>What was found</h2><table id='counts'>{rows}</table>",
+             f"<img id='overview' alt='the imagery with the footprints drawn over it' style='max-width:100%' src='{uri}'>"]
+    if manifest is not None:
+        parts.append("<h2>Manifest</h2><pre id='manifest'>" + html.escape(json.dumps(manifest, indent=1)[:200_000])
+                     + "</pre>")
     parts.append(CHECK + "</body></html>")
     with atomic_open(out, "w", encoding="utf-8") as handle:
         handle.write("".join(parts))

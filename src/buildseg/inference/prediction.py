@@ -33,6 +33,7 @@ class PredictOutcome:
     precision: str = ""
     device_type: str = "cpu"
     conflation: dict[str, Any] | None = None  # --existing: counts and the files written
+    overview: Path | None = None  # the picture of what was found (jobs/overview.py)
 
 
 def input_kind(data: str) -> str:
@@ -73,14 +74,42 @@ def run_prediction(settings: PredictSettings) -> PredictOutcome:
         existing = read_existing(settings.existing, settings.existing_layer)  # a bad file fails before any work
     outcome = _predict(settings)
     layer = (outcome.geo.footprints_path if outcome.geo is not None else None) or outcome.summary.get("merged")
-    if existing is not None and outcome.is_main and layer and not outcome.summary.get("remaining"):
+    if not (outcome.is_main and layer and not outcome.summary.get("remaining")):
+        return outcome
+    frames: dict = {}
+    if existing is not None:
         from buildseg.footprints.conflation import ConflationRule
         from buildseg.inference.jobs.conflate import conflate_layer
 
         rule = ConflationRule(match_iou=settings.match_iou, match_overlap=settings.match_overlap)
         outcome.conflation = conflate_layer(Path(layer), existing, rule=rule, only_new=settings.only_new,
-                                            masks=_mask_paths(outcome, Path(layer).parent))
+                                            masks=_mask_paths(outcome, Path(layer).parent), frames_out=frames)
+    if outcome.kind != "merge":
+        outcome.overview = _overview(settings, outcome, Path(layer), frames)
     return outcome
+
+
+def _overview(settings: PredictSettings, outcome: PredictOutcome, layer: Path, frames: dict) -> Path | None:
+    """``overview.png`` of the run (``jobs/overview.py``): the imagery that was read, with the
+    footprints by status. A picture that cannot be drawn is a warning, never a failed run."""
+    import logging
+
+    from buildseg.inference.jobs.conflate import read_layer
+    from buildseg.inference.jobs.overview import FOUND, write_overview
+
+    if outcome.geo is not None:
+        rasters, out = [settings.data], Path(outcome.geo.mask_path).with_name(f"{Path(outcome.geo.mask_path).stem}_overview.png")
+    elif "area" in outcome.summary:
+        rasters, out = [str(layer.parent / "aoi.vrt")], layer.parent / "overview.png"
+    else:
+        manifest = json.loads((layer.parent / "manifest.json").read_text())
+        rasters, out = [r["scene"] for r in manifest.get("scenes", []) if r.get("scene")], layer.parent / "overview.png"
+    try:
+        return write_overview(rasters, frames or {FOUND: read_layer(layer)}, out)
+    except Exception as exc:  # noqa: BLE001 - the run's outputs are written; the picture is a convenience
+        logging.getLogger("buildseg").warning("overview picture not written (%s: %s)", type(exc).__name__,
+                                              (str(exc).strip().splitlines() or [""])[0][:200])
+        return None
 
 
 def _mask_paths(outcome: PredictOutcome, folder: Path) -> list[Path]:

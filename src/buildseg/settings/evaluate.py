@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from buildseg.errors import BuildsegError
 from buildseg.settings.fields import Settings, setting
 
 MATCHING = ("spacenet", "buildseg")  # SpaceNet CSVs' matching rule; the first is the default
@@ -37,12 +38,21 @@ class EvaluateSettings(Settings):
 class ReportSettings(Settings):
     COMMAND = "report"
 
-    pred: str = setting(None, "submission CSV img_id,mask_rle", required=True)
-    truth: str = setting(None, "truth CSV: a dataset CSV with img_path, or img_id,mask_rle with --images",
-                         required=True)
+    pred: str | None = setting(None, "submission CSV img_id,mask_rle (with --truth)")
+    truth: str | None = setting(None, "truth CSV: a dataset CSV with img_path, or img_id,mask_rle with --images")
+    run: str | None = setting(None, "instead of --pred/--truth: the output folder of an AOI, many-scene or GeoTIFF "
+                              "`predict` (its overview picture, counts and manifest on one page)", metavar="OUT_DIR")
     images: str | None = setting(None, "folder with <img_id>.png (when the truth CSV has no img_path)")
     shape: tuple[int, int] | None = setting(None, "mask size when no image gives it", nargs=2, metavar=("H", "W"), low=1)
     worst: int = setting(12, "how many worst tiles to show", low=1)
     before: str | None = setting(None, "predictions of the same tiles by another model (e.g. before `buildseg adapt`): "
                                  "a before/after section with the Dice change per tile and per source")
     out: str = setting(None, "the HTML file to write", required=True)
+
+    def check(self) -> None:
+        if self.run and (self.pred or self.truth or self.before):
+            raise BuildsegError("--run OUT_DIR reports a prediction folder; --pred, --truth and --before score "
+                                "tiles: give one or the other")
+        if not self.run and not (self.pred and self.truth):
+            raise BuildsegError("report needs --pred CSV and --truth CSV (scored tiles), or --run OUT_DIR (a "
+                                "prediction folder)")

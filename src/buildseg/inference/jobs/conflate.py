@@ -37,9 +37,11 @@ def masks_extent(masks: list[Path], crs):
     return shapely.union_all(boxes) if boxes else None
 
 
-def conflate_layer(layer: Path, existing, *, rule: ConflationRule, only_new: bool, masks: list[Path]) -> dict[str, Any]:
+def conflate_layer(layer: Path, existing, *, rule: ConflationRule, only_new: bool, masks: list[Path],
+                   frames_out: dict | None = None) -> dict[str, Any]:
     """Conflate the layer at ``layer`` with the ``existing`` buildings (a GeoDataFrame) inside
-    the masks' extent, in place."""
+    the masks' extent, in place. ``frames_out`` receives the footprints by status (new,
+    mapped, unconfirmed), whatever ``only_new`` kept in the layer."""
     predicted = read_layer(layer)
     extent = masks_extent(masks, predicted.crs)
     if extent is not None:
@@ -48,6 +50,9 @@ def conflate_layer(layer: Path, existing, *, rule: ConflationRule, only_new: boo
     result = conflate(predicted, existing, rule)
     predicted = result.predicted
     new = predicted[predicted["status"] == "new"] if len(predicted) else predicted
+    if frames_out is not None:
+        mapped = predicted[predicted["status"] == "mapped"] if len(predicted) else predicted
+        frames_out.update(new=new, mapped=mapped, unconfirmed=result.unconfirmed)
     write_footprints(new if only_new else predicted, layer)
     unconfirmed_path = write_footprints(result.unconfirmed, layer.with_name(f"{layer.stem}_unconfirmed{layer.suffix}"))
     editor_path = write_footprints(editor_frame(new), layer.with_name(f"{layer.stem}_new.geojson"))
