@@ -9,6 +9,7 @@ on CUDA only.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import random
 from pathlib import Path
@@ -99,3 +100,13 @@ def cpu_predict_workers(requested: int) -> int:
     if requested >= 0:
         return requested
     return 0 if usable_cores() <= 2 else 1
+
+
+def cpu_signature() -> str:
+    """What makes one CPU's timings another's: model name, flags, usable cores."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        info = ""
+    lines = [line for line in info.splitlines() if line.startswith(("model name", "flags"))][:2]
+    return hashlib.sha256(("\n".join(lines) + f"\ncores={usable_cores()}").encode()).hexdigest()[:16]

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from buildseg.atomic import atomic_open
+from buildseg.runtime.device import cpu_signature
 
 log = logging.getLogger("buildseg")
 
@@ -106,8 +107,6 @@ def _costs_path(folder: Path) -> Path:
 
 def measured_cost(folder: Path, step: str) -> float | None:
     """Seconds ``step`` took the last time on this machine (the engine cache's record)."""
-    from buildseg.inference.core.precision_choice import cpu_signature
-
     try:
         value = json.loads(_costs_path(folder).read_text()).get(f"{step}/{cpu_signature()}")
     except (OSError, ValueError):
@@ -117,8 +116,6 @@ def measured_cost(folder: Path, step: str) -> float | None:
 
 def record_cost(folder: Path, step: str, seconds: float) -> None:
     """Remember what ``step`` took on this machine; a read-only cache only costs a guess."""
-    from buildseg.inference.core.precision_choice import cpu_signature
-
     path = _costs_path(folder)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

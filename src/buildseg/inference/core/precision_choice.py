@@ -28,6 +28,7 @@ from buildseg.atomic import atomic_open
 from buildseg.inference.core import engines
 from buildseg.models.factory import SegmentationModel
 from buildseg.runtime import device as device_rules
+from buildseg.runtime.device import cpu_signature
 
 log = logging.getLogger("buildseg")
 
@@ -56,16 +57,6 @@ def candidates(engine: str, models: Sequence[SegmentationModel], checkpoints: Se
     else:
         notes.append(f"int8 runs on openvino only (this is {engine})")
     return allowed, "; ".join(notes)
-
-
-def cpu_signature() -> str:
-    """What makes one CPU's timings another's: model name, flags, usable cores."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        info = ""
-    lines = [line for line in info.splitlines() if line.startswith(("model name", "flags"))][:2]
-    return hashlib.sha256(("\n".join(lines) + f"\ncores={device_rules.usable_cores()}").encode()).hexdigest()[:16]
 
 
 def choice_key(engine: str, models: Sequence[SegmentationModel], allowed: Sequence[str]) -> str:
