@@ -56,7 +56,7 @@ def geotiff_job(root: Path) -> list[str]:
     import rasterio
     from rasterio.transform import from_origin
 
-    mosaic = mosaic_from([SHARED / "real_dev", SHARED / "more_dev"], 8)[:4000, :4000]
+    mosaic = mosaic_from([SHARED / "real_dev", SHARED / "more_dev", SHARED / "more_dev2"], 8)[:4000, :4000]
     path = root / "scene.tif"
     with rasterio.open(path, "w", driver="GTiff", height=4000, width=4000, count=3, dtype="uint8", crs="EPSG:32633",
                        transform=from_origin(500000, 4100000, 0.5, 0.5), tiled=True, compress="deflate") as dst:
@@ -68,7 +68,7 @@ def aoi_job(root: Path, port: int) -> list[str]:
     import geopandas as gpd
     from shapely.geometry import box
 
-    mosaic = mosaic_from([SHARED / "real_dev", SHARED / "more_dev"], 7)  # 3584 px at 0.30 m: about 1.15 km2
+    mosaic = mosaic_from([SHARED / "real_dev", SHARED / "more_dev", SHARED / "more_dev2"], 7)  # 3584 px at 0.30 m: about 1.15 km2
     write_tiles(mosaic, root / "tiles_xyz")
     gpd.GeoDataFrame(geometry=[box(*bounds(mosaic))], crs="EPSG:3857").to_crs("EPSG:4326").to_file(root / "aoi.geojson")
     return ["--data", f"http://127.0.0.1:{port}/{{z}}/{{x}}/{{y}}.png", "--aoi", str(root / "aoi.geojson"), "--zoom",
@@ -76,7 +76,7 @@ def aoi_job(root: Path, port: int) -> list[str]:
 
 
 def run(args: list[str], out: str, env: dict) -> tuple[float, str]:
-    argv = [BUILDSEG, "predict", "--model", "buildings", "--no-progress", *[a.format(out=out) for a in args]]
+    argv = [BUILDSEG, "predict", "--model", "buildings", "--no-progress", *[a.replace("{out}", out) for a in args]]
     started = time.perf_counter()
     proc = subprocess.run(argv, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - started

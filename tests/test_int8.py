@@ -300,6 +300,10 @@ def test_the_payoff_rule_and_the_lossy_precision_rule():
     assert payoff.projected_saving(1000, rate_now=200, rate_ceiling=100) == 0.0
     assert payoff.decide("x", job_tiles=100, rate_now=100, rate_ceiling=300, cost_s=5).worth is False
     assert payoff.decide("x", job_tiles=60000, rate_now=100, rate_ceiling=300, cost_s=5).worth is True
+    from buildseg.inference.jobs.job_size import scene_overhead
+
+    assert scene_overhead(block=2048, margin=64, window=1024, overlap=0.25) == 2.25  # 3 windows of 1024 per 2176 px
+    assert scene_overhead(block=512, margin=0, window=1024, overlap=0.25) == 1.0  # one window holds the block
     rates = {"fp32": 100.0, "bf16": 180.0, "int8": 200.0}
     assert payoff.lossy_allowed(rates, {"int8": 0.017})[0] == {"fp32", "bf16"}  # 1.11x: not clearly faster
     assert payoff.lossy_allowed(rates, {"int8": 0.001})[0] == {"fp32", "bf16", "int8"}  # lossless

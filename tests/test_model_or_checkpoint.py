@@ -149,3 +149,19 @@ def test_copied_settings_keep_the_packaged_model():
     assert copy.checkpoint == ["model:buildings"] and copy.model == "buildings"
     with pytest.raises(BuildsegError, match="not both"):
         PredictSettings(model="buildings", checkpoint=["x.pt"], data="d.csv", out="o.csv")
+
+
+def test_a_script_pins_the_packaged_models_version(synth_data, tmp_path, capsys):
+    """``--model buildings@VERSION`` is the current model when its version matches; another
+    version is one line naming the installed ones, before any data is read."""
+    version = packaged.find("buildings").version
+    assert packaged.find(f"buildings@{version}").sha256 == packaged.find("buildings").sha256
+    args = ["predict", "--data", str(synth_data / "test.csv"), *FAST]
+    assert main([*args[:1], "--model", f"buildings@{version}", *args[1:], "--out", str(tmp_path / "a.csv")]) == 0
+    assert main([*args[:1], "--model", "buildings", *args[1:], "--out", str(tmp_path / "b.csv")]) == 0
+    assert (tmp_path / "a.csv").read_text() == (tmp_path / "b.csv").read_text()
+    capsys.readouterr()
+    assert main([*args[:1], "--model", "buildings@0.1", *args[1:], "--out", str(tmp_path / "c.csv")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"version 0.1 is not installed (installed: {version})" in err[0]
+    assert not (tmp_path / "c.csv").exists()

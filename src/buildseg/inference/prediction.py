@@ -215,7 +215,7 @@ def _segmenter_for_job(settings: PredictSettings, options: dict, *, kind: str, r
     from buildseg.inference.jobs import job_size
     from buildseg.inference.jobs.first_int8 import FIRST_USE_TILES, tile_sampler
     from buildseg.inference.jobs.first_use import segmenter_for_job
-    from buildseg.inference.jobs.geotiff import plan_scene, sample_windows
+    from buildseg.inference.jobs.geotiff import MARGIN, plan_scene, sample_windows
 
     location = scenes[0].location if scenes else settings.data
 
@@ -226,10 +226,12 @@ def _segmenter_for_job(settings: PredictSettings, options: dict, *, kind: str, r
     def job_tiles() -> float:
         if records is not None:
             return job_size.records_tiles(records)
+        overhead = job_size.scene_overhead(block=settings.block, margin=MARGIN, window=settings.window,
+                                           overlap=settings.overlap)
         if scenes is not None:
-            return job_size.scenes_tiles(scenes, lambda scene: plan(scene.location).grid)
+            return job_size.scenes_tiles(scenes, lambda scene: plan(scene.location).grid, overhead=overhead)
         grid = plan(location).grid
-        return job_size.tiles_of_pixels(grid.height * grid.width)
+        return job_size.tiles_of_pixels(overhead * grid.height * grid.width)
 
     def scene_sampler(checkpoint: Path) -> list:
         return sample_windows(plan(location), FIRST_USE_TILES)

@@ -73,12 +73,23 @@ def _read_card(path: Path) -> PackagedModel:
 
 
 def find(name: str) -> PackagedModel:
-    """The packaged model called ``name``; an unknown name is one line naming the known ones."""
+    """The packaged model called ``name``, or ``name@version`` (a script pins the version it
+    was written for: the current model when its version matches, else an older one kept as
+    ``NAME@VERSION.json``); an unknown name or version is one line naming the known ones."""
     path = ZOO / f"{name}.json"
-    if "/" in name or not path.is_file():
-        known = ", ".join(m.name for m in available()) or "none installed"
-        raise BuildsegError(f"unknown packaged model {name!r} (known: {known}); `buildseg models` lists them")
-    return _read_card(path)
+    if "/" not in name and path.is_file():
+        return _read_card(path)
+    base, _, version = name.partition("@")
+    current = ZOO / f"{base}.json"
+    if version and "/" not in base and current.is_file():
+        model = _read_card(current)
+        if model.version == version:
+            return model
+        installed = [model.version] + [p.stem.partition("@")[2] for p in sorted(ZOO.glob(f"{base}@*.json"))]
+        raise BuildsegError(f"packaged model {base!r} version {version} is not installed (installed: "
+                            f"{', '.join(installed)}); use --model {base} for the current one")
+    known = ", ".join(m.name for m in available()) or "none installed"
+    raise BuildsegError(f"unknown packaged model {name!r} (known: {known}); `buildseg models` lists them")
 
 
 @functools.lru_cache(maxsize=None)
