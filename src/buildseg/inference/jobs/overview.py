@@ -24,22 +24,26 @@ STATUS_COLOURS = {"new": (255, 48, 48), "mapped": (48, 144, 255), "unconfirmed":
 FOUND = "buildings"  # the one status of a run without --existing
 FOUND_COLOUR = (255, 48, 48)
 OUTLINE = 2  # px
+LEGEND_PX = 18  # the legend's text height
 
 
 def _canvas(rasters: Sequence[str | Path], max_side: int):
-    """(crs, transform, height, width) of a grid over all rasters, longer side <= max_side."""
+    """(crs, transform, height, width) of a grid over all rasters, longer side <= max_side,
+    pixels no smaller than the finest raster's."""
     import rasterio
     from affine import Affine
     from rasterio.warp import transform_bounds
 
-    crs, bounds = None, []
+    crs, bounds, native = None, [], []
     for path in rasters:
         with rasterio.open(path) as src:
             crs = crs or src.crs
-            bounds.append(transform_bounds(src.crs, crs, *src.bounds) if src.crs and crs and src.crs != crs else src.bounds)
+            box = transform_bounds(src.crs, crs, *src.bounds) if src.crs and crs and src.crs != crs else src.bounds
+            bounds.append(box)
+            native.append((box[2] - box[0]) / src.width)
     left, bottom = min(b[0] for b in bounds), min(b[1] for b in bounds)
     right, top = max(b[2] for b in bounds), max(b[3] for b in bounds)
-    size = max(right - left, top - bottom) / max_side
+    size = max(max(right - left, top - bottom) / max_side, min(native))  # never finer than the imagery
     width, height = max(1, math.ceil((right - left) / size)), max(1, math.ceil((top - bottom) / size))
     return crs, Affine(size, 0, left, 0, -size, top), height, width
 
@@ -149,9 +153,13 @@ def write_overview(rasters: Sequence[str | Path], footprints: dict[str, object],
 
 def _legend(draw, counts: dict[str, int]) -> None:
     """Coloured squares and counts in the top-left corner, on a white box."""
-    rows = list(counts.items())
-    draw.rectangle([4, 4, 170, 10 + 16 * len(rows)], fill=(255, 255, 255))
+    from PIL import ImageFont
+
+    font = ImageFont.load_default(size=LEGEND_PX)
+    rows, line = list(counts.items()), LEGEND_PX + 6
+    width = max((draw.textlength(f"{status}: {n}", font=font) for status, n in rows), default=0)
+    draw.rectangle([4, 4, 22 + LEGEND_PX + width, 12 + line * len(rows)], fill=(255, 255, 255))
     for k, (status, n) in enumerate(rows):
-        y = 8 + 16 * k
-        draw.rectangle([8, y, 20, y + 12], fill=STATUS_COLOURS.get(status, FOUND_COLOUR))
-        draw.text((26, y), f"{status}: {n}", fill=(0, 0, 0))
+        y = 8 + line * k
+        draw.rectangle([8, y, 8 + LEGEND_PX, y + LEGEND_PX], fill=STATUS_COLOURS.get(status, FOUND_COLOUR))
+        draw.text((14 + LEGEND_PX, y), f"{status}: {n}", fill=(0, 0, 0), font=font)
