@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from buildseg.errors import BuildsegError
 from buildseg.outputs import FILE, FOLDER, check_outputs
 from buildseg.settings.inference import LAYER_FORMATS
 from buildseg.settings.predict import GEOTIFF, SCENES, SERVICE, TILES, PredictSettings
@@ -244,9 +245,13 @@ def _tiles(settings: PredictSettings, segmenter, records, dist):
     from buildseg.inference.jobs.tile_layers import TILE_LAYERS
     from buildseg.inference.jobs.tiles import predict_records
 
+    if settings.gsd and not segmenter.input.get("gsd"):
+        raise BuildsegError(f"--gsd {settings.gsd:g} on tiles resamples them to the model's GSD, but "
+                            f"{settings.checkpoint[0]} does not record one (a run trained without --gsd); drop --gsd")
     layer = TILE_LAYERS[settings.format](settings.out) if settings.format in TILE_LAYERS else None
     _, stats = predict_records(segmenter, records, None if layer else settings.out, batch_size=settings.batch_size,
                                num_workers=settings.num_workers, masks_dir=settings.masks_dir,
                                overlays_dir=settings.overlays_dir, skip_bad=settings.skip_bad,
-                               progress=settings.progress and dist.is_main, dist=dist, layer=layer)
+                               progress=settings.progress and dist.is_main, dist=dist, layer=layer,
+                               tile_gsd=settings.gsd)
     return stats

@@ -147,7 +147,9 @@ class PredictSettings(EngineSettings, ServiceSettings):
     min_area_m2: float = setting(0.0, "GeoTIFF input: drop footprints smaller than this ground area", low=0)
     regularize: bool = setting(False, "GeoTIFF input: right-angle footprints (buildingregulariser)")
     gsd: float | None = setting(None, "GeoTIFF input: metres per pixel to predict at (default: the GSD the model was "
-                                "trained at)", low=0, low_open=True)
+                                "trained at); CSV/folder tiles, which carry none: the tiles' own metres per pixel, "
+                                "so they are resampled to the model's GSD and their masks back to the tiles' size (a "
+                                "CSV's gsd column does the same per tile)", low=0, low_open=True)
     native_resolution: bool = setting(False, "GeoTIFF input: predict at the raster's own pixel size, ignoring the "
                                       "training GSD")
     bands: list[int] | None = setting(None, "GeoTIFF input: 1-based bands to read, e.g. 1,2,3 (default: the training "
@@ -182,8 +184,8 @@ class PredictSettings(EngineSettings, ServiceSettings):
             flag = "--stac-asset" if kind != SCENES and self.stac_asset else "--shard" if self.shard else "--runner"
             raise BuildsegError(f"{flag} applies to many scenes (a folder or list of GeoTIFFs, a STAC catalogue, or a "
                                 f"tile service's area); --data {self.data} is not one")
-        if kind == TILES and (self.gsd or self.bands or self.native_resolution or self.footprints or self.geojson):
-            raise BuildsegError("--gsd, --bands, --native-resolution, --footprints and --geojson apply to GeoTIFF "
+        if kind == TILES and (self.bands or self.native_resolution or self.footprints or self.geojson):
+            raise BuildsegError("--bands, --native-resolution, --footprints and --geojson apply to GeoTIFF "
                                 f"input; --data {self.data} is not a GeoTIFF or a folder/list of them")
         if kind == SERVICE:
             from buildseg.formats.tile_services import check_template, service_kind

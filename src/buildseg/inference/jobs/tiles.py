@@ -36,15 +36,26 @@ log = logging.getLogger("buildseg")
 
 
 class ImageDataset(Dataset):
-    """Decodes images for prediction; with ``skip_bad`` an unreadable image becomes None."""
+    """Decodes images for prediction; with ``skip_bad`` an unreadable image becomes None.
 
-    def __init__(self, records: Sequence[Record], *, skip_bad: bool = False, in_chans: int = 3) -> None:
+    Tiles of known GSD (the CSV's ``gsd`` column, else ``tile_gsd``: ``predict --gsd``) are
+    resampled to the model's GSD (``model_gsd``), as training saw them; each item carries the
+    tile's own (height, width), to which its probabilities are restored."""
+
+    def __init__(self, records: Sequence[Record], *, skip_bad: bool = False, in_chans: int = 3,
+                 model_gsd: float | None = None, tile_gsd: float | None = None) -> None:
         self.records = list(records)
         self.skip_bad = skip_bad
         self.in_chans = in_chans
+        self.model_gsd, self.tile_gsd = model_gsd, tile_gsd
 
     def __len__(self) -> int:
         return len(self.records)
+
+    def scale(self, record: Record) -> float:
+        """Model pixels per tile pixel (1: as it is)."""
+        gsd = record.gsd or self.tile_gsd
+        return gsd / self.model_gsd if gsd and self.model_gsd else 1.0
 
     def __getitem__(self, index: int):
         try:
@@ -52,8 +63,31 @@ class ImageDataset(Dataset):
         except BuildsegError as exc:
             if not self.skip_bad:
                 raise BuildsegError(f"{self.records[index].img_id}: {exc}") from None
-            return index, None, str(exc)
-        return index, to_tensors(image, None)[0], None
+            return index, None, str(exc), None
+        shape = image.shape[:2]
+        scale = self.scale(self.records[index])
+        if abs(scale - 1.0) > 1e-6:
+            image = resample(image, (max(1, round(shape[0] * scale)), max(1, round(shape[1] * scale))))
+        return index, to_tensors(image, None)[0], None, shape
+
+
+def resample(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(H, W, C) image at ``size`` (height, width): area averaging to shrink, bilinear to grow
+    (the rule training's tiles of known GSD follow)."""
+    import cv2
+
+    shrink = size[0] < image.shape[0]
+    out = cv2.resize(image, (size[1], size[0]), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+    return out[:, :, None] if out.ndim == 2 else out
+
+
+def _restored(maps: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Probabilities ((K,) h, w) back at the tile's own (height, width), bilinear."""
+    if tuple(maps.shape[-2:]) == tuple(shape):
+        return maps
+    tensor = torch.from_numpy(np.ascontiguousarray(maps, dtype=np.float32)).reshape(1, -1, *maps.shape[-2:])
+    out = torch.nn.functional.interpolate(tensor, size=tuple(shape), mode="bilinear", align_corners=False)
+    return out.reshape(*maps.shape[:-2], *shape).numpy()
 
 
 def _collate(items):
@@ -98,11 +132,13 @@ def predict_records(
     progress: bool = True,
     dist: DistInfo = SINGLE_PROCESS,
     layer: TileLayer | None = None,
+    tile_gsd: float | None = None,
 ) -> tuple[list[str], PredictStats]:
     """RLE strings in ``records`` order (on rank 0 under torchrun) and timing statistics.
 
     ``layer``: also write the buildings as a tile layer (COCO JSON or a SpaceNet CSV,
-    ``tile_layers.py``) at the layer's path. One process only.
+    ``tile_layers.py``) at the layer's path. One process only. ``tile_gsd``: metres per pixel
+    of tiles whose record has none (``ImageDataset``: resampled to the model's GSD and back).
 
     On any failure the PNG masks and overlays this call wrote are removed again and no CSV
     is written, so a failed run leaves nothing half-done behind.
@@ -112,7 +148,7 @@ def predict_records(
         if layer is not None and dist.world_size > 1:
             raise BuildsegError("--format coco/spacenet runs in one process; drop torchrun for it")
         ordered, stats = _predict(segmenter, records, out_csv, batch_size, num_workers, masks_dir, overlays_dir,
-                                  skip_bad, progress, dist, written, layer)
+                                  skip_bad, progress, dist, written, layer, tile_gsd)
         if layer is not None:
             layer.write(records)
         return ordered, stats
@@ -127,10 +163,12 @@ STAGES = ("wait for decoded images (main thread)", "model (main thread)", "post-
 
 
 def _predict(segmenter, records, out_csv, batch_size, num_workers, masks_dir, overlays_dir, skip_bad, progress,
-             dist: DistInfo, written: list[Path], layer: TileLayer | None = None) -> tuple[list[str], PredictStats]:
+             dist: DistInfo, written: list[Path], layer: TileLayer | None = None,
+             tile_gsd: float | None = None) -> tuple[list[str], PredictStats]:
     started = time.monotonic()
     mine = list(range(dist.rank, len(records), dist.world_size))
-    dataset = ImageDataset([records[i] for i in mine], skip_bad=skip_bad, in_chans=segmenter.in_chans)
+    dataset = ImageDataset([records[i] for i in mine], skip_bad=skip_bad, in_chans=segmenter.in_chans,
+                           model_gsd=segmenter.input.get("gsd"), tile_gsd=tile_gsd)
     workers = default_workers(num_workers) if segmenter.device.type == "cuda" else cpu_predict_workers(num_workers)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=_collate,
                         pin_memory=segmenter.device.type == "cuda")
@@ -161,7 +199,7 @@ def _predict(segmenter, records, out_csv, batch_size, num_workers, masks_dir, ov
             if items is None:
                 break
             began = time.monotonic()
-            for index, image, error in items:
+            for index, image, error, _ in items:
                 if image is None:
                     skipped.append(dataset.records[index].img_id)
                     log.warning("skipping %s (written as -1): %s", dataset.records[index].img_id, error)
@@ -192,13 +230,18 @@ def _predicted(segmenter, items):
     """(index, image, (probabilities, members)) of a batch's readable images, images of one
     shape predicted together (a large image is windowed inside ``probabilities``)."""
     groups: dict[tuple[int, ...], list] = {}
-    for index, image, _ in items:
+    for index, image, _, shape in items:
         if image is not None:
-            groups.setdefault(tuple(image.shape), []).append((index, image))
+            groups.setdefault(tuple(image.shape), []).append((index, image, shape))
     for group in groups.values():
-        maps = segmenter.probabilities(torch.stack([img for _, img in group]))
-        for k, (index, image) in enumerate(group):
-            yield index, image, maps.image(k)
+        maps = segmenter.probabilities(torch.stack([img for _, img, _ in group]))
+        for k, (index, image, shape) in enumerate(group):
+            prob, members = maps.image(k)
+            if tuple(image.shape[-2:]) != tuple(shape):  # resampled to the model's GSD: back to the tile's size
+                prob = _restored(prob, shape)
+                members = None if members is None else [_restored(m, shape) for m in members]
+                image = torch.from_numpy(resample(image.numpy().transpose(1, 2, 0), shape).transpose(2, 0, 1).copy())
+            yield index, image, (prob, members)
 
 
 def _write_pngs(img_id: str, image: torch.Tensor, mask: np.ndarray, *, masks_dir, overlays_dir, written: list[Path]):
