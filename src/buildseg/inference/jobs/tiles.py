@@ -167,11 +167,8 @@ def _predict(segmenter, records, out_csv, batch_size, num_workers, masks_dir, ov
              tile_gsd: float | None = None) -> tuple[list[str], PredictStats]:
     started = time.monotonic()
     mine = list(range(dist.rank, len(records), dist.world_size))
-    dataset = ImageDataset([records[i] for i in mine], skip_bad=skip_bad, in_chans=segmenter.in_chans,
-                           model_gsd=segmenter.input.get("gsd"), tile_gsd=tile_gsd)
-    workers = default_workers(num_workers) if segmenter.device.type == "cuda" else cpu_predict_workers(num_workers)
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=_collate,
-                        pin_memory=segmenter.device.type == "cuda")
+    dataset, loader = _loader(segmenter, [records[i] for i in mine], batch_size=batch_size, num_workers=num_workers,
+                              skip_bad=skip_bad, tile_gsd=tile_gsd)
     results: dict[int, str] = {}
     skipped: list[str] = []
     rules, bar = segmenter.rules, tqdm(total=len(dataset), desc="predict", unit="img", disable=not progress)
@@ -224,6 +221,16 @@ def _predict(segmenter, records, out_csv, batch_size, num_workers, masks_dir, ov
     stages["write CSV"] = time.monotonic() - began
     n_empty = sum(1 for r in ordered if r == rle.EMPTY)
     return ordered, PredictStats(len(records), n_empty, skipped, time.monotonic() - started, stages)
+
+
+def _loader(segmenter, records, *, batch_size: int, num_workers: int, skip_bad: bool, tile_gsd: float | None):
+    """(this process's dataset, its DataLoader): images decoded in workers, resampled to the
+    model's GSD where the tile's is known."""
+    dataset = ImageDataset(records, skip_bad=skip_bad, in_chans=segmenter.in_chans, model_gsd=segmenter.input.get("gsd"),
+                           tile_gsd=tile_gsd)
+    workers = default_workers(num_workers) if segmenter.device.type == "cuda" else cpu_predict_workers(num_workers)
+    return dataset, DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=_collate,
+                               pin_memory=segmenter.device.type == "cuda")
 
 
 def _predicted(segmenter, items):
