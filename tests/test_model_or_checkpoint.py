@@ -18,8 +18,10 @@ from test_tile_service import service  # noqa: F401 - the local tile server, for
 gpd = pytest.importorskip("geopandas")
 rasterio = pytest.importorskip("rasterio")
 
-SPELLINGS = {"model": ["--model", packaged.DEFAULT_MODEL],
-             "checkpoint": ["--checkpoint", str(packaged.ZOO / f"{packaged.DEFAULT_MODEL}.safetensors")]}
+def spellings() -> dict[str, list[str]]:
+    """The packaged model by name, and the same weights as a checkpoint path (in the zoo in use)."""
+    return {"model": ["--model", packaged.DEFAULT_MODEL],
+            "checkpoint": ["--checkpoint", str(packaged.ZOO / f"{packaged.DEFAULT_MODEL}.safetensors")]}
 FAST = ["--engine", "torch", "--precision", "fp32", "--device", "cpu", "--no-progress"]
 
 
@@ -73,7 +75,7 @@ COMMANDS = {
                              "--ray-workers", "1", *FAST], "many"),
     "predict service": (["predict", "--data", "{url}", "--aoi", "{aoi}", "--zoom", "19", "--out", "{out}/area",
                          "--tile-cache", "{out}/cache", *FAST], "area"),
-    "export deepness": (["export", "--onnx", "{out}/m.onnx", "--format", "deepness"], "m.onnx"),
+    "export deepness": (["export", "--onnx", "{out}/m.onnx", "--format", "deepness", "--tile-size", "128"], "m.onnx"),
     "tune --out": (["tune", "--data", "{truth}", "--tile", "64", "--out", "{out}/tuned", "--engine", "torch"], "tuned"),
     "adapt": (["adapt", "--data", "{csv}", "--out", "{out}/adapted", "--steps", "1", "--batch-size", "2", "--crop",
                "64", "--device", "cpu", "--no-progress"], "adapted?"),
@@ -83,6 +85,22 @@ COMMANDS = {
                       "--device", "cpu", "--no-progress"], "run?"),
 }
 SLOW = {"predict --runner ray", "export deepness", "quantize", "adapt", "train --init", "predict service"}
+# in-process commands whose cost is the network's (an ONNX export, NNCF): a small network packaged under the same
+# name in a private zoo walks the same resolution path in seconds; the others use the shipped model
+SMALL_NETWORK = {"export deepness", "quantize"}
+
+
+@pytest.fixture()
+def small_buildings(tmp_path, monkeypatch):
+    """A private zoo whose ``buildings`` is a small untrained network (same name, same path)."""
+    from buildseg.runtime.checkpoint import load_checkpoint
+    from conftest import write_tiny_checkpoint
+
+    monkeypatch.setattr(packaged, "ZOO", tmp_path / "zoo")
+    payload = load_checkpoint(write_tiny_checkpoint(tmp_path / "small.pt"))
+    payload["input"] = {"gsd": 0.5, "bands": None}
+    packaged.write_model(payload, name=packaged.DEFAULT_MODEL, version="0.0", sources=[{"name": "none", "terms": "none"}],
+                         quality={}, recipe="tests", code_version="test")
 
 
 @pytest.mark.parametrize("command", [pytest.param(c, marks=pytest.mark.slow) if c in SLOW else c for c in COMMANDS])
@@ -99,8 +117,10 @@ def test_every_command_takes_the_packaged_model_by_name_and_as_a_checkpoint(comm
         names.update(url=template, aoi=str(write_aoi(tmp_path / "aoi.geojson", tile_bounds(0, 0, COLS, ROWS), "EPSG:4326")))
     if command == "quantize":
         monkeypatch.setenv("BUILDSEG_ENGINE_CACHE", str(tmp_path / "engines"))
+    if command in SMALL_NETWORK:
+        request.getfixturevalue("small_buildings")
     results = {}
-    for spelling, flag in SPELLINGS.items():
+    for spelling, flag in spellings().items():
         out = tmp_path / spelling
         out.mkdir()
         args = [a.format(out=out, **names) if "{" in a and not a.startswith("http") else a for a in argv]
