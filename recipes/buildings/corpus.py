@@ -1,5 +1,5 @@
-"""The base model's training corpus: every tile of ``shared/data/real_dev`` and ``more_dev``
-except the Xiamen tiles (Google imagery, which a model the project ships may not learn from),
+"""The base model's training corpus: every tile of ``shared/data/real_dev``, ``more_dev`` and
+``more_dev2`` (``--sets``; 1.0 saw the first two) except the Xiamen tiles (Google imagery, which a model the project ships may not learn from),
 as one competition CSV with ``source`` and ``gsd`` columns (absolute image paths, so the CSV
 can live anywhere). Usage::
 
@@ -13,14 +13,14 @@ import csv
 import sys
 from pathlib import Path
 
-SETS = ("real_dev", "more_dev")
+SETS = ("real_dev", "more_dev", "more_dev2")  # 1.0 trained on the first two
 EXCLUDED_SOURCES = ("xiamen_robosat_handdigitised",)  # Google imagery: not for a shipped model (more_dev/README.md)
 
 
-def corpus_rows(shared: Path) -> list[dict[str, str]]:
+def corpus_rows(shared: Path, sets: tuple[str, ...] = SETS) -> list[dict[str, str]]:
     rows = []
     csv.field_size_limit(2**31 - 1)
-    for name in SETS:
+    for name in sets:
         folder = shared / name
         with open(folder / "manifest.csv", newline="", encoding="utf-8") as handle:
             manifest = {row["img_id"]: row for row in csv.DictReader(handle)}
@@ -38,8 +38,9 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shared", default="../shared/data", help="folder holding real_dev/ and more_dev/")
     parser.add_argument("--out", required=True, help="the corpus CSV to write")
+    parser.add_argument("--sets", nargs="+", default=list(SETS), help="folders of --shared to take")
     args = parser.parse_args(argv)
-    rows = corpus_rows(Path(args.shared))
+    rows = corpus_rows(Path(args.shared), tuple(args.sets))
     with open(args.out, "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=["img_id", "img_path", "mask_rle", "source", "gsd"])
         writer.writeheader()

@@ -155,6 +155,8 @@ def _print_tiles(settings, outcome) -> None:
         print(f"engine {outcome.engine}, precision {outcome.precision}, torch threads {torch.get_num_threads()}, "
               f"loader workers {workers}")
         print(stats.profile_table())
+    for note in stats.notes:
+        print(note)
     if stats.skipped:
         print(f"skipped {len(stats.skipped)} unreadable images (written as -1): {', '.join(stats.skipped[:10])}")
 

@@ -194,7 +194,8 @@ def run_check(config: Config) -> FewCheck | None:
 
 
 def keep_init(run_dir: Path, init: str) -> None:
-    """``best.pt`` gets the init's weights and post-processing (the check refused the fine-tune)."""
+    """``best.pt`` gets the init's weights, card and post-processing (the check refused the
+    fine-tune): the init's network unchanged, so its fitted per-image heads still hold."""
     import torch
 
     from buildseg.runtime.checkpoint import load_checkpoint, save_atomic
@@ -203,6 +204,7 @@ def keep_init(run_dir: Path, init: str) -> None:
     payload = torch.load(best, map_location="cpu", weights_only=True)
     origin = load_checkpoint(init_spec(init))
     payload["model"] = origin["model"]
+    payload["model_card"] = origin["model_card"]
     if origin.get("postprocess") is not None:
         payload["postprocess"] = origin["postprocess"]
     save_atomic(payload, best)

@@ -253,5 +253,5 @@ def _tiles(settings: PredictSettings, segmenter, records, dist):
                                num_workers=settings.num_workers, masks_dir=settings.masks_dir,
                                overlays_dir=settings.overlays_dir, skip_bad=settings.skip_bad,
                                progress=settings.progress and dist.is_main, dist=dist, layer=layer,
-                               tile_gsd=settings.gsd)
+                               tile_gsd=settings.gsd, gsd_estimate=settings.gsd_estimate)
     return stats

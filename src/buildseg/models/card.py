@@ -13,7 +13,9 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 ARCHS = ("unet", "seed_unet")
-CARD_ONLY = ("mean", "std")  # filled in from the encoder when the model is built; not config keys
+# not config keys: mean/std are filled in from the encoder when the model is built; image_outputs are heads fitted
+# on a trained network (training/image_heads.py), so a new run never starts with them
+CARD_ONLY = ("mean", "std", "image_outputs")
 
 
 @dataclass
@@ -37,6 +39,7 @@ class ModelCard:
     # engine and export gets it; a sliding window or GeoTIFF block is standardised on its own pixels)
     style_mix: float = 0.0  # probability per batch of mixing early encoder feature statistics across images
     # (MixStyle; training only: identical network at eval and in exported graphs; models/style_mix.py)
+    image_outputs: list[str] = field(default_factory=list)  # per-image heads: tile, scale (models/image_heads.py)
     mean: list[float] = field(default_factory=list)
     std: list[float] = field(default_factory=list)
 

@@ -8,8 +8,10 @@ naturally into the margin) where the margin is smaller than the image, else zero
 
 Training with deep supervision returns ``[final, aux...]``; everything else returns one
 logit tensor (B,C,H,W), one channel per target (``card.targets``: the footprint first, then
-e.g. the contact zone between buildings). With ``ds_ensemble`` the inference output is the logit of the
-mean sigmoid over all heads (upsampled), the notes' "deep supervision ensemble".
+e.g. the contact zone between buildings), then one constant channel per fitted per-image head
+(``card.image_outputs``, models/image_heads.py; ``output_names`` lists them all). With
+``ds_ensemble`` the inference output is the logit of the mean sigmoid over all heads
+(upsampled), the notes' "deep supervision ensemble".
 """
 
 from __future__ import annotations
@@ -78,9 +80,21 @@ class SegmentationModel(nn.Module):
         x = self._standardise(x.float())
         x = self._pad(x)
         hp, wp = x.shape[-2:]
-        outs = self.net(x)
-        if self.training and len(outs) > 1:
-            return [_crop(o, h, w, hp, wp) for o in outs]
+        outs = list(self.net(x))
+        image = outs.pop() if self.card.image_outputs else None
+        if self.training:
+            return [_crop(o, h, w, hp, wp) for o in outs] if len(outs) > 1 else _crop(outs[0], h, w, hp, wp)
+        pixels = self._pixel_logits(outs, h, w, hp, wp)
+        if image is None:
+            return pixels
+        return torch.cat([pixels, image.to(pixels.dtype).expand(-1, -1, pixels.shape[-2], pixels.shape[-1])], dim=1)
+
+    @property
+    def output_names(self) -> list[str]:
+        """The output channels in order: one per target (footprint first), then one per image output."""
+        return list(self.card.targets) + list(self.card.image_outputs)
+
+    def _pixel_logits(self, outs: list[torch.Tensor], h: int, w: int, hp: int, wp: int) -> torch.Tensor:
         if self.ds_ensemble and len(outs) > 1:
             # A running sum, not a stack: no (heads x B x C x H x W) tensor. The coarse heads are
             # upsampled on the padded grid, by the exact factor of their stride, and the sum is
@@ -133,7 +147,10 @@ def build_net(card: ModelCard, weights: str = "none") -> nn.Module:
         encoder = create_encoder(card.encoder, card.in_chans, weights)
         return UNet(encoder, decoder_channels=card.decoder_channels, width=card.decoder_width, norm=card.norm,
                     dropout=card.dropout, attention=card.attention, upsample=card.upsample,
-                    deep_supervision=card.deep_supervision, out_channels=card.out_channels)
+                    deep_supervision=card.deep_supervision, out_channels=card.out_channels,
+                    image_outputs=card.image_outputs)
+    if card.image_outputs:
+        raise BuildsegError(f"per-image heads ({', '.join(card.image_outputs)}) need arch unet, not {card.arch}")
     if card.arch == "seed_unet":
         from buildseg.models.seed_unet import SeedUNet
 

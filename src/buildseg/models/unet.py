@@ -6,7 +6,8 @@ construction. Encoders whose shallowest feature is at stride 2 or 4 (ResNet, Con
 get extra skip-less blocks until the output is at full resolution.
 
 The net returns a list of logits: the final full-resolution head first, then one 1x1 head
-per earlier decoder block (coarse resolutions) when deep supervision is on.
+per earlier decoder block (coarse resolutions) when deep supervision is on, then, with fitted
+per-image heads (models/image_heads.py), their (B, n, 1, 1) outputs.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from torch import nn
 
 from buildseg.errors import BuildsegError
 from buildseg.models.blocks import attention_layer, conv_norm_act
+from buildseg.models.image_heads import ImageHeads, pool, pooled_dim
 
 DEFAULT_DECODER_CHANNELS = (256, 128, 64, 32, 16, 16, 16)
 
@@ -81,6 +83,7 @@ class UNet(nn.Module):
         upsample: str,
         deep_supervision: bool,
         out_channels: int,
+        image_outputs: Sequence[str] = (),
     ) -> None:
         """Keyword-only and without defaults: the defaults live in ``ModelCard`` alone."""
         super().__init__()
@@ -109,6 +112,7 @@ class UNet(nn.Module):
         self.head = nn.Conv2d(decoder_channels[-1], out_channels, 1)
         self.aux_heads = (nn.ModuleList(nn.Conv2d(c, out_channels, 1) for c in decoder_channels[:-1])
                           if deep_supervision else None)
+        self.image_heads = ImageHeads(image_outputs, pooled_dim(channels)) if image_outputs else None
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         features = self.encoder(x)
@@ -119,5 +123,8 @@ class UNet(nn.Module):
             y = block(y, skips[k] if k < len(skips) else None)
             if self.aux_heads is not None and k < len(self.aux_heads):
                 aux.append(self.aux_heads[k](y))
-        # final first, then auxiliary heads from the finest to the coarsest
-        return [self.head(y)] + aux[::-1]
+        # final first, then auxiliary heads from the finest to the coarsest, then the per-image outputs (B, n, 1, 1)
+        final = self.head(y)
+        if self.image_heads is None:
+            return [final] + aux[::-1]
+        return [final] + aux[::-1] + [self.image_heads(pool(features, final))[:, :, None, None]]

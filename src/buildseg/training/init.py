@@ -79,9 +79,12 @@ def apply_init(config: Config) -> dict[str, Any] | None:
 
 
 def load_init_weights(model, payload: dict[str, Any], source: str) -> None:
-    """Every tensor of the init into ``model`` (strict: a missing or extra one is an error)."""
+    """Every tensor of the init into ``model`` (strict: a missing or extra one is an error),
+    except the init's fitted per-image heads: they describe the features they were fitted on,
+    which this run changes (models/image_heads.py), so the new network starts without them."""
+    state = {k: v for k, v in payload["model"].items() if ".image_heads." not in k}
     try:
-        model.load_state_dict(payload["model"], strict=True)
+        model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise BuildsegError(f"--init {source}: its weights do not fit this network ({str(exc).splitlines()[0][:200]})") from None
 

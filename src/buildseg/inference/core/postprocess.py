@@ -22,6 +22,8 @@ class PostProcess:
     empty_max_prob: float = 0.0  # tile declared empty if its max probability is below this
     empty_min_area: int = 0  # tile declared empty if fewer pixels remain than this
     contact_threshold: float = 0.5  # models with a contact channel: seeds of the watershed split are below it
+    tile_threshold: float = 0.0  # models with a tile head: an image (or window) whose building probability is below
+    # this is empty (0: off); chosen on place-held-out folds for a packaged model (benchmarks/tile_decision.py)
 
     def to_dict(self) -> dict:
         return asdict(self)

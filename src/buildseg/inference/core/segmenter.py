@@ -40,14 +40,14 @@ log = logging.getLogger("buildseg")
 
 
 def _members_agree(models: Sequence[SegmentationModel]) -> tuple[int, list[str]]:
-    """(in_chans, targets) that every member of an ensemble shares; one line where they differ."""
+    """(in_chans, output names) that every member of an ensemble shares; one line where they differ."""
     in_chans = {m.card.in_chans for m in models}
     if len(in_chans) > 1:
         raise BuildsegError(f"ensemble members expect different channel counts {sorted(in_chans)}")
-    targets = {tuple(getattr(m.card, "targets", ["footprint"])) for m in models}
+    targets = {tuple(getattr(m, "output_names", None) or getattr(m.card, "targets", ["footprint"])) for m in models}
     if len(targets) > 1:
-        raise BuildsegError(f"ensemble members predict different targets {sorted(targets)}: combine models trained "
-                            "with the same --targets")
+        raise BuildsegError(f"ensemble members predict different outputs {sorted(targets)}: combine models trained "
+                            "with the same --targets (and the same fitted per-image heads)")
     return in_chans.pop(), list(targets.pop())
 
 
@@ -294,8 +294,8 @@ class EnsembleMaps:
 
 @dataclass
 class MaskRules:
-    """Probability maps -> mask: the empty vote, the threshold and area rules, and for models
-    with a contact channel (unless ``split`` is off) the watershed that cuts touching
+    """Probability maps -> mask: the empty vote, the threshold and area rules, the tile head's
+    decision (models with one: ``tile_threshold``), and for models with a contact channel (unless ``split`` is off) the watershed that cuts touching
     buildings apart. A separate object so that callers can post-process in another thread
     (CSV prediction) or after resampling (GeoTIFF blocks)."""
 
@@ -312,6 +312,8 @@ class MaskRules:
             if empty >= self.empty_vote:
                 return np.zeros(footprint.shape, dtype=np.uint8)
         mask = pp_mod.apply(footprint, self.postprocess)
+        if self.postprocess.tile_threshold > 0 and "tile" in self.targets and maps.ndim == 3 and mask.any():
+            mask[maps[self.targets.index("tile")] < self.postprocess.tile_threshold] = 0  # a tile: all or nothing
         if self.split and maps.ndim == 3 and len(maps) == len(self.targets) and mask.any():
             mask = split_mask(mask, footprint, maps[self.targets.index("contact")], self.postprocess.contact_threshold)
         return mask

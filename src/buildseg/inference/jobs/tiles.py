@@ -29,7 +29,9 @@ from buildseg.formats import rle
 from buildseg.formats.images import overlay, read_image, write_png
 from buildseg.formats.tables import Record, write_submission
 from buildseg.inference.core.segmenter import Segmenter
+from buildseg.inference.jobs.scale_estimate import ScaleReport, log2_scale, resample_factor
 from buildseg.inference.jobs.tile_layers import TileLayer
+from buildseg.models.factory import MIN_SIZE
 from buildseg.runtime.device import cpu_predict_workers, default_workers
 
 log = logging.getLogger("buildseg")
@@ -51,6 +53,9 @@ class ImageDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.records)
+
+    def gsd_known(self, record: Record) -> bool:
+        return bool(record.gsd or self.tile_gsd)
 
     def scale(self, record: Record) -> float:
         """Model pixels per tile pixel (1: as it is)."""
@@ -101,6 +106,7 @@ class PredictStats:
     skipped: list[str]
     seconds: float
     stages: dict[str, float] = field(default_factory=dict)  # seconds per pipeline stage (see profile_table)
+    notes: list[str] = field(default_factory=list)  # lines for the user (the pixel-size estimate)
 
     @property
     def img_per_s(self) -> float:
@@ -133,12 +139,15 @@ def predict_records(
     dist: DistInfo = SINGLE_PROCESS,
     layer: TileLayer | None = None,
     tile_gsd: float | None = None,
+    gsd_estimate: bool = True,
 ) -> tuple[list[str], PredictStats]:
     """RLE strings in ``records`` order (on rank 0 under torchrun) and timing statistics.
 
     ``layer``: also write the buildings as a tile layer (COCO JSON or a SpaceNet CSV,
     ``tile_layers.py``) at the layer's path. One process only. ``tile_gsd``: metres per pixel
     of tiles whose record has none (``ImageDataset``: resampled to the model's GSD and back).
+    ``gsd_estimate``: tiles of unknown GSD go by the model's scale head where it has one
+    (``scale_estimate.py``).
 
     On any failure the PNG masks and overlays this call wrote are removed again and no CSV
     is written, so a failed run leaves nothing half-done behind.
@@ -148,7 +157,7 @@ def predict_records(
         if layer is not None and dist.world_size > 1:
             raise BuildsegError("--format coco/spacenet runs in one process; drop torchrun for it")
         ordered, stats = _predict(segmenter, records, out_csv, batch_size, num_workers, masks_dir, overlays_dir,
-                                  skip_bad, progress, dist, written, layer, tile_gsd)
+                                  skip_bad, progress, dist, written, layer, tile_gsd, gsd_estimate)
         if layer is not None:
             layer.write(records)
         return ordered, stats
@@ -164,7 +173,7 @@ STAGES = ("wait for decoded images (main thread)", "model (main thread)", "post-
 
 def _predict(segmenter, records, out_csv, batch_size, num_workers, masks_dir, overlays_dir, skip_bad, progress,
              dist: DistInfo, written: list[Path], layer: TileLayer | None = None,
-             tile_gsd: float | None = None) -> tuple[list[str], PredictStats]:
+             tile_gsd: float | None = None, gsd_estimate: bool = True) -> tuple[list[str], PredictStats]:
     started = time.monotonic()
     mine = list(range(dist.rank, len(records), dist.world_size))
     dataset, loader = _loader(segmenter, [records[i] for i in mine], batch_size=batch_size, num_workers=num_workers,
@@ -172,6 +181,7 @@ def _predict(segmenter, records, out_csv, batch_size, num_workers, masks_dir, ov
     results: dict[int, str] = {}
     skipped: list[str] = []
     rules, bar = segmenter.rules, tqdm(total=len(dataset), desc="predict", unit="img", disable=not progress)
+    scales = ScaleReport(segmenter.input.get("gsd")) if gsd_estimate and "scale" in segmenter.targets else None
     stages = dict.fromkeys(STAGES, 0.0)
 
     def finish(local_index: int, image: torch.Tensor, prob: np.ndarray, members: list[np.ndarray] | None) -> None:
@@ -201,7 +211,8 @@ def _predict(segmenter, records, out_csv, batch_size, num_workers, masks_dir, ov
                     skipped.append(dataset.records[index].img_id)
                     log.warning("skipping %s (written as -1): %s", dataset.records[index].img_id, error)
                     results[mine[index]] = rle.EMPTY
-            pending += [pool.submit(finish, index, image, *maps) for index, image, maps in _predicted(segmenter, items)]
+            pending += [pool.submit(finish, index, image, *maps)
+                        for index, image, maps in _predicted(segmenter, items, dataset, scales)]
             stages["model (main thread)"] += time.monotonic() - began
             bar.update(len(items))
             bar.set_postfix(img_s=f"{bar.n / max(1e-9, time.monotonic() - started):.1f}")
@@ -220,7 +231,8 @@ def _predict(segmenter, records, out_csv, batch_size, num_workers, masks_dir, ov
         write_submission(out_csv, [r.img_id for r in records], ordered)
     stages["write CSV"] = time.monotonic() - began
     n_empty = sum(1 for r in ordered if r == rle.EMPTY)
-    return ordered, PredictStats(len(records), n_empty, skipped, time.monotonic() - started, stages)
+    notes = [line for line in [scales.line() if scales else None] if line]
+    return ordered, PredictStats(len(records), n_empty, skipped, time.monotonic() - started, stages, notes)
 
 
 def _loader(segmenter, records, *, batch_size: int, num_workers: int, skip_bad: bool, tile_gsd: float | None):
@@ -233,9 +245,11 @@ def _loader(segmenter, records, *, batch_size: int, num_workers: int, skip_bad: 
                                pin_memory=segmenter.device.type == "cuda")
 
 
-def _predicted(segmenter, items):
+def _predicted(segmenter, items, dataset: ImageDataset, scales: ScaleReport | None):
     """(index, image, (probabilities, members)) of a batch's readable images, images of one
-    shape predicted together (a large image is windowed inside ``probabilities``)."""
+    shape predicted together (a large image is windowed inside ``probabilities``); with
+    ``scales``, a tile of unknown GSD that the model estimates far from its own is predicted
+    again at the estimated size (``scale_estimate.py``)."""
     groups: dict[tuple[int, ...], list] = {}
     for index, image, _, shape in items:
         if image is not None:
@@ -244,11 +258,31 @@ def _predicted(segmenter, items):
         maps = segmenter.probabilities(torch.stack([img for _, img, _ in group]))
         for k, (index, image, shape) in enumerate(group):
             prob, members = maps.image(k)
+            if scales is not None and not dataset.gsd_known(dataset.records[index]):
+                prob, members, image = _at_estimated_scale(segmenter, image, prob, members, scales)
             if tuple(image.shape[-2:]) != tuple(shape):  # resampled to the model's GSD: back to the tile's size
                 prob = _restored(prob, shape)
                 members = None if members is None else [_restored(m, shape) for m in members]
                 image = torch.from_numpy(resample(image.numpy().transpose(1, 2, 0), shape).transpose(2, 0, 1).copy())
             yield index, image, (prob, members)
+
+
+def _at_estimated_scale(segmenter, image: torch.Tensor, prob: np.ndarray, members, scales: ScaleReport):
+    """The tile's maps at the pixel size its first pass estimates (as they are inside the dead
+    band), and the image those maps are of."""
+    estimate = log2_scale(prob, segmenter.targets)
+    factor = resample_factor(estimate)
+    if estimate is None:
+        return prob, members, image
+    scales.add(estimate, factor)
+    if factor == 1.0:
+        return prob, members, image
+    h, w = image.shape[-2:]
+    size = (max(MIN_SIZE, round(h * factor)), max(MIN_SIZE, round(w * factor)))
+    resampled = resample(image.numpy().transpose(1, 2, 0), size)
+    maps = segmenter.probabilities(torch.from_numpy(np.ascontiguousarray(resampled.transpose(2, 0, 1)))[None])
+    prob, members = maps.image(0)
+    return prob, members, torch.from_numpy(np.ascontiguousarray(resampled.transpose(2, 0, 1)))
 
 
 def _write_pngs(img_id: str, image: torch.Tensor, mask: np.ndarray, *, masks_dir, overlays_dir, written: list[Path]):
