@@ -27,7 +27,6 @@ sets, so the "unseen by the network" rows (more_dev2) are the clean measure.
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 import time
 from pathlib import Path
@@ -49,6 +48,7 @@ from buildseg.runtime.checkpoint import load_model  # noqa: E402
 from buildseg.runtime.packaged import PACKAGED_PREFIX  # noqa: E402
 from buildseg.training.image_heads import (MIN_ZOOM, balanced_weights, draw_crops, fit_head, pooled_vectors,  # noqa: E402
                                            with_heads)
+from corpus import place_of  # noqa: E402
 from loader_throughput import cpu_flags  # noqa: E402
 
 POST = pp_mod.PostProcess(threshold=0.4, min_area=100)  # the package's
@@ -56,25 +56,6 @@ EMPTY = (0.0, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95)
 TILE = tuple(np.round(np.arange(0.0, 0.96, 0.05), 2))
 FEW = 10
 DEAD_BAND = 2.0  # the estimate must be this factor from the model's GSD before a tile is resampled
-SHARED_PLACES = (("inria", "inria"), ("crowdai", "crowdai"), ("christchurch", "whu_aerial_christchurch|whu building dataset, aerial"))
-
-
-def place_of(source: str) -> str:
-    """A short place key; namesakes across the shared sets are one place."""
-    low = source.lower()
-    if "inria" in low:
-        return "inria"
-    if "crowdai" in low:
-        return "crowdai"
-    if "christchurch" in low or "whu building dataset, aerial" in low:
-        return "whu_christchurch"
-    if "rio" in low:
-        return "rio"
-    if "nacala" in low:
-        return "nacala"
-    if "hlaing" in low:
-        return "yangon_uav"
-    return re.sub(r"[^a-z0-9]+", "_", low).strip("_")
 
 
 def grid_outputs(model, dataset: GridTileDataset, batch: int = 16):
@@ -163,6 +144,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--per-tile", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--scale-only", action="store_true", help="skip the tile head variants")
     parser.add_argument("--min-zoom", type=float, default=MIN_ZOOM, help="scale crops are enlarged at most 1/this")
     parser.add_argument("--out", default="runs/image_heads")
     args = parser.parse_args()
@@ -201,7 +183,6 @@ def main() -> None:
         for k in range(len(gprobs)):
             stored_p[k], stored_t[k] = gprobs[k].astype(np.float16), gtruths[k]
         np.savez_compressed(grid_cache, probs=stored_p, truths=stored_t, vectors=gvectors, place=gplace)
-    grid_index = GridTileDataset(records, tile=224).tiles
     gprobs = [np.asarray(p, dtype=np.float32) for p in gprobs]
     gsd_of = {place_of(r.tile_source): r.gsd for r in records}
     gsd_of_group = {k: (v if v else np.nan) for k, v in gsd_of.items()}
@@ -219,19 +200,23 @@ def main() -> None:
     native = np.isclose(scale, np.log2(np.array([gsd_of_group.get(g, np.nan) for g in group]) / 0.5)) | np.isnan(scale)
 
     def held_out(kind: str, used: np.ndarray, decay: float) -> tuple[np.ndarray, np.ndarray]:
-        """(grid tile outputs, crop outputs) of heads fitted without each tile's place."""
+        """(grid tile outputs, crop outputs) of heads fitted without each tile's place; each
+        place's head is kept in ``fitted[kind]``."""
         grid_out, crop_out = np.zeros(len(gprobs)), np.zeros(len(vectors))
+        fitted[kind] = {}
         for place in sorted(set(places)):
             train = group != place
             target = has[train].astype(float) if kind == "tile" else scale[train]
             weights = balanced_weights(group[train], has[train] if kind == "tile" else None)
             head = fit_head(vectors[train], target, kind=kind, weights=weights, columns=used, decay=decay,
                             seed=args.seed)
+            fitted[kind][place] = head
             rows = gplace == place
             grid_out[rows] = run_head(head, torch.from_numpy(gvectors[rows]))[:, 0].numpy()
             crop_out[~train] = run_head(head, torch.from_numpy(vectors[~train]))[:, 0].numpy()
         return grid_out, crop_out
 
+    fitted: dict[str, dict] = {}
     truth_has = ~Tiles.truth_empty_of(gtruths)
     print("Tile head variants, each fitted without the place it scores (ROC AUC of 'holds a building'; grid tiles "
           "at their own size, and the native-size crops, which include building-free ground on purpose):\n")
@@ -242,8 +227,8 @@ def main() -> None:
           f"| {auc(gvectors[~seen_rows, groups['map'].start], truth_has[~seen_rows]):.3f} | "
           f"{auc(max_logit[native], has[native]):.3f} |")
     best_tile, best_auc = None, -1.0
-    for name in ("map", "map + deepest", "all"):
-        for decay in (1e-3, 1e-2):
+    for name in ("map",) if args.scale_only else ("map", "map + deepest", "all"):
+        for decay in (1e-3,) if args.scale_only else (1e-3, 1e-2):
             grid_out, crop_out = held_out("tile", columns[name], decay)
             row = (auc(grid_out[seen_rows], truth_has[seen_rows]), auc(grid_out[~seen_rows], truth_has[~seen_rows]),
                    auc(crop_out[native], has[native]))
@@ -276,6 +261,7 @@ def main() -> None:
                   f"{np.mean(err < 1):.2f} |")
             if np.median(err) < best_err:
                 best_scale, best_err, gscale, crop_estimate = (name, decay), float(np.median(err)), grid_out, crop_out
+                scale_heads = dict(fitted["scale"])
     print(f"\nchosen: {best_scale[0]}, decay {best_scale[1]:g}\n")
     gmax = np.array([float(p.max()) for p in gprobs])
     tiles = Tiles(gprobs, gtruths)
@@ -340,17 +326,17 @@ def main() -> None:
         print(f"| {place} | {gsd_of[place]} | {rows.sum()} | {np.median(err):.2f} | {np.mean(err < np.log2(1.5)):.2f} | "
               f"{0.5 * 2 ** own:.2f} m |")
     print("\nDice bought by resampling each tile to the model's 0.5 m (whole tiles resampled, probabilities restored "
-          "to the tile's own size, the same 224 grid scored); the estimate is the held-out head's median over the "
-          f"tile; 'dead band' resamples only where the estimate is {DEAD_BAND:g}x or more from 0.5 m:\n")
+          "to the tile's own size, the same 224 grid scored); the estimate is the held-out head's on the whole tile "
+          f"(one pass, as predict makes it); 'dead band' resamples only where it is {DEAD_BAND:g}x or more from 0.5 m:\n")
     print("| place | GSD (m) | tiles | as they are | known GSD | estimated GSD | estimated, dead band |")
     print("|---|---|---|---|---|---|---|")
     dice_rows = []
     for place in sorted(set(places)):
         gsd = gsd_of[place]
         members = [k for k, r in enumerate(records) if places[k] == place]
-        estimates = np.array([float(np.median(gscale[[t for t, (r, *_) in enumerate(grid_index) if r == k]]))
-                              for k in members])
         chosen = [records[k] for k in members]
+        whole = pooled_vectors(model, [read_image(r.image_path) for r in chosen], batch=1)
+        estimates = run_head(scale_heads[place], torch.from_numpy(whole))[:, 0].numpy()
         banded = np.where(np.abs(estimates) >= np.log2(DEAD_BAND), estimates, 0.0)
         cells = [scored_at(model, chosen, [1.0] * len(members)),
                  scored_at(model, chosen, [gsd / 0.5] * len(members)) if gsd else np.nan,

@@ -85,12 +85,14 @@ AVAILABLE = [name for name, (module, _) in engines.EXTRAS.items() if extras.inst
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("engine", AVAILABLE)
-def test_exported_graphs_give_the_tile_decisions_of_torch(engine, tmp_path):
+def test_exported_graphs_give_the_tile_decisions_of_torch(tmp_path):
+    """ONNX Runtime and OpenVINO, from one ONNX graph (the engine cache exports it once)."""
     pytest.importorskip("onnx")
+    if not AVAILABLE:
+        pytest.skip("no ONNX engine installed")
     model = _randomise_heads(with_heads(_tiny(1), ["tile", "scale"]), seed=5, tile_bias=0.0)
     rng = np.random.default_rng(0)
-    images = [(rng.integers(0, 256, ((64, 64) if k % 3 else (97, 45)) + (3,)) * rng.uniform(0.2, 1.0)).astype(np.uint8)
+    images = [(rng.integers(0, 256, (64, 64, 3)) * rng.uniform(0.2, 1.0)).astype(np.uint8)
               for k in range(12)]
     with torch.no_grad():  # the bias that puts the decision in the middle of these images
         logits = [float(model(torch.from_numpy(im).permute(2, 0, 1)[None].float())[0, 1, 0, 0]) for im in images]
@@ -98,18 +100,21 @@ def test_exported_graphs_give_the_tile_decisions_of_torch(engine, tmp_path):
     checkpoint = _write(model, tmp_path / "heads.pt", tile_threshold=0.5)
     kwargs = dict(device="cpu", precision="fp32")
     reference = Segmenter.from_checkpoint(checkpoint, engine="torch", **kwargs)
-    compiled = Segmenter.from_checkpoint(checkpoint, engine=engine, **kwargs)
-    assert compiled.targets == ["footprint", "tile", "scale"]
-    want_tiles, got_tiles = [], []
+    want_tiles = []
     for image in images:
-        want, got = reference.probabilities(image).mean[0], compiled.probabilities(image).mean[0]
-        np.testing.assert_allclose(got[1:], want[1:], atol=1e-4)
-        want_tiles.append(float(want[1, 0, 0]))
-        got_tiles.append(float(got[1, 0, 0]))
-        np.testing.assert_array_equal(compiled.predict(image), reference.predict(image))
+        want_tiles.append(float(reference.probabilities(image).mean[0][1, 0, 0]))
     decided = np.array(want_tiles) >= 0.5
-    assert 0 < decided.sum() < len(decided), "the random heads should decide both ways on these images"
-    np.testing.assert_array_equal(np.array(got_tiles) >= 0.5, decided)
+    assert 0 < decided.sum() < len(decided), "the heads should decide both ways on these images"
+    for engine in AVAILABLE:
+        compiled = Segmenter.from_checkpoint(checkpoint, engine=engine, **kwargs)
+        assert compiled.targets == ["footprint", "tile", "scale"]
+        got_tiles = []
+        for image in images:
+            want, got = reference.probabilities(image).mean[0], compiled.probabilities(image).mean[0]
+            np.testing.assert_allclose(got[1:], want[1:], atol=1e-4, err_msg=engine)
+            got_tiles.append(float(got[1, 0, 0]))
+            np.testing.assert_array_equal(compiled.predict(image), reference.predict(image), err_msg=engine)
+        np.testing.assert_array_equal(np.array(got_tiles) >= 0.5, decided, err_msg=engine)
 
 
 @pytest.mark.slow
@@ -177,9 +182,9 @@ def test_a_network_trained_further_starts_without_the_heads_and_a_refused_one_ke
 
 @pytest.mark.slow
 def test_tiles_without_a_gsd_are_predicted_at_the_estimated_size(synth_data, tmp_path, capsys):
-    """A scale head that says "twice the model's pixel size" gives what --gsd 2x gives; inside the
-    dead band, or with --no-gsd-estimate, the tiles are predicted as they are."""
-    model, payload = load_model("model:buildings")  # finds the synthetic buildings, at 0.5 m
+    """With --gsd-estimate, a scale head that says "2.4x the model's pixel size" gives what --gsd
+    2.4x gives; without it, or with a known GSD, the tiles are predicted as they are."""
+    model, payload = load_model("model:buildings@1.0")  # finds the synthetic buildings, at 0.5 m; no heads
     plain = save_atomic({**payload, "model_card": model.card.to_dict(), "model": model.state_dict()},
                         tmp_path / "plain.pt")
 
@@ -196,10 +201,27 @@ def test_tiles_without_a_gsd_are_predicted_at_the_estimated_size(synth_data, tmp
         return read_rle_table(out)
 
     coarse = with_scale(1.25, "coarse.pt")  # 2.38x the model's 0.5 m: 1.19 m
-    assert run(coarse, "estimated") == run(plain, "told", "--gsd", "1.1892")
+    assert run(coarse, "estimated", "--gsd-estimate") == run(plain, "told", "--gsd", "1.1892")
     assert "the model estimates 1.2 m/px" in capsys.readouterr().out
     as_they_are = run(plain, "as_they_are")
     assert as_they_are != run(plain, "told_again", "--gsd", "1.1892")  # the resampling changes something here
-    assert run(coarse, "off", "--no-gsd-estimate") == as_they_are
-    assert run(with_scale(0.9, "near.pt"), "near") == as_they_are  # 1.87x: inside the dead band
-    assert run(coarse, "known", "--gsd", "0.5") == as_they_are  # a known GSD wins over the estimate
+    assert run(coarse, "reported") == as_they_are  # without --gsd-estimate the estimate is only reported ...
+    printed = capsys.readouterr().out
+    assert "the model estimates 1.2 m/px" in printed and "--gsd-estimate to resample" in printed
+    assert run(coarse, "known", "--gsd-estimate", "--gsd", "0.5") == as_they_are  # ... and a known GSD wins
+
+
+@pytest.mark.slow
+def test_the_packaged_model_adds_a_scale_head_to_the_previous_version_s_network():
+    from buildseg.runtime import packaged
+
+    current, previous = packaged.find("buildings"), packaged.find("buildings@1.0")
+    assert previous.version == "1.0" and "image_outputs" not in previous.model_card
+    assert current.model_card["image_outputs"] == ["scale"]
+    new, _ = load_model("model:buildings")
+    old, _ = load_model("model:buildings@1.0")
+    x = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (2, 3, 96, 96))).float()
+    with torch.no_grad():
+        out_new, out_old = new(x), old(x)
+    assert new.output_names == ["footprint", "scale"] and out_new.shape[1] == 2
+    torch.testing.assert_close(out_new[:, :1], out_old)  # the same network: the pixels do not change

@@ -183,5 +183,5 @@ def test_a_script_pins_the_packaged_models_version(synth_data, tmp_path, capsys)
     capsys.readouterr()
     assert main([*args[:1], "--model", "buildings@0.1", *args[1:], "--out", str(tmp_path / "c.csv")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and f"version 0.1 is not installed (installed: {version})" in err[0]
+    assert len(err) == 1 and f"version 0.1 is not installed (installed: {version}, 1.0)" in err[0]
     assert not (tmp_path / "c.csv").exists()

@@ -10,11 +10,24 @@ from __future__ import annotations
 
 import argparse
 import csv
+import re
 import sys
 from pathlib import Path
 
 SETS = ("real_dev", "more_dev", "more_dev2")  # 1.0 trained on the first two
 EXCLUDED_SOURCES = ("xiamen_robosat_handdigitised",)  # Google imagery: not for a shipped model (more_dev/README.md)
+
+
+def place_of(source: str) -> str:
+    """A short place key for a ``source`` value; namesakes across the shared sets (Inria, crowdAI,
+    WHU Christchurch) are one place, so a fold that holds a place out holds all of it out."""
+    low = source.lower()
+    for key, place in (("inria", "inria"), ("crowdai", "crowdai"), ("christchurch", "whu_christchurch"),
+                       ("whu building dataset, aerial", "whu_christchurch"), ("rio", "rio"), ("nacala", "nacala"),
+                       ("hlaing", "yangon_uav")):
+        if key in low:
+            return place
+    return re.sub(r"[^a-z0-9]+", "_", low).strip("_")
 
 
 def corpus_rows(shared: Path, sets: tuple[str, ...] = SETS) -> list[dict[str, str]]:

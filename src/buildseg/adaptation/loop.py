@@ -42,6 +42,7 @@ from buildseg.adaptation.target_data import TargetCrops, service_target, target_
 from buildseg.atomic import atomic_open
 from buildseg.errors import BuildsegError
 from buildseg.inference.core.tta import predict_tta
+from buildseg.models.factory import without_image_heads
 from buildseg.runtime.checkpoint import (
     load_checkpoint,
     load_model,
@@ -104,7 +105,8 @@ class Adapter:
         self.settings, self.out = settings, Path(out)
         self.source_payload = load_checkpoint(checkpoint)
         self.device = resolve_device(settings.device)
-        model, _ = load_model(checkpoint)
+        model = without_image_heads(load_model(checkpoint)[0])  # the network changes: fitted heads would not hold
+        self.source_payload = {**self.source_payload, "model_card": model.card.to_dict()}
         self.card = model.card
         inputs = self.source_payload.get("input") or {}
         target = service_target(target, service, folder=self.out / "service", gsd=inputs.get("gsd"))

@@ -23,7 +23,7 @@ from torch import nn
 from buildseg.errors import BuildsegError
 from buildseg.models.card import ARCHS, ModelCard
 
-__all__ = ["ModelCard", "SegmentationModel", "build_model", "build_net"]
+__all__ = ["ModelCard", "SegmentationModel", "build_model", "build_net", "without_image_heads"]
 MIN_SIZE = 16
 MIN_IMAGE_STD = 8.0  # grey levels: input_norm="image" never divides by less
 
@@ -178,3 +178,14 @@ def build_model(card: ModelCard, weights: str = "none") -> SegmentationModel:
 
         model.style_mix = attach_style_mix(encoder, card.style_mix)  # a child module: train()/eval() reach it
     return model
+
+
+def without_image_heads(model: SegmentationModel) -> SegmentationModel:
+    """``model`` without its fitted per-image heads, for work that changes the network (``adapt``):
+    the heads describe the features they were fitted on (models/image_heads.py)."""
+    if not model.card.image_outputs:
+        return model
+    card = ModelCard.from_dict({**model.card.to_dict(), "image_outputs": []})
+    new = build_model(card)
+    new.load_state_dict({k: v for k, v in model.state_dict().items() if ".image_heads." not in k})
+    return new.train(model.training)

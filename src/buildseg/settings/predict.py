@@ -150,9 +150,10 @@ class PredictSettings(EngineSettings, ServiceSettings):
                                 "trained at); CSV/folder tiles, which carry none: the tiles' own metres per pixel, "
                                 "so they are resampled to the model's GSD and their masks back to the tiles' size (a "
                                 "CSV's gsd column does the same per tile)", low=0, low_open=True)
-    gsd_estimate: bool = setting(True, "CSV/folder tiles without a GSD (no --gsd, no gsd column), with a model that "
-                                 "has a scale head: resample a tile whose estimated pixel size is 2x or more from "
-                                 "the model's to it, and print the estimate")
+    gsd_estimate: bool = setting(False, "CSV/folder tiles without a GSD (no --gsd, no gsd column), with a model that "
+                                 "has a scale head (buildings 1.1): resample each tile to the model's pixel size by "
+                                 "the model's estimate of its own (printed either way); pays on tiles 2x or more "
+                                 "from the model's GSD (drones), costs near it")
     native_resolution: bool = setting(False, "GeoTIFF input: predict at the raster's own pixel size, ignoring the "
                                       "training GSD")
     bands: list[int] | None = setting(None, "GeoTIFF input: 1-based bands to read, e.g. 1,2,3 (default: the training "

@@ -1,13 +1,16 @@
 """Tiles without a pixel size, predicted at the size the model estimates for them.
 
 A CSV or folder of tiles says nothing of their GSD, so a model trained at 0.5 m sees drone
-tiles at 0.05 m as they are, and finds nothing it knows. A model with a ``scale`` head
+tiles at 0.05 m as they are, and finds little it knows. A model with a ``scale`` head
 (models/image_heads.py) says, from each tile's first pass, how far its pixel size is from the
-model's; where that is :data:`DEAD_BAND` or more, the tile is resampled to the model's pixel
-size by that estimate and predicted again, and its probabilities come back at its own size
-(the same path as ``--gsd``). Inside the band the first pass stands: near the model's GSD the
-estimate's error (a factor 1.5, median) would cost more than it buys. Measured per place
-with the head held out: benchmarks/README.md, "Per-image heads".
+model's. The job always reports that estimate; with ``predict --gsd-estimate`` each tile is
+also resampled to the model's pixel size by it and predicted again, its probabilities coming
+back at its own size (the same path as ``--gsd``).
+
+Opt-in, measured per place with the head held out (benchmarks/README.md, "Per-image heads"):
+on places 2x or more from 0.5 m it gained more than the known GSD did, and on places near
+0.5 m it lost (the estimate is off by a factor 1.5, median). A dead band (resample only
+estimates 2x or more away) was measured too and did worse on both.
 """
 
 from __future__ import annotations
@@ -21,7 +24,6 @@ import numpy as np
 
 log = logging.getLogger("buildseg")
 
-DEAD_BAND = 2.0  # the estimate must be this factor from the model's GSD before a tile is resampled
 LOGIT_CLIP = 1e-6
 
 
@@ -36,17 +38,16 @@ def log2_scale(maps: np.ndarray, targets: Sequence[str]) -> float | None:
 
 def resample_factor(estimate: float | None) -> float:
     """Model pixels per tile pixel for a tile of this estimate (1: predict it as it is)."""
-    if estimate is None or abs(estimate) < math.log2(DEAD_BAND):
-        return 1.0
-    return 2.0 ** estimate
+    return 1.0 if estimate is None else 2.0 ** estimate
 
 
 @dataclass
 class ScaleReport:
-    """What the estimates said over a job: each estimated tile's metres per pixel, and how many
-    were resampled."""
+    """What the estimates said over a job: each estimated tile's log2 scale, and how many were
+    resampled (``act``: ``--gsd-estimate``)."""
 
     model_gsd: float | None
+    act: bool = False
     estimates: list[float] = field(default_factory=list)  # log2(tile GSD / model GSD), per estimated tile
     resampled: int = 0
 
@@ -60,7 +61,9 @@ class ScaleReport:
             return None
         metres = self.model_gsd * 2.0 ** np.array(self.estimates)
         low, mid, high = np.percentile(metres, [10, 50, 90])
-        return (f"pixel size: {len(metres)} tiles without a GSD; the model estimates {mid:.2g} m/px (median; 10-90%: "
-                f"{low:.2g}-{high:.2g}); {self.resampled} estimated {DEAD_BAND:g}x or more from its {self.model_gsd:g} "
-                "m were resampled to it. Give --gsd (or a gsd column) when you know it; --no-gsd-estimate turns "
-                "this off")
+        said = (f"pixel size: {len(metres)} tiles without a GSD; the model estimates {mid:.2g} m/px (median; 10-90%: "
+                f"{low:.2g}-{high:.2g}; off by 1.5x typically)")
+        if self.act:
+            return f"{said}; {self.resampled} resampled to its {self.model_gsd:g} m by the estimate (--gsd-estimate)"
+        return (f"{said}; give --gsd (or a gsd column) when you know it, or --gsd-estimate to resample by the "
+                f"estimate (it pays far from {self.model_gsd:g} m and costs near it)")

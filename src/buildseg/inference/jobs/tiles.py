@@ -139,15 +139,15 @@ def predict_records(
     dist: DistInfo = SINGLE_PROCESS,
     layer: TileLayer | None = None,
     tile_gsd: float | None = None,
-    gsd_estimate: bool = True,
+    gsd_estimate: bool = False,
 ) -> tuple[list[str], PredictStats]:
     """RLE strings in ``records`` order (on rank 0 under torchrun) and timing statistics.
 
     ``layer``: also write the buildings as a tile layer (COCO JSON or a SpaceNet CSV,
     ``tile_layers.py``) at the layer's path. One process only. ``tile_gsd``: metres per pixel
     of tiles whose record has none (``ImageDataset``: resampled to the model's GSD and back).
-    ``gsd_estimate``: tiles of unknown GSD go by the model's scale head where it has one
-    (``scale_estimate.py``).
+    ``gsd_estimate``: tiles of unknown GSD are resampled by the model's scale head where it has
+    one (``scale_estimate.py``; the estimate is reported either way).
 
     On any failure the PNG masks and overlays this call wrote are removed again and no CSV
     is written, so a failed run leaves nothing half-done behind.
@@ -173,7 +173,7 @@ STAGES = ("wait for decoded images (main thread)", "model (main thread)", "post-
 
 def _predict(segmenter, records, out_csv, batch_size, num_workers, masks_dir, overlays_dir, skip_bad, progress,
              dist: DistInfo, written: list[Path], layer: TileLayer | None = None,
-             tile_gsd: float | None = None, gsd_estimate: bool = True) -> tuple[list[str], PredictStats]:
+             tile_gsd: float | None = None, gsd_estimate: bool = False) -> tuple[list[str], PredictStats]:
     started = time.monotonic()
     mine = list(range(dist.rank, len(records), dist.world_size))
     dataset, loader = _loader(segmenter, [records[i] for i in mine], batch_size=batch_size, num_workers=num_workers,
@@ -181,7 +181,7 @@ def _predict(segmenter, records, out_csv, batch_size, num_workers, masks_dir, ov
     results: dict[int, str] = {}
     skipped: list[str] = []
     rules, bar = segmenter.rules, tqdm(total=len(dataset), desc="predict", unit="img", disable=not progress)
-    scales = ScaleReport(segmenter.input.get("gsd")) if gsd_estimate and "scale" in segmenter.targets else None
+    scales = ScaleReport(segmenter.input.get("gsd"), act=gsd_estimate) if "scale" in segmenter.targets else None
     stages = dict.fromkeys(STAGES, 0.0)
 
     def finish(local_index: int, image: torch.Tensor, prob: np.ndarray, members: list[np.ndarray] | None) -> None:
@@ -271,7 +271,7 @@ def _at_estimated_scale(segmenter, image: torch.Tensor, prob: np.ndarray, member
     """The tile's maps at the pixel size its first pass estimates (as they are inside the dead
     band), and the image those maps are of."""
     estimate = log2_scale(prob, segmenter.targets)
-    factor = resample_factor(estimate)
+    factor = resample_factor(estimate) if scales.act else 1.0
     if estimate is None:
         return prob, members, image
     scales.add(estimate, factor)
