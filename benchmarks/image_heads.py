@@ -38,6 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes" / "buildings"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from corpus import place_of  # noqa: E402
+
 from buildseg.data.datasets import GridTileDataset, grid_offsets
 from buildseg.formats.images import read_image  # noqa: E402
 from buildseg.formats.tables import load_records  # noqa: E402
@@ -46,9 +48,7 @@ from buildseg.metrics import competition_dice, image_counts  # noqa: E402
 from buildseg.models.image_heads import column_groups, run_head  # noqa: E402
 from buildseg.runtime.checkpoint import load_model  # noqa: E402
 from buildseg.runtime.packaged import PACKAGED_PREFIX  # noqa: E402
-from buildseg.training.image_heads import (MIN_ZOOM, balanced_weights, draw_crops, fit_head, pooled_vectors,  # noqa: E402
-                                           with_heads)
-from corpus import place_of  # noqa: E402
+from buildseg.training.image_heads import MIN_ZOOM, balanced_weights, draw_crops, fit_head, pooled_vectors, with_heads  # noqa: E402
 from loader_throughput import cpu_flags  # noqa: E402
 
 POST = pp_mod.PostProcess(threshold=0.4, min_area=100)  # the package's
@@ -292,7 +292,7 @@ def main() -> None:
         print(f"### {title}\n")
         print("| place | tiles (empty) | " + " | ".join(names) + " |")
         print("|---|---|" + "---|" * len(names))
-        for place, (n, n_empty, result, e_other, t_other) in table.items():
+        for place, (n, n_empty, result, _e, _t) in table.items():
             if not chosen(place):
                 continue
             cells = [f"{result[k][0]:.3f} / {result[k][1]:.2f}" if k in result else "—" for k in names]

@@ -155,7 +155,18 @@ def _predict(settings: PredictSettings) -> PredictOutcome:
         from buildseg.formats.tables import load_records
 
         records = load_records(settings.data)  # bad data fails before the models load
+        if settings.gsd:
+            _check_tiles_gsd(settings)
     return _with_model(settings, kind, records=records)
+
+
+def _check_tiles_gsd(settings: PredictSettings) -> None:
+    """``--gsd`` on tiles needs a model that records its own GSD; told before any model loads."""
+    from buildseg.inference.core.checkpoint_info import CheckpointInfo
+
+    if not CheckpointInfo.read(settings.checkpoint, **settings.segmenter_options()).input.get("gsd"):
+        raise BuildsegError(f"--gsd {settings.gsd:g} on tiles resamples them to the model's GSD, but "
+                            f"{settings.checkpoint[0]} does not record one (a run trained without --gsd); drop --gsd")
 
 
 def _scenes_on_ray(settings: PredictSettings, scenes) -> PredictOutcome:
@@ -245,9 +256,6 @@ def _tiles(settings: PredictSettings, segmenter, records, dist):
     from buildseg.inference.jobs.tile_layers import TILE_LAYERS
     from buildseg.inference.jobs.tiles import predict_records
 
-    if settings.gsd and not segmenter.input.get("gsd"):
-        raise BuildsegError(f"--gsd {settings.gsd:g} on tiles resamples them to the model's GSD, but "
-                            f"{settings.checkpoint[0]} does not record one (a run trained without --gsd); drop --gsd")
     layer = TILE_LAYERS[settings.format](settings.out) if settings.format in TILE_LAYERS else None
     _, stats = predict_records(segmenter, records, None if layer else settings.out, batch_size=settings.batch_size,
                                num_workers=settings.num_workers, masks_dir=settings.masks_dir,

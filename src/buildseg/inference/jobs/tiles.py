@@ -178,8 +178,7 @@ def _predict(segmenter, records, out_csv, batch_size, num_workers, masks_dir, ov
     mine = list(range(dist.rank, len(records), dist.world_size))
     dataset, loader = _loader(segmenter, [records[i] for i in mine], batch_size=batch_size, num_workers=num_workers,
                               skip_bad=skip_bad, tile_gsd=tile_gsd)
-    results: dict[int, str] = {}
-    skipped: list[str] = []
+    results, skipped = {}, []
     rules, bar = segmenter.rules, tqdm(total=len(dataset), desc="predict", unit="img", disable=not progress)
     scales = ScaleReport(segmenter.input.get("gsd"), act=gsd_estimate) if "scale" in segmenter.targets else None
     stages = dict.fromkeys(STAGES, 0.0)
@@ -216,8 +215,7 @@ def _predict(segmenter, records, out_csv, batch_size, num_workers, masks_dir, ov
             stages["model (main thread)"] += time.monotonic() - began
             bar.update(len(items))
             bar.set_postfix(img_s=f"{bar.n / max(1e-9, time.monotonic() - started):.1f}")
-            done = [f for f in pending if f.done()]
-            for f in done:
+            for f in [f for f in pending if f.done()]:
                 f.result()  # surface errors from the worker thread
             pending = [f for f in pending if not f.done()]
         began = time.monotonic()
@@ -231,7 +229,7 @@ def _predict(segmenter, records, out_csv, batch_size, num_workers, masks_dir, ov
         write_submission(out_csv, [r.img_id for r in records], ordered)
     stages["write CSV"] = time.monotonic() - began
     n_empty = sum(1 for r in ordered if r == rle.EMPTY)
-    notes = [line for line in [scales.line() if scales else None] if line]
+    notes = [scales.line()] if scales and scales.line() else []
     return ordered, PredictStats(len(records), n_empty, skipped, time.monotonic() - started, stages, notes)
 
 
