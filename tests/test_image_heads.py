@@ -24,7 +24,7 @@ from buildseg.runtime.checkpoint import FORMAT, load_model, save_atomic
 from buildseg.training.image_heads import draw_crops, fit_heads, heads_payload, pooled_vectors, with_heads
 
 # the documented error of the scale estimate on synthetic tiles (docs/prediction.md): median |log2 error|
-SYNTHETIC_SCALE_ERROR = 0.25  # 0.08 measured
+SYNTHETIC_SCALE_ERROR = 0.25  # 0.13 measured (32 crops per tile)
 
 
 def _tiny(seed: int = 0):
@@ -143,14 +143,15 @@ def _held_out_auc(score: np.ndarray, positive: np.ndarray) -> float:
 def test_fitted_heads_tell_buildings_and_scale_on_held_out_tiles(synth_data):
     model, _ = load_model("model:buildings")  # a network that sees buildings: the heads read its features
     records = [dataclasses.replace(r, gsd=0.5) for r in load_records(synth_data / "train.csv")]
-    train = draw_crops(records[:4], model_gsd=0.5, per_tile=40, seed=0, crop=64)
+    train = draw_crops(records[:4], model_gsd=0.5, per_tile=32, seed=0, crop=64)
     fitted = fit_heads(model, train, ["tile", "scale"])
-    test = draw_crops(records[4:], model_gsd=0.5, per_tile=40, seed=1, crop=64)
+    test = draw_crops(records[4:], model_gsd=0.5, per_tile=32, seed=1, crop=64)
     vectors = torch.from_numpy(pooled_vectors(fitted, test.images))
     heads = fitted.net.image_heads
     tile = run_head(heads.head("tile"), vectors)[:, 0].numpy()
     assert 0 < test.has_building.sum() < len(test.has_building)
-    assert _held_out_auc(tile, test.has_building) > 0.8  # 0.89 measured
+    auc = _held_out_auc(tile, test.has_building)
+    assert auc > 0.8  # 0.95 measured
     scale = run_head(heads.head("scale"), vectors)[:, 0].numpy()
     assert np.ptp(test.log2_scale) > 1.0  # the crops span more than a factor of 2
     error = np.median(np.abs(scale - test.log2_scale))
