@@ -295,9 +295,10 @@ class EnsembleMaps:
 @dataclass
 class MaskRules:
     """Probability maps -> mask: the empty vote, the threshold and area rules, the tile head's
-    decision (models with one: ``tile_threshold``), and for models with a contact channel (unless ``split`` is off) the watershed that cuts touching
-    buildings apart. A separate object so that callers can post-process in another thread
-    (CSV prediction) or after resampling (GeoTIFF blocks)."""
+    decision (models with one: ``tile_threshold``), and for models with a contact channel
+    (unless ``split`` is off) the watershed that cuts touching buildings apart. A separate
+    object so that callers can post-process in another thread (CSV prediction) or after
+    resampling (GeoTIFF blocks). ``targets``: the output channels' names, in order."""
 
     postprocess: PostProcess
     targets: list[str]

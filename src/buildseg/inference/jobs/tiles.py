@@ -277,10 +277,9 @@ def _at_estimated_scale(segmenter, image: torch.Tensor, prob: np.ndarray, member
         return prob, members, image
     h, w = image.shape[-2:]
     size = (max(MIN_SIZE, round(h * factor)), max(MIN_SIZE, round(w * factor)))
-    resampled = resample(image.numpy().transpose(1, 2, 0), size)
-    maps = segmenter.probabilities(torch.from_numpy(np.ascontiguousarray(resampled.transpose(2, 0, 1)))[None])
-    prob, members = maps.image(0)
-    return prob, members, torch.from_numpy(np.ascontiguousarray(resampled.transpose(2, 0, 1)))
+    resampled = torch.from_numpy(np.ascontiguousarray(resample(image.numpy().transpose(1, 2, 0), size).transpose(2, 0, 1)))
+    prob, members = segmenter.probabilities(resampled[None]).image(0)
+    return prob, members, resampled
 
 
 def _write_pngs(img_id: str, image: torch.Tensor, mask: np.ndarray, *, masks_dir, overlays_dir, written: list[Path]):
