@@ -226,3 +226,18 @@ def test_the_packaged_model_adds_a_scale_head_to_the_previous_version_s_network(
         out_new, out_old = new(x), old(x)
     assert new.output_names == ["footprint", "scale"] and out_new.shape[1] == 2
     torch.testing.assert_close(out_new[:, :1], out_old)  # the same network: the pixels do not change
+
+
+@pytest.mark.parametrize("case", ["no scale head", "not tiles"])
+def test_gsd_estimate_where_it_cannot_apply_is_one_line(case, synth_data, tmp_path, capsys):
+    if case == "no scale head":
+        args = ["--model", "buildings@1.0", "--data", str(synth_data / "test.csv"), "--out", str(tmp_path / "o.csv")]
+        message = "--gsd-estimate needs a model with a scale head"
+    else:
+        (tmp_path / "scene.tif").write_bytes(b"")
+        args = ["--model", "buildings", "--data", str(tmp_path / "scene.tif"), "--out", str(tmp_path / "o.tif")]
+        message = "--gsd-estimate applies to CSV/folder tiles"
+    assert main(["predict", *args, "--gsd-estimate"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+    assert not (tmp_path / "o.csv").exists()

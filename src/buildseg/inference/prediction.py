@@ -155,18 +155,25 @@ def _predict(settings: PredictSettings) -> PredictOutcome:
         from buildseg.formats.tables import load_records
 
         records = load_records(settings.data)  # bad data fails before the models load
-        if settings.gsd:
+        if settings.gsd or settings.gsd_estimate:
             _check_tiles_gsd(settings)
     return _with_model(settings, kind, records=records)
 
 
 def _check_tiles_gsd(settings: PredictSettings) -> None:
-    """``--gsd`` on tiles needs a model that records its own GSD; told before any model loads."""
+    """``--gsd`` and ``--gsd-estimate`` on tiles need a model that records its own GSD, the
+    latter one with a scale head too; told before any model loads."""
     from buildseg.inference.core.checkpoint_info import CheckpointInfo
+    from buildseg.runtime.checkpoint import load_checkpoint
 
+    flag = f"--gsd {settings.gsd:g}" if settings.gsd else "--gsd-estimate"
     if not CheckpointInfo.read(settings.checkpoint, **settings.segmenter_options()).input.get("gsd"):
-        raise BuildsegError(f"--gsd {settings.gsd:g} on tiles resamples them to the model's GSD, but "
-                            f"{settings.checkpoint[0]} does not record one (a run trained without --gsd); drop --gsd")
+        raise BuildsegError(f"{flag} on tiles resamples them to the model's GSD, but {settings.checkpoint[0]} does not "
+                            f"record one (a run trained without --gsd); drop {flag.split()[0]}")
+    if settings.gsd_estimate and not settings.gsd and any(
+            "scale" not in (load_checkpoint(c)["model_card"].get("image_outputs") or []) for c in settings.checkpoint):
+        raise BuildsegError(f"--gsd-estimate needs a model with a scale head (--model buildings, 1.1 or later); "
+                            f"{settings.checkpoint[0]} has none: give the tiles' --gsd, or drop --gsd-estimate")
 
 
 def _scenes_on_ray(settings: PredictSettings, scenes) -> PredictOutcome:

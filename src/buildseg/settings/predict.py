@@ -188,6 +188,9 @@ class PredictSettings(EngineSettings, ServiceSettings):
             flag = "--stac-asset" if kind != SCENES and self.stac_asset else "--shard" if self.shard else "--runner"
             raise BuildsegError(f"{flag} applies to many scenes (a folder or list of GeoTIFFs, a STAC catalogue, or a "
                                 f"tile service's area); --data {self.data} is not one")
+        if kind != TILES and self.gsd_estimate:
+            raise BuildsegError(f"--gsd-estimate applies to CSV/folder tiles, which carry no GSD; --data {self.data} "
+                                "says its own pixel size: drop --gsd-estimate")
         if kind == TILES and (self.bands or self.native_resolution or self.footprints or self.geojson):
             raise BuildsegError("--bands, --native-resolution, --footprints and --geojson apply to GeoTIFF "
                                 f"input; --data {self.data} is not a GeoTIFF or a folder/list of them")
