@@ -172,3 +172,19 @@ def test_validation_reports_the_dice_of_each_source(tmp_path):
     counts[:, :3] = [[10, 0, 0], [10, 10, 0], [0, 5, 5]]  # tp fp fn per tile: a, a, b
     scores = dice_by_source(counts, grid)
     assert scores == pytest.approx({"a": (1.0 + 20 / 30) / 2, "b": 0.0}, abs=1e-6)
+
+
+@pytest.mark.parametrize("share", [0.0, 0.5, 1.0])
+def test_empty_crops_are_sought_at_their_documented_share(tmp_path, share):
+    """data.empty_crops: that share of crops tries EMPTY_TRIES windows for building-free ground.
+    With a 64 px building centred in a 128 px tile, a random 32 px window is empty with
+    probability p = 1 - (1 - 2/97)^2, so an empty crop comes out with (1-s) p + s (1 - (1-p)^10)."""
+    from buildseg.data.datasets import EMPTY_TRIES
+
+    records = load_records(write_corpus(tmp_path, {"s": 1}, size=128, building=64), require_masks=True)
+    dataset = TrainCropDataset(records, crop_size=32, crops_per_image=1, augment=False, empty_crops=share)
+    draws = 3000
+    empty = sum(not dataset.crop((0, index))[1].any() for index in range(draws)) / draws
+    p = 1 - (1 - 2 / 97) ** 2
+    expected = (1 - share) * p + share * (1 - (1 - p) ** EMPTY_TRIES)
+    assert abs(empty - expected) < 4 * np.sqrt(expected * (1 - expected) / draws), (empty, expected)

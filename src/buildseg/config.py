@@ -41,6 +41,8 @@ class DataConfig:
     gsd_jitter: float = 0.15  # tiles of known GSD are resampled to data.gsd x exp(u), u uniform in +-this
     crop_size: int = 224
     crops_per_image: int = 0  # random crops per training image per epoch; 0: image area / crop area
+    empty_crops: float = 0.0  # share of tile crops placed on the tile's building-free ground (ten tries); each
+    # source then gives its own negatives (fields, water, bare soil). 0: crops anywhere
     val_tile: int = 224
     augment: bool = True
     augmentations: list[str] = field(default_factory=lambda: ["d4", "colour"])  # see data/augment.py for the names
@@ -190,6 +192,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data.gsd_jitter": _between(0.0, 1.0),
     "data.crop_size": _at_least(16),
     "data.crops_per_image": _at_least(0),
+    "data.empty_crops": _between(0.0, 1.0, closed_high=True),
     "data.val_tile": _at_least(16),
     "data.num_workers": _at_least(-1),
     "data.cache": _choice("auto", "disk", "ram", "none"),

@@ -52,6 +52,9 @@ def to_tensors(image: np.ndarray, mask: np.ndarray | None) -> tuple[torch.Tensor
     return image_t, mask_t
 
 
+EMPTY_TRIES = 10  # windows drawn in search of building-free ground for an "empty" crop
+
+
 class TrainCropDataset(Dataset):
     """Random crops of ``crop_size`` from each training image, ``crops_per_image`` per epoch.
 
@@ -79,8 +82,10 @@ class TrainCropDataset(Dataset):
         record_weights: np.ndarray | None = None,
         target_gsd: float | None = None,
         gsd_jitter: float = 0.0,
+        empty_crops: float = 0.0,
     ) -> None:
         self.records = list(records)
+        self.empty_crops = empty_crops  # share of crops sought on building-free ground (EMPTY_TRIES windows)
         self.record_weights = record_weights  # per-record draw probabilities (data/corpus.py); None: in turn
         self.target_gsd = target_gsd  # tiles of known GSD are resampled to it (times a jitter of +-gsd_jitter)
         self.gsd_jitter = gsd_jitter if augment else 0.0
@@ -144,14 +149,16 @@ class TrainCropDataset(Dataset):
             shape = full.shape[:2]
         # at most 1.5x the tile's side: a 2 cm drone tile seen at 0.5 m would be a speck in a black crop
         c = max(8, min(int(round(out * factor)), int(1.5 * max(out, *shape[:2]))))
-        if full is None:
+        tries = EMPTY_TRIES if self.empty_crops and rng.random() < self.empty_crops else 1
+        for _ in range(tries):  # the last window is kept when none of the tries is building-free
             y, x = self._window(rng, *shape, size=c)
-            image, mask = self.store.window(r, y, x, c, c)
-        else:
-            record = self.records[r]
-            y, x = self._window(rng, *full.shape[:2], size=c)
-            image = full[y : y + c, x : x + c]
-            mask = self.masks.get(record, full.shape[:2])[y : y + c, x : x + c]
+            if full is None:
+                image, mask = self.store.window(r, y, x, c, c)
+            else:
+                image = full[y : y + c, x : x + c]
+                mask = self.masks.get(self.records[r], full.shape[:2])[y : y + c, x : x + c]
+            if not mask.any():
+                break
         image, mask = _pad_to(image, c), _pad_to(mask, c)
         if c != out:
             image, mask = _resize(image, out, cv2.INTER_AREA if c > out else cv2.INTER_LINEAR), _resize(mask, out, cv2.INTER_NEAREST)

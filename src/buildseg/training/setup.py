@@ -143,7 +143,7 @@ def _datasets(config: Config, dist: DistInfo):
                                  augment=d.augment, seed=t.seed, in_chans=in_chans, store=store,
                                  targets=config.model.targets, augmentations=d.augmentations, scale_range=d.scale_range,
                                  record_weights=record_weights(train_records, d.source_balance), target_gsd=d.gsd,
-                                 gsd_jitter=d.gsd_jitter)
+                                 gsd_jitter=d.gsd_jitter, empty_crops=d.empty_crops)
     if dist.is_main:
         log.info("crops from %s", f"the {store.mode} store" if store else "decoding each image per crop")
         if len({r.tile_source for r in train_records}) > 1 or any(r.gsd for r in train_records):
