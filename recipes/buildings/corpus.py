@@ -30,7 +30,7 @@ def place_of(source: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", low).strip("_")
 
 
-def corpus_rows(shared: Path, sets: tuple[str, ...] = SETS) -> list[dict[str, str]]:
+def corpus_rows(shared: Path, sets: tuple[str, ...] = SETS, hold_out: tuple[str, ...] = ()) -> list[dict[str, str]]:
     rows = []
     csv.field_size_limit(2**31 - 1)
     for name in sets:
@@ -40,7 +40,7 @@ def corpus_rows(shared: Path, sets: tuple[str, ...] = SETS) -> list[dict[str, st
         with open(folder / "train.csv", newline="", encoding="utf-8") as handle:
             for row in csv.DictReader(handle):
                 meta = manifest[row["img_id"]]
-                if meta["source_dataset"] in EXCLUDED_SOURCES:
+                if meta["source_dataset"] in EXCLUDED_SOURCES or place_of(meta["source_dataset"]) in hold_out:
                     continue
                 rows.append({"img_id": row["img_id"], "img_path": str((folder / row["img_path"]).resolve()),
                              "mask_rle": row["mask_rle"], "source": meta["source_dataset"], "gsd": meta["gsd_m"]})
@@ -52,8 +52,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--shared", default="../shared/data", help="folder holding real_dev/ and more_dev/")
     parser.add_argument("--out", required=True, help="the corpus CSV to write")
     parser.add_argument("--sets", nargs="+", default=list(SETS), help="folders of --shared to take")
+    parser.add_argument("--hold-out", nargs="*", default=[], metavar="PLACE",
+                        help="places (place_of keys, e.g. rio nacala yangon_uav) left out, to measure on them")
     args = parser.parse_args(argv)
-    rows = corpus_rows(Path(args.shared), tuple(args.sets))
+    rows = corpus_rows(Path(args.shared), tuple(args.sets), tuple(args.hold_out))
     with open(args.out, "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=["img_id", "img_path", "mask_rle", "source", "gsd"])
         writer.writeheader()
