@@ -246,18 +246,18 @@ def _loader(segmenter, records, *, batch_size: int, num_workers: int, skip_bad: 
 def _predicted(segmenter, items, dataset: ImageDataset, scales: ScaleReport | None):
     """(index, image, (probabilities, members)) of a batch's readable images, images of one
     shape predicted together (a large image is windowed inside ``probabilities``); with
-    ``scales``, a tile of unknown GSD that the model estimates far from its own is predicted
-    again at the estimated size (``scale_estimate.py``)."""
+    ``scales``, the tiles of unknown GSD that the model estimates far from its own are predicted
+    again at their estimated sizes, tiles of one size together (``scale_estimate.py``)."""
     groups: dict[tuple[int, ...], list] = {}
     for index, image, _, shape in items:
         if image is not None:
             groups.setdefault(tuple(image.shape), []).append((index, image, shape))
     for group in groups.values():
         maps = segmenter.probabilities(torch.stack([img for _, img, _ in group]))
-        for k, (index, image, shape) in enumerate(group):
-            prob, members = maps.image(k)
-            if scales is not None and not dataset.gsd_known(dataset.records[index]):
-                prob, members, image = _at_estimated_scale(segmenter, image, prob, members, scales)
+        done = [[index, image, shape, *maps.image(k)] for k, (index, image, shape) in enumerate(group)]
+        if scales is not None:
+            _at_estimated_scales(segmenter, [d for d in done if not dataset.gsd_known(dataset.records[d[0]])], scales)
+        for index, image, shape, prob, members in done:
             if tuple(image.shape[-2:]) != tuple(shape):  # resampled to the model's GSD: back to the tile's size
                 prob = _restored(prob, shape)
                 members = None if members is None else [_restored(m, shape) for m in members]
@@ -265,21 +265,27 @@ def _predicted(segmenter, items, dataset: ImageDataset, scales: ScaleReport | No
             yield index, image, (prob, members)
 
 
-def _at_estimated_scale(segmenter, image: torch.Tensor, prob: np.ndarray, members, scales: ScaleReport):
-    """The tile's maps at the pixel size its first pass estimates (as they are inside the dead
-    band), and the image those maps are of."""
-    estimate = log2_scale(prob, segmenter.targets)
-    factor = resample_factor(estimate) if scales.act else 1.0
-    if estimate is None:
-        return prob, members, image
-    scales.add(estimate, factor)
-    if factor == 1.0:
-        return prob, members, image
-    h, w = image.shape[-2:]
-    size = (max(MIN_SIZE, round(h * factor)), max(MIN_SIZE, round(w * factor)))
-    resampled = torch.from_numpy(np.ascontiguousarray(resample(image.numpy().transpose(1, 2, 0), size).transpose(2, 0, 1)))
-    prob, members = segmenter.probabilities(resampled[None]).image(0)
-    return prob, members, resampled
+def _at_estimated_scales(segmenter, entries: list[list], scales: ScaleReport) -> None:
+    """Each [index, image, shape, prob, members] entry replaced in place by the maps at the
+    pixel size its first pass estimates (kept inside the dead band), with the image those maps
+    are of; the resampled tiles of one size go through the model as one batch."""
+    again: dict[tuple[int, int], list] = {}
+    for entry in entries:
+        estimate = log2_scale(entry[3], segmenter.targets)
+        if estimate is None:
+            continue
+        factor = resample_factor(estimate) if scales.act else 1.0
+        scales.add(estimate, factor)
+        if factor == 1.0:
+            continue
+        h, w = entry[1].shape[-2:]
+        size = (max(MIN_SIZE, round(h * factor)), max(MIN_SIZE, round(w * factor)))
+        entry[1] = torch.from_numpy(np.ascontiguousarray(resample(entry[1].numpy().transpose(1, 2, 0), size).transpose(2, 0, 1)))
+        again.setdefault(size, []).append(entry)
+    for group in again.values():
+        maps = segmenter.probabilities(torch.stack([entry[1] for entry in group]))
+        for k, entry in enumerate(group):
+            entry[3], entry[4] = maps.image(k)
 
 
 def _write_pngs(img_id: str, image: torch.Tensor, mask: np.ndarray, *, masks_dir, overlays_dir, written: list[Path]):
