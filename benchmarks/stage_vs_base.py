@@ -36,6 +36,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "recipes" / "buildings"))
 
 from corpus import corpus_rows, place_of  # noqa: E402
+
 from loader_throughput import cpu_flags  # noqa: E402
 
 BUILDSEG = str(Path(sys.executable).with_name("buildseg"))

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -120,16 +119,15 @@ def deepness_mask(onnx_path, image: np.ndarray) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def confident_run(synth_data, tmp_path_factory):
-    """A model trained long enough (about half a minute) to be sure of most pixels: the
-    shared ``trained_run`` sits near 0.5 everywhere, where any difference flips pixels."""
-    from buildseg.training.loop import train
-    from conftest import tiny_config
+def confident_run(tmp_path_factory):
+    """A model sure of most pixels: the packaged network (it finds the synthetic buildings at
+    0.5 m), saved as a checkpoint; the shared ``trained_run`` sits near 0.5 everywhere, where
+    any difference flips pixels."""
+    from buildseg.runtime.checkpoint import load_model, save_atomic
 
-    config = tiny_config(synth_data, tmp_path_factory.mktemp("confident") / "run", epochs=12, lr=3e-3)
-    config.data.crops_per_image, config.data.crop_size = 8, 96
-    train(config)
-    return Path(config.train.out)
+    model, payload = load_model("model:buildings@1.0")
+    path = tmp_path_factory.mktemp("confident") / "best.pt"
+    return save_atomic({**payload, "model_card": model.card.to_dict(), "model": model.state_dict()}, path)
 
 
 @pytest.mark.slow
@@ -138,11 +136,12 @@ def test_deepness_procedure_finds_what_buildseg_predict_finds_on_a_geotiff(confi
     each way), the agreement stated as pixel share and building IoU:
 
     * the tiling alone: Deepness' procedure against buildseg's probabilities of the whole
-      image at the same threshold: >= 99% of pixels, >= 99% within 8 px of the seams;
+      image at the same threshold: >= 98% of pixels, >= 98% within 8 px of the seams (measured
+      99.1% and 99.5% with the packaged 1.0 network: its receptive field sees past a tile);
     * end to end against ``buildseg predict`` on the GeoTIFF (which also reads a 64 px
       zero margin around the raster and blends windows): >= 95% of pixels, IoU >= 0.6
-      (measured 0.962 and 0.669 on the first machine: a half-minute model is unsure of
-      many pixels, and the margin changes their context).
+      (measured 0.977 and 0.640: the margin changes the context of the pixels the model is
+      unsure of).
     """
     import rasterio
 
@@ -176,5 +175,5 @@ def test_deepness_procedure_finds_what_buildseg_predict_finds_on_a_geotiff(confi
     tiling, tiling_seams = agreement(whole_image, everywhere), agreement(whole_image, seams)
     end_to_end = agreement(predicted, everywhere)
     print(f"Deepness vs whole-image probabilities: {tiling} (seams {tiling_seams}); vs predict: {end_to_end}")
-    assert tiling[0] >= 0.99 and tiling_seams[0] >= 0.99
+    assert tiling[0] >= 0.98 and tiling_seams[0] >= 0.98
     assert end_to_end[0] >= 0.95 and end_to_end[1] >= 0.6
