@@ -178,3 +178,25 @@ def test_tune_out_gives_a_packaged_model_the_places_rule_in_a_new_run(zoo, tmp_p
     assert (zoo / "tiny.safetensors").read_bytes() == before
     for key, tensor in load_checkpoint("model:tiny")["model"].items():
         assert torch.equal(tuned["model"][key], tensor)
+
+
+def test_an_archived_version_reuses_the_network_it_shares(zoo, tmp_path):
+    """archive(reuse=...): an older version kept by name stores only the tensors it does not share
+    with the named version, and loads back whole (the way buildings@1.1 keeps its scale head)."""
+    original = load_checkpoint("model:tiny")
+    packaged.archive("tiny")  # tiny@0.1: a full copy
+    changed = dict(original["model"])
+    key = next(k for k, v in changed.items() if v.is_floating_point() and v.numel() > 1)
+    changed[key] = changed[key] + 1.0
+    packaged.write_model({**original, "model": changed}, name="tiny", version="0.2", sources=[], recipe="tests")
+    packaged.archive("tiny", reuse="tiny@0.1")  # tiny@0.2: only the changed tensor
+    packaged.write_model(original, name="tiny", version="0.3", sources=[], recipe="tests")
+    from safetensors.torch import load_file
+
+    assert list(load_file(str(zoo / "tiny@0.2.safetensors"))) == [key]
+    kept = load_checkpoint("model:tiny@0.2")
+    assert kept["packaged"] == {"name": "tiny@0.2", "version": "0.2"}
+    assert set(kept["model"]) == set(changed)
+    for name, tensor in changed.items():
+        assert torch.equal(kept["model"][name], tensor.half().float() if tensor.is_floating_point() else tensor), name
+    assert torch.equal(load_checkpoint("model:tiny@0.1")["model"][key], original["model"][key])

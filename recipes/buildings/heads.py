@@ -14,8 +14,6 @@ max probability (benchmarks/README.md, "Per-image heads").
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -43,17 +41,6 @@ SCALE_FIGURES = {  # benchmarks/README.md, "Per-image heads" (benchmarks/image_h
 }
 
 
-def keep_current(name: str) -> packaged.PackagedModel:
-    """Copy the current ``name`` to ``name@VERSION`` (card and weights), so it stays loadable."""
-    current = packaged.find(name)
-    old = f"{name}@{current.version}"
-    card = json.loads((packaged.ZOO / f"{name}.json").read_text(encoding="utf-8"))
-    card["name"] = old
-    (packaged.ZOO / f"{old}.json").write_text(json.dumps(card, indent=1) + "\n", encoding="utf-8")
-    shutil.copyfile(current.weights, packaged.ZOO / f"{old}.safetensors")
-    return current
-
-
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--corpus", required=True, help="corpus CSV with source and gsd columns (corpus.py)")
@@ -61,7 +48,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--version", required=True, help="the new version, e.g. 1.1")
     parser.add_argument("--per-tile", type=int, default=16)
     args = parser.parse_args(argv)
-    current = keep_current(args.name)
+    current = packaged.archive(args.name)  # stays loadable as NAME@VERSION
     base = f"{packaged.PACKAGED_PREFIX}{args.name}@{current.version}"
     model, payload = load_model(base)
     payload = load_checkpoint(base)

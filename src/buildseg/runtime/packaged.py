@@ -45,6 +45,9 @@ class PackagedModel:
     recipe: str = ""
     code_version: str = ""
     notes: str = ""
+    # An older version kept by name may reuse another installed version's network: its own file
+    # then holds only the tensors that differ (a fitted head), not a second copy of the network.
+    weights_from: str = ""  # NAME@VERSION whose tensors fill in the rest
 
     @property
     def weights(self) -> Path:
@@ -132,6 +135,8 @@ def payload(path: Path) -> dict[str, Any]:
     model = find(path.stem)
     weights_path(model.name)
     state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(path)).items()}
+    if model.weights_from:
+        state = {**payload(weights_path(model.weights_from))["model"], **state}
     return {"format": FORMAT, "schema": SCHEMA_VERSION, "model_card": dict(model.model_card),
             "model": state, "postprocess": dict(model.postprocess), "input": dict(model.input),
             "buildseg_version": model.code_version, "packaged": {"name": model.name, "version": model.version},
@@ -154,6 +159,26 @@ def write_model(payload: dict[str, Any], *, name: str, version: str, zoo: Path |
                           input=dict(payload.get("input") or {}), postprocess=dict(payload.get("postprocess") or {}), **card)
     (zoo / f"{name}.json").write_text(json.dumps(entry.__dict__, indent=1) + "\n", encoding="utf-8")
     return weights
+
+
+def archive(name: str, *, reuse: str | None = None, zoo: Path | None = None) -> PackagedModel:
+    """Keep the current ``name`` loadable as ``name@VERSION`` before a new version replaces it.
+    With ``reuse`` (an installed ``NAME@VERSION`` sharing most of its network), the archived file
+    holds only the tensors that differ from it, and its card names ``reuse`` in ``weights_from``."""
+    from safetensors.torch import load_file, save_file
+
+    zoo = zoo or ZOO
+    current = _read_card(zoo / f"{name}.json")
+    old = f"{name}@{current.version}"
+    state = load_file(str(zoo / f"{name}.safetensors"))
+    if reuse:
+        shared = load_file(str(weights_path(reuse)))
+        state = {k: v for k, v in state.items() if k not in shared or not shared[k].equal(v)}
+    save_file(state, str(zoo / f"{old}.safetensors"))
+    digest = hashlib.sha256((zoo / f"{old}.safetensors").read_bytes()).hexdigest()
+    card = {**current.__dict__, "name": old, "sha256": digest, "weights_from": reuse or ""}
+    (zoo / f"{old}.json").write_text(json.dumps(card, indent=1) + "\n", encoding="utf-8")
+    return current
 
 
 def listing_lines(name: str | None = None, *, as_json: bool = False) -> list[str]:
