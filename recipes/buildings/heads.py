@@ -20,25 +20,36 @@ from pathlib import Path
 
 from buildseg.formats.tables import load_records
 from buildseg.runtime import packaged
-from buildseg.runtime.checkpoint import load_checkpoint, load_model
+from buildseg.runtime.checkpoint import load_model
 from buildseg.training.image_heads import draw_crops, fit_heads, heads_payload
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from corpus import place_of  # noqa: E402
 
-HEAD_TERMS = {  # more_dev2's sources as its README states them: they teach the scale head only
-    "crowdai": "crowdAI Mapping Challenge terms; not stated in the source repo",
-    "rio": "SpaceNet, CC BY-SA 4.0",
-    "nacala": "imagery CC0 (repo); labels OpenStreetMap, ODbL",
-    "inria": "Inria Aerial Image Labeling: public domain, cite Maggiori et al. 2017",
-    "yangon_uav": "Hlaing Thar Yar UAV annotation: no terms stated",
-    "whu_christchurch": "WHU Building Dataset: academic use with citation; imagery LINZ, CC BY 4.0",
-}
 SCALE_FIGURES = {  # benchmarks/README.md, "Per-image heads" (benchmarks/image_heads.py --min-zoom 0.125)
     "scale_head": "log2 pixel-size estimate, each of 17 places held out of its fit: median error 0.60 (x1.5); "
                   "predict --gsd-estimate on places 2x or more from 0.5 m: Dice +0.266 +- 0.177 (5 of 5 up; the "
                   "known GSD: +0.277); on places near 0.5 m: -0.034 +- 0.088 (7 of 12 down): opt-in",
 }
+
+
+def scale_head_payload(checkpoint: str | Path, corpus: Path, *, known: set[str], per_tile: int = 16) -> tuple[dict, list[dict]]:
+    """The checkpoint's payload with a scale head fitted on its frozen network over ``corpus``'s
+    tiles (every place weighted the same), and the card rows of the places only the head saw
+    (sources not in ``known``, by place)."""
+    from package import terms_of
+
+    model, payload = load_model(checkpoint)
+    records = load_records(corpus)
+    places = [place_of(r.tile_source) for r in records]
+    crops = draw_crops(records, model_gsd=float(payload["input"]["gsd"]), per_tile=per_tile, seed=0, groups=places)
+    fitted = fit_heads(model, crops, ["scale"])
+    known_places = {place_of(name) for name in known}
+    head_only = [r for r, place in zip(records, places) if place not in known_places]
+    rows = [{"name": f"{place} (scale head only)", "tiles": sum(place_of(r.tile_source) == place for r in head_only),
+             "terms": terms_of(next(r.tile_source for r in head_only if place_of(r.tile_source) == place))}
+            for place in sorted({place_of(r.tile_source) for r in head_only})]
+    return heads_payload(fitted, payload), rows
 
 
 def main(argv: list[str]) -> int:
@@ -49,29 +60,17 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--per-tile", type=int, default=16)
     args = parser.parse_args(argv)
     current = packaged.archive(args.name)  # stays loadable as NAME@VERSION
-    base = f"{packaged.PACKAGED_PREFIX}{args.name}@{current.version}"
-    model, payload = load_model(base)
-    payload = load_checkpoint(base)
-    records = load_records(args.corpus)
-    crops = draw_crops(records, model_gsd=float(current.input["gsd"]), per_tile=args.per_tile, seed=0,
-                       groups=[place_of(r.tile_source) for r in records])
-    fitted = fit_heads(model, crops, ["scale"])
-    seen = {s["name"] for s in current.sources}
-    head_places = sorted({place_of(r.tile_source) for r in records if r.img_id.startswith("MD2_")})
-    sources = list(current.sources) + [
-        {"name": f"{place} (more_dev2; scale head only)", "tiles": sum(place_of(r.tile_source) == place and
-                                                                        r.img_id.startswith("MD2_") for r in records),
-         "terms": HEAD_TERMS.get(place, "not stated")} for place in head_places if place not in seen]
-    quality = {**current.quality, **SCALE_FIGURES}
+    payload, head_sources = scale_head_payload(f"{packaged.PACKAGED_PREFIX}{args.name}@{current.version}", Path(args.corpus), known={s["name"] for s in current.sources},
+                                               per_tile=args.per_tile)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     weights = packaged.write_model(
-        heads_payload(fitted, payload), name=args.name, version=args.version, sources=sources, quality=quality,
+        payload, name=args.name, version=args.version, sources=list(current.sources) + head_sources,
+        quality={**current.quality, **SCALE_FIGURES},
         recipe=f"{current.recipe} && python recipes/buildings/heads.py --corpus CORPUS.csv --version {args.version}",
         code_version=f"git {commit}",
         notes=(f"{current.notes} Changes from {current.version}: the same network (pixels identical), plus a scale "
-               f"head fitted on {len(crops.images)} crops of {len(records)} tiles from 20 sources (its own figures in "
-               f"quality.scale_head); `predict` prints its estimate for tiles without a GSD and resamples by it with "
-               f"--gsd-estimate. {args.name}@{current.version} stays installed."))
+               f"head (its own figures in quality.scale_head); `predict` prints its estimate for tiles without a GSD "
+               f"and resamples by it with --gsd-estimate. {args.name}@{current.version} stays installed."))
     size = weights.stat().st_size / 2**20
     print(f"wrote {weights} ({size:.1f} MB) as {args.name} {args.version}; kept {args.name}@{current.version}")
     return 0 if size <= 16 else 1
