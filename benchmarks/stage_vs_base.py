@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -104,7 +105,9 @@ def main() -> None:
     parser.add_argument("--base", default="buildings@1.0")
     parser.add_argument("--places", nargs="+", default=["rio", "nacala", "yangon_uav"])
     parser.add_argument("--shared", type=Path, default=HERE.parents[1] / "shared" / "data")
+    parser.add_argument("--json", type=Path, help="also write the figures here (package.py --quality reads them)")
     args = parser.parse_args()
+    figures: dict[str, str] = {}
     rows = [r for r in corpus_rows(args.shared) if place_of(r["source"]) in args.places]
     print(f"CPU: {cpu_flags()}; {time.strftime('%Y-%m-%d')}; places {', '.join(args.places)}: {len(rows)} tiles")
     with tempfile.TemporaryDirectory() as tmp:
@@ -120,6 +123,8 @@ def main() -> None:
                 dice, summary = scores(masks, tiles)
                 per_tile[mode, name] = dice
                 print(f"| {mode} | {name} | {summary['dice']:.3f} | {summary['f1']:.3f} | {summary['empty_fp_rate']:.2f} |")
+                figures[f"held_out {mode}: {name}"] = (f"Dice {summary['dice']:.3f}, building F1 {summary['f1']:.3f}, "
+                                                       f"empty-tile FP {summary['empty_fp_rate']:.2f}")
         print("\nPaired per-tile Dice, stage - base (a tile empty in both of one model's truth and prediction "
               "scores 1 when the other predicts there):")
         print("| mode | place | tiles | base | stage | change | up / down |")
@@ -132,6 +137,11 @@ def main() -> None:
                 d = b[keep] - a[keep]
                 print(f"| {mode} | {place} | {keep.sum()} | {a[keep].mean():.3f} | {b[keep].mean():.3f} | "
                       f"{d.mean():+.3f} +- {d.std():.3f} | {(d > 0).sum()} / {(d < 0).sum()} |")
+            figures[f"held_out {mode}: paired per tile vs {args.base}"] = f"{d.mean():+.3f} +- {d.std():.3f}"
+    if args.json:
+        figures["held_out places"] = (f"{', '.join(args.places)} ({len(tiles)} grid tiles of {TILE} px), out of the "
+                                      f"training of both models; benchmarks/stage_vs_base.py")
+        args.json.write_text(json.dumps(figures, indent=1) + "\n")
 
 
 if __name__ == "__main__":
