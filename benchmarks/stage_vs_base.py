@@ -123,7 +123,7 @@ def main() -> None:
                 dice, summary = scores(masks, tiles)
                 per_tile[mode, name] = dice
                 print(f"| {mode} | {name} | {summary['dice']:.3f} | {summary['f1']:.3f} | {summary['empty_fp_rate']:.2f} |")
-                figures[f"held_out {mode}: {name}"] = (f"Dice {summary['dice']:.3f}, building F1 {summary['f1']:.3f}, "
+                figures[f"held_out {mode}: {'this model' if name == args.stage else name}"] = (f"Dice {summary['dice']:.3f}, building F1 {summary['f1']:.3f}, "
                                                        f"empty-tile FP {summary['empty_fp_rate']:.2f}")
         print("\nPaired per-tile Dice, stage - base (a tile empty in both of one model's truth and prediction "
               "scores 1 when the other predicts there):")
