@@ -243,6 +243,17 @@ def _loader(segmenter, records, *, batch_size: int, num_workers: int, skip_bad: 
                                pin_memory=segmenter.device.type == "cuda")
 
 
+@dataclass
+class _Predicted:
+    """One tile of a batch: the image its maps are of, and the tile's own size to restore."""
+
+    index: int
+    image: torch.Tensor
+    shape: tuple[int, int]
+    prob: np.ndarray
+    members: list[np.ndarray] | None
+
+
 def _predicted(segmenter, items, dataset: ImageDataset, scales: ScaleReport | None):
     """(index, image, (probabilities, members)) of a batch's readable images, images of one
     shape predicted together (a large image is windowed inside ``probabilities``); with
@@ -254,38 +265,39 @@ def _predicted(segmenter, items, dataset: ImageDataset, scales: ScaleReport | No
             groups.setdefault(tuple(image.shape), []).append((index, image, shape))
     for group in groups.values():
         maps = segmenter.probabilities(torch.stack([img for _, img, _ in group]))
-        done = [[index, image, shape, *maps.image(k)] for k, (index, image, shape) in enumerate(group)]
+        done = [_Predicted(index, image, shape, *maps.image(k)) for k, (index, image, shape) in enumerate(group)]
         if scales is not None:
-            _at_estimated_scales(segmenter, [d for d in done if not dataset.gsd_known(dataset.records[d[0]])], scales)
-        for index, image, shape, prob, members in done:
-            if tuple(image.shape[-2:]) != tuple(shape):  # resampled to the model's GSD: back to the tile's size
-                prob = _restored(prob, shape)
-                members = None if members is None else [_restored(m, shape) for m in members]
-                image = torch.from_numpy(resample(image.numpy().transpose(1, 2, 0), shape).transpose(2, 0, 1).copy())
-            yield index, image, (prob, members)
+            _at_estimated_scales(segmenter, [t for t in done if not dataset.gsd_known(dataset.records[t.index])], scales)
+        for t in done:
+            prob, members, image = t.prob, t.members, t.image
+            if tuple(image.shape[-2:]) != tuple(t.shape):  # resampled to the model's GSD: back to the tile's size
+                prob = _restored(prob, t.shape)
+                members = None if members is None else [_restored(m, t.shape) for m in members]
+                image = torch.from_numpy(resample(image.numpy().transpose(1, 2, 0), t.shape).transpose(2, 0, 1).copy())
+            yield t.index, image, (prob, members)
 
 
-def _at_estimated_scales(segmenter, entries: list[list], scales: ScaleReport) -> None:
-    """Each [index, image, shape, prob, members] entry replaced in place by the maps at the
-    pixel size its first pass estimates (kept inside the dead band), with the image those maps
-    are of; the resampled tiles of one size go through the model as one batch."""
-    again: dict[tuple[int, int], list] = {}
-    for entry in entries:
-        estimate = log2_scale(entry[3], segmenter.targets)
+def _at_estimated_scales(segmenter, tiles: list[_Predicted], scales: ScaleReport) -> None:
+    """Each tile's maps replaced by those at the pixel size its first pass estimates (kept
+    inside the dead band), with the image they are of; the resampled tiles of one size go
+    through the model as one batch."""
+    again: dict[tuple[int, int], list[_Predicted]] = {}
+    for t in tiles:
+        estimate = log2_scale(t.prob, segmenter.targets)
         if estimate is None:
             continue
         factor = resample_factor(estimate) if scales.act else 1.0
         scales.add(estimate, factor)
         if factor == 1.0:
             continue
-        h, w = entry[1].shape[-2:]
+        h, w = t.image.shape[-2:]
         size = (max(MIN_SIZE, round(h * factor)), max(MIN_SIZE, round(w * factor)))
-        entry[1] = torch.from_numpy(np.ascontiguousarray(resample(entry[1].numpy().transpose(1, 2, 0), size).transpose(2, 0, 1)))
-        again.setdefault(size, []).append(entry)
+        t.image = torch.from_numpy(np.ascontiguousarray(resample(t.image.numpy().transpose(1, 2, 0), size).transpose(2, 0, 1)))
+        again.setdefault(size, []).append(t)
     for group in again.values():
-        maps = segmenter.probabilities(torch.stack([entry[1] for entry in group]))
-        for k, entry in enumerate(group):
-            entry[3], entry[4] = maps.image(k)
+        maps = segmenter.probabilities(torch.stack([t.image for t in group]))
+        for k, t in enumerate(group):
+            t.prob, t.members = maps.image(k)
 
 
 def _write_pngs(img_id: str, image: torch.Tensor, mask: np.ndarray, *, masks_dir, overlays_dir, written: list[Path]):
