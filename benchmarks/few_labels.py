@@ -82,7 +82,7 @@ def score(checkpoint: Path, scored_csv: Path) -> float:
 
 
 def fine_tune(start: str, base: Path, labels_csv: Path, out: Path, imagenet: str, seed: int,
-              few_lr: float | None = None, check: bool = True) -> Path:
+              few_lr: float | None = None, check: bool = True, freeze_norms: bool = True) -> Path:
     if (out / "done").is_file():
         return out / "best.pt"
     config = Config()
@@ -92,6 +92,7 @@ def fine_tune(start: str, base: Path, labels_csv: Path, out: Path, imagenet: str
     config.train.quantize_at_end = False
     config.train.seed = seed
     config.train.few_check = check
+    config.train.few_freeze_norms = freeze_norms
     if start != STARTS[-1]:
         config.train.init = str(base)
         if few_lr:
@@ -141,6 +142,7 @@ def main() -> None:
     parser.add_argument("--folds", nargs="*", help="only these folds of the grid (default: all)")
     parser.add_argument("--few-lr", type=float, help="the fine-tune's train.few_lr (default: the config's)")
     parser.add_argument("--no-few-check", action="store_true", help="fine-tune without the few-label check")
+    parser.add_argument("--unfrozen-norms", action="store_true", help="the fine-tune's batch norms train (few_freeze_norms off)")
     parser.add_argument("--tables", nargs="*", help="print one table from these few_labels.json files (runs split "
                         "over processes with --folds) and exit")
     args = parser.parse_args()
@@ -183,7 +185,8 @@ def main() -> None:
                         continue
                     name = "finetune" if start == STARTS[2] else "imagenet"
                     checkpoint = fine_tune(start, base, labels_csv, out / "runs" / f"{fold}_s{seed}_k{k}_{name}", imagenet,
-                                           seed, args.few_lr, check=not args.no_few_check)
+                                           seed, args.few_lr, check=not args.no_few_check,
+                                           freeze_norms=not args.unfrozen_norms)
                     results[(k, start, key)] = score(checkpoint, scored_csv)
                     if start == STARTS[2]:  # the fine-tune itself is the run's last.pt
                         results[(k, STARTS[1], key)] = score(checkpoint.parent / "last.pt", scored_csv)

@@ -98,6 +98,7 @@ class TrainConfig:
     few_tiles: int = 20  # --init on at most this many tiles without --val-data: the few-label schedule (training/init.py)
     few_steps: int = 100  # few-label schedule: optimizer steps (the stopping rule: no tiles are set aside to validate)
     few_lr: float = 5e-5  # few-label schedule: peak learning rate (one-cycle, few_steps // 10 warm-up; 2e-4 broke k=3)
+    few_freeze_norms: bool = True  # few-label schedule: every batch norm keeps the init's statistics and affine
     few_check: bool = True  # few-label schedule: keep the fine-tune only if it beats the init on held-out halves of the
     # labels (two more half-runs first; few_check.py)
     epochs: int = 20

@@ -103,7 +103,7 @@ def few_label_schedule(config: Config, n_tiles: int) -> bool:
     t.epochs, t.lr, t.warmup_steps = 1, t.few_lr, max(1, t.few_steps // 10)
     t.keep_last, t.tune_at_end, t.early_stopping = True, False, None
     t.quantize_at_end = False  # judged on its own training tiles, int8 would say little: predict makes one at first use
-    t.freeze_all_norms = True  # batch statistics of crops of a few tiles would replace the learnt ones
+    t.freeze_all_norms = t.few_freeze_norms  # batch statistics of crops of a few tiles would replace the learnt ones
     log.info("few-label schedule: %d tiles (<= train.few_tiles %d) and no --val-data: all of them train, %d steps at lr "
              "%g, best.pt = the last weights, the init's post-processing kept; the validation line scores the training "
              "tiles", n_tiles, t.few_tiles, t.few_steps, t.few_lr)
