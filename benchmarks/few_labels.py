@@ -82,7 +82,7 @@ def score(checkpoint: Path, scored_csv: Path) -> float:
 
 
 def fine_tune(start: str, base: Path, labels_csv: Path, out: Path, imagenet: str, seed: int,
-              few_lr: float | None = None, check: bool = True, freeze_norms: bool = True) -> Path:
+              few_lr: float | None = None, check: bool = True, freeze_norms: str = "auto") -> Path:
     if (out / "done").is_file():
         return out / "best.pt"
     config = Config()
@@ -96,7 +96,7 @@ def fine_tune(start: str, base: Path, labels_csv: Path, out: Path, imagenet: str
     if start != STARTS[-1]:
         config.train.init = str(base)
         if few_lr:
-            config.train.few_lr = few_lr
+            config.train.few_lr = config.train.few_lr_many = few_lr
     else:  # ImageNet: the base's architecture and GSD, the same few-label steps, the general learning rate
         card = load_checkpoint(base)["model_card"]
         config.model.encoder, config.model.weights = card["encoder"], imagenet
@@ -142,7 +142,7 @@ def main() -> None:
     parser.add_argument("--folds", nargs="*", help="only these folds of the grid (default: all)")
     parser.add_argument("--few-lr", type=float, help="the fine-tune's train.few_lr (default: the config's)")
     parser.add_argument("--no-few-check", action="store_true", help="fine-tune without the few-label check")
-    parser.add_argument("--unfrozen-norms", action="store_true", help="the fine-tune's batch norms train (few_freeze_norms off)")
+    parser.add_argument("--freeze-norms", choices=["auto", "on", "off"], default="auto", help="train.few_freeze_norms")
     parser.add_argument("--tables", nargs="*", help="print one table from these few_labels.json files (runs split "
                         "over processes with --folds) and exit")
     args = parser.parse_args()
@@ -186,7 +186,7 @@ def main() -> None:
                     name = "finetune" if start == STARTS[2] else "imagenet"
                     checkpoint = fine_tune(start, base, labels_csv, out / "runs" / f"{fold}_s{seed}_k{k}_{name}", imagenet,
                                            seed, args.few_lr, check=not args.no_few_check,
-                                           freeze_norms=not args.unfrozen_norms)
+                                           freeze_norms=args.freeze_norms)
                     results[(k, start, key)] = score(checkpoint, scored_csv)
                     if start == STARTS[2]:  # the fine-tune itself is the run's last.pt
                         results[(k, STARTS[1], key)] = score(checkpoint.parent / "last.pt", scored_csv)

@@ -123,3 +123,37 @@ def test_no_few_check_trains_once(zoo, tmp_path, synth_data, monkeypatch):
     assert not few_check.check_applies(config)
     config.train.few_check, config.data.val = True, config.data.train
     assert not few_check.check_applies(config)  # --val-data: the general schedule, validated on it
+
+
+@pytest.mark.parametrize("n_tiles,setting,expected", [(1, "auto", (5e-5, True)), (9, "auto", (5e-5, True)),
+                                                      (10, "auto", (1e-3, False)), (20, "auto", (1e-3, False)),
+                                                      (10, "on", (1e-3, True)), (3, "off", (5e-5, False))])
+def test_the_few_label_schedule_follows_the_number_of_tiles(n_tiles, setting, expected):
+    """Below train.few_many (10) tiles: few_lr with the init's norms; from it: few_lr_many with
+    trainable norms (benchmarks/README.md, k=10); few_freeze_norms on/off overrides the norms."""
+    from buildseg.config import Config
+    from buildseg.training.init import few_label_schedule, few_regime
+
+    config = Config()
+    config.train.init, config.train.few_freeze_norms = "tiny", setting
+    assert few_regime(config, n_tiles) == expected
+    assert few_label_schedule(config, n_tiles)
+    assert (config.train.lr, config.train.freeze_all_norms) == expected
+
+
+def test_the_checks_half_runs_run_the_whole_fine_tunes_schedule(tmp_path, monkeypatch):
+    """Ten labels train at the ten-tile rate with trainable norms; their halves hold five tiles
+    each, and still run that schedule, not the five-tile one."""
+    import buildseg.training.loop as loop
+    from buildseg.config import Config
+    from buildseg.training.init import few_label_schedule
+
+    seen = []
+    monkeypatch.setattr(loop, "train", lambda sub: seen.append(sub))
+    monkeypatch.setattr(few_check, "held_out_dice", lambda *a, **k: 0.5)
+    config = Config()
+    config.train.init, config.train.out = "tiny", str(tmp_path / "run")
+    records = [Record(f"r{i}", tmp_path / f"r{i}.png", rle="-1") for i in range(10)]
+    few_check._fold(config, train=records[:5], held=records[5:], folder=tmp_path / "fold0", base="model:tiny", n_labels=10)
+    (sub,) = seen
+    assert few_label_schedule(sub, 5) and (sub.train.lr, sub.train.freeze_all_norms) == (1e-3, False)

@@ -97,8 +97,13 @@ class TrainConfig:
     init: str | None = None  # start the whole network (encoder, decoder, heads) from a packaged model NAME, a run or a .pt
     few_tiles: int = 20  # --init on at most this many tiles without --val-data: the few-label schedule (training/init.py)
     few_steps: int = 100  # few-label schedule: optimizer steps (the stopping rule: no tiles are set aside to validate)
-    few_lr: float = 5e-5  # few-label schedule: peak learning rate (one-cycle, few_steps // 10 warm-up; 2e-4 broke k=3)
-    few_freeze_norms: bool = True  # few-label schedule: every batch norm keeps the init's statistics and affine
+    few_lr: float = 5e-5  # few-label schedule below few_many tiles: peak learning rate (one-cycle, few_steps // 10
+    # warm-up; 2e-4 broke k=3)
+    few_many: int = 10  # few-label schedule from this many tiles: peak rate few_lr_many, and the norms train (k=10
+    # measured: benchmarks/README.md "buildings 2.0")
+    few_lr_many: float = 1e-3
+    few_freeze_norms: str = "auto"  # few-label schedule: every batch norm keeps the init's statistics and affine: auto
+    # (below few_many tiles) | on | off
     few_check: bool = True  # few-label schedule: keep the fine-tune only if it beats the init on held-out halves of the
     # labels (two more half-runs first; few_check.py)
     epochs: int = 20
@@ -224,6 +229,9 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.batch_size": _at_least(1),
     "train.lr": ((lambda v: v > 0), "> 0"),
     "train.few_lr": ((lambda v: v > 0), "> 0"),
+    "train.few_lr_many": ((lambda v: v > 0), "> 0"),
+    "train.few_many": _at_least(1),
+    "train.few_freeze_norms": _choice("auto", "on", "off"),
     "train.few_tiles": _at_least(0),
     "train.few_steps": _at_least(1),
     "train.weight_decay": _at_least(0),

@@ -42,7 +42,7 @@ from buildseg.data.corpus import with_manifest
 from buildseg.formats import rle as rle_codec
 from buildseg.formats.images import image_size, read_image, write_png
 from buildseg.formats.tables import Record, load_records, write_atomic_csv
-from buildseg.training.init import few_label_applies, init_spec
+from buildseg.training.init import few_label_applies, few_regime, init_spec
 
 log = logging.getLogger("buildseg")
 CHECK_DIR = "few_check"
@@ -157,7 +157,8 @@ def held_out_dice(checkpoint: str | Path, records: list[Record], *, config: Conf
     return float(summary["dice"]) if summary["n_scored"] else None
 
 
-def _fold(config: Config, *, train: list[Record], held: list[Record], folder: Path, base: str) -> FoldScore:
+def _fold(config: Config, *, train: list[Record], held: list[Record], folder: Path, base: str,
+          n_labels: int) -> FoldScore:
     """One half-run: the few-label schedule on ``train``, scored with the init on ``held``."""
     from buildseg.training.loop import train as run_training
 
@@ -165,6 +166,9 @@ def _fold(config: Config, *, train: list[Record], held: list[Record], folder: Pa
     if done.is_file():
         return FoldScore(**json.loads(done.read_text()))
     sub = copy.deepcopy(config)
+    lr, frozen = few_regime(config, n_labels)  # the half-runs run the schedule the whole fine-tune will run
+    sub.train.few_lr = sub.train.few_lr_many = lr
+    sub.train.few_freeze_norms = "on" if frozen else "off"
     sub.data.train, sub.data.manifest = str(_write_csv(train, folder / "labels.csv")), None
     sub.train.out, sub.train.tensorboard, sub.train.quantize_at_end = str(folder), False, False
     run_training(sub)
@@ -180,13 +184,15 @@ def run_check(config: Config) -> FewCheck | None:
     """The two half-runs of the check, in ``RUN/few_check/`` (see the module)."""
     started = time.perf_counter()
     work = Path(config.train.out) / CHECK_DIR
-    split = _parts(_labelled(config), work / "data", config.model.in_chans, config.train.seed)
+    labelled = _labelled(config)
+    split = _parts(labelled, work / "data", config.model.in_chans, config.train.seed)
     if split is None:
         return None
     unit, groups = split
     log.info("few-label check: fine-tune on half of the labels (%s), score on the other half, both ways", unit)
     base = init_spec(config.train.init)
-    folds = [_fold(config, train=groups[i], held=groups[1 - i], folder=work / f"fold{i}", base=base) for i in (0, 1)]
+    folds = [_fold(config, train=groups[i], held=groups[1 - i], folder=work / f"fold{i}", base=base,
+                   n_labels=len(labelled)) for i in (0, 1)]
     check = FewCheck(unit, folds, time.perf_counter() - started)
     (Path(config.train.out) / "few_check.json").write_text(json.dumps({**asdict(check), "accepted": check.accepted}))
     log.info(check.line())

@@ -5,7 +5,8 @@ a packaged model or another run, not only the encoder from ImageNet.
 ``--val-data``: no tiles are set aside (each is worth more for training than for choosing a
 checkpoint), the stopping rule is a fixed ``train.few_steps`` optimizer steps at a peak rate of
 ``train.few_lr`` (one-cycle with a tenth of them as warm-up), in one epoch of crops drawn from all
-tiles; best.pt holds the last weights (``keep_last``), the validation line scores the training
+tiles, every batch norm frozen at the init's; from ``train.few_many`` (10) tiles on, the peak rate
+is ``train.few_lr_many`` and the norms train (:func:`few_regime`); best.pt holds the last weights (``keep_last``), the validation line scores the training
 tiles (a sanity check, not a held-out score) and the init's tuned post-processing is kept; no
 int8 model is made at the end (the first ``predict --precision auto`` makes one from its input,
 ``inference/jobs/first_int8.py``). The general ``lr``, ``epochs``, ``warmup_steps`` and
@@ -94,17 +95,28 @@ def few_label_applies(config: Config, n_tiles: int) -> bool:
     return bool(config.train.init) and not config.data.val and n_tiles <= config.train.few_tiles
 
 
+def few_regime(config: Config, n_tiles: int) -> tuple[float, bool]:
+    """(peak learning rate, norms frozen) of the few-label schedule on ``n_tiles`` labelled tiles.
+    Measured: 1-3 tiles need a gentle rate with the init's norms (2e-4 broke k=3); with 10 tiles of
+    a new place, 1e-3 with trainable norms beat it in every place (benchmarks/README.md)."""
+    t = config.train
+    many = n_tiles >= t.few_many
+    frozen = not many if t.few_freeze_norms == "auto" else t.few_freeze_norms == "on"
+    return (t.few_lr_many if many else t.few_lr), frozen
+
+
 def few_label_schedule(config: Config, n_tiles: int) -> bool:
     """Switch ``config`` to the few-label schedule when it applies (see the module); True then."""
     t, d = config.train, config.data
     if not few_label_applies(config, n_tiles):
         return False
     d.crops_per_image = max(1, -(-t.few_steps * t.batch_size // n_tiles))
-    t.epochs, t.lr, t.warmup_steps = 1, t.few_lr, max(1, t.few_steps // 10)
+    lr, frozen = few_regime(config, n_tiles)
+    t.epochs, t.lr, t.warmup_steps = 1, lr, max(1, t.few_steps // 10)
     t.keep_last, t.tune_at_end, t.early_stopping = True, False, None
     t.quantize_at_end = False  # judged on its own training tiles, int8 would say little: predict makes one at first use
-    t.freeze_all_norms = t.few_freeze_norms  # batch statistics of crops of a few tiles would replace the learnt ones
+    t.freeze_all_norms = frozen  # batch statistics of crops of a few tiles would replace the learnt ones
     log.info("few-label schedule: %d tiles (<= train.few_tiles %d) and no --val-data: all of them train, %d steps at lr "
-             "%g, best.pt = the last weights, the init's post-processing kept; the validation line scores the training "
-             "tiles", n_tiles, t.few_tiles, t.few_steps, t.few_lr)
+             "%g, norms %s, best.pt = the last weights, the init's post-processing kept; the validation line scores the "
+             "training tiles", n_tiles, t.few_tiles, t.few_steps, lr, "frozen" if frozen else "trained")
     return True
