@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # Two pytest-xdist workers (one torch thread each, tests/conftest.py): the suite's target is
-# 8 minutes on 2 cores (CI under 10; --dist worksteal measured no faster). WORKERS=0 runs in one process (easier to debug).
+# 8 minutes on 2 cores (CI under 10). WORKERS=0 runs in one process (easier to debug).
 WORKERS ?= 2
 XDIST := $(if $(filter 0,$(WORKERS)),,-n $(WORKERS))
 
